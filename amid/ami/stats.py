@@ -1,0 +1,59 @@
+"""Plain counters kept on hot paths; metrics exporters read them at scrape time.
+
+Nothing here talks to prometheus_client: increments on the AMI read path must cost a dict
+update, not a lock and a label lookup.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["Histogram", "SessionStats"]
+
+
+class Histogram:
+    """Fixed-bucket histogram (Prometheus semantics: ``le`` upper bounds, cumulative on read)."""
+
+    __slots__ = ("buckets", "_counts", "sum", "count")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = tuple(sorted(buckets))
+        self._counts = [0] * (len(self.buckets) + 1)  # last slot: +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """[(upper_bound, cumulative_count), ...] ending with (inf, count)."""
+        out, running = [], 0
+        for bound, n in zip((*self.buckets, float("inf")), self._counts):
+            running += n
+            out.append((bound, running))
+        return out
+
+
+PING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass
+class SessionStats:
+    """Counters of one AMI session (one server). Read by amid.metrics at scrape time."""
+
+    up: bool = False                       # logged in right now
+    connects_total: int = 0                # successful logins
+    disconnects_total: Counter = field(default_factory=Counter)   # reason -> count
+    login_failures_total: int = 0
+    protocol_errors_total: Counter = field(default_factory=Counter)  # kind -> count
+    events_total: int = 0
+    events_by_name: Counter = field(default_factory=Counter)       # event name -> count
+    handler_errors_total: int = 0
+    handler_dropped_total: int = 0         # events a too-slow handler queue had to drop
+    last_event_time: float | None = None   # unix seconds
+    last_pong_time: float | None = None    # unix seconds of the last answered Ping
+    ping_rtt: Histogram = field(default_factory=lambda: Histogram(PING_BUCKETS))

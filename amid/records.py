@@ -1,0 +1,106 @@
+"""Record: the one JSON shape every sink receives.
+
+A record is an AMI event plus its envelope::
+
+    {"id": "pbx1:3f9c1a7e:1:42", "server": "pbx1", "epoch": 1, "seq": 42,
+     "received_at": "2026-11-28T03:21:41.214512Z", "event": "Newchannel",
+     "fields": {"Event": "Newchannel", "Privilege": "call,all", "Channel": "PJSIP/100-00000001", ...}}
+
+* ``fields`` holds the AMI fields verbatim: original key spelling and order, values untouched
+  (trailing spaces kept); a key that repeats (``Variable``, ``ChanVariable``, ``Output``) becomes a
+  JSON array of its values in order.
+* A value that was not valid UTF-8 on the wire is shown with U+FFFD in ``fields`` and its exact
+  bytes are kept, base64-encoded, in ``fields_b64`` (present only when needed): nothing is lost.
+* ``id`` is unique and stable: ``server:run:epoch:seq`` (``run`` is random per daemon start). A
+  receiver that sees an id twice (at-least-once delivery) can drop the copy.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from pydantic_core import from_json as _from_json
+
+__all__ = ["Record"]
+
+
+class Record:
+    """An event as sinks see it. Cheap to create; JSON is built once, on first use."""
+
+    __slots__ = ("id", "name", "server", "received_at", "_json", "_data", "_event")
+
+    def __init__(self, *, id: str, name: str, server: str, received_at: float,
+                 json_bytes: bytes | None = None, data: dict[str, Any] | None = None,
+                 event: Any = None) -> None:
+        self.id = id
+        self.name = name
+        self.server = server
+        self.received_at = received_at
+        self._json = json_bytes
+        self._data = data
+        self._event = event
+
+    @property
+    def json(self) -> bytes:
+        """Compact UTF-8 JSON of the record, without a trailing newline."""
+        if self._json is None:
+            from amid._encode import encode_record  # local: keeps the import graph one-way
+            self._json = encode_record(self.data)
+        return self._json
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The record as a dict (the documented JSON shape)."""
+        if self._data is None:
+            if self._event is not None:
+                from amid._encode import record_dict
+                self._data = record_dict(self._event, self.id)
+            else:
+                self._data = _from_json(self._json)
+        return self._data
+
+    @property
+    def size(self) -> int:
+        return len(self.json)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "Record":
+        """Rebuild a record from its JSON (e.g. read back from a spool)."""
+        data = _from_json(raw)
+        return cls(id=data["id"], name=data["event"], server=data["server"],
+                   received_at=_parse_iso(data["received_at"]), json_bytes=bytes(raw), data=data)
+
+    @classmethod
+    def synthetic(cls, *, id: str, server: str, name: str, fields: dict[str, Any],
+                  received_at: float | None = None, epoch: int = 0, seq: int = 0) -> "Record":
+        """A record amid makes itself (e.g. ``AmidGap``), in the same shape as a real event."""
+        ts = time.time() if received_at is None else received_at
+        data = {"id": id, "server": server, "epoch": epoch, "seq": seq,
+                "received_at": format_iso(ts), "event": name,
+                "fields": {"Event": name, **fields}}
+        return cls(id=id, name=name, server=server, received_at=ts, data=data)
+
+    def __repr__(self) -> str:
+        return f"Record(id={self.id!r}, name={self.name!r})"
+
+
+def format_iso(ts: float) -> str:
+    """Unix seconds -> ``2026-11-28T03:21:41.214512Z`` (UTC, microseconds)."""
+    whole = int(ts)
+    micros = int(round((ts - whole) * 1_000_000))
+    if micros == 1_000_000:
+        whole, micros = whole + 1, 0
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros:06d}Z"
+
+
+def _parse_iso(text: str) -> float:
+    import calendar
+    base, _, frac = text.rstrip("Z").partition(".")
+    secs = calendar.timegm(time.strptime(base, "%Y-%m-%dT%H:%M:%S"))
+    return secs + (int(frac) / 10 ** len(frac) if frac else 0.0)
+
+
+# ``json`` kept importable for callers that want the stdlib decoder on records.
+_ = json

@@ -1,0 +1,327 @@
+"""The sans-IO protocol core, fed plain bytes: whole, one byte at a time, with trailing data,
+and every real capture from Asterisk 22 (tests/fixtures) with exact expectations."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from amid.ami.protocol import (ActionIdGenerator, Event, LocalProtocolError, Message, Parser,
+                               RemoteProtocolError, Response, encode_action, recover_bytes)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+BANNER = b"Asterisk Call Manager/11.0.0\r\n"
+
+
+def raw(name: str) -> bytes:
+    return (FIXTURES / f"{name}.raw").read_bytes()
+
+
+def parse_whole(data: bytes, **kw) -> list[Message]:
+    return Parser(**kw).feed(data)
+
+
+def parse_bytewise(data: bytes, **kw) -> list[Message]:
+    parser = Parser(**kw)
+    out: list[Message] = []
+    for i in range(len(data)):
+        out += parser.feed(data[i:i + 1])
+    return out
+
+
+def parse_chunks(data: bytes, sizes: list[int], **kw) -> list[Message]:
+    parser = Parser(**kw)
+    out: list[Message] = []
+    pos = 0
+    for size in sizes:
+        out += parser.feed(data[pos:pos + size])
+        pos += size
+    out += parser.feed(data[pos:])
+    return out
+
+
+def summary(messages: list[Message]) -> list[tuple[str, bytes]]:
+    return [(m.kind, m.raw) for m in messages]
+
+
+SIMPLE = BANNER + b"Response: Success\r\nActionID: a1\r\nMessage: Authentication accepted\r\n\r\n" \
+    + b"Event: FullyBooted\r\nPrivilege: system,all\r\nStatus: Fully Booted\r\n\r\n"
+
+
+@pytest.mark.parametrize("feed", [parse_whole, parse_bytewise])
+def test_simple_stream_whole_and_bytewise(feed):
+    msgs = feed(SIMPLE)
+    assert [(m.kind, m.name) for m in msgs] == [("response", "Success"), ("event", "FullyBooted")]
+    assert msgs[0]["actionid"] == "a1"
+    assert msgs[1].get("STATUS") == "Fully Booted"
+
+
+def test_trailing_partial_message_is_kept_for_the_next_read():
+    parser = Parser()
+    msgs = parser.feed(SIMPLE + b"Event: Newchannel\r\nChannel: PJSIP/1")
+    assert len(msgs) == 2
+    assert parser.buffered == len(b"Event: Newchannel\r\nChannel: PJSIP/1")
+    (ev,) = parser.feed(b"00-0001\r\n\r\n")
+    assert ev.name == "Newchannel" and ev["Channel"] == "PJSIP/100-0001"
+
+
+def test_banner_recognised_wherever_the_read_boundary_falls():
+    for cut in range(1, len(BANNER) + 5):
+        parser = Parser()
+        first = parser.feed(SIMPLE[:cut])
+        rest = parser.feed(SIMPLE[cut:])
+        assert parser.banner == "Asterisk Call Manager/11.0.0"
+        assert parser.ami_version == "11.0.0"
+        assert len(first + rest) == 2
+
+
+def test_bad_banner_is_a_remote_error_and_the_parser_stays_dead():
+    parser = Parser()
+    with pytest.raises(RemoteProtocolError) as err:
+        parser.feed(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    assert err.value.kind == "bad_banner"
+    with pytest.raises(RemoteProtocolError):
+        parser.feed(SIMPLE)
+
+
+def test_bare_lf_from_a_peer_is_tolerated():
+    data = BANNER + b"Response: Success\nActionID: lf-1\nPing: Pong\n\nEvent: X\r\nA: b\n\r\n"
+    msgs = parse_whole(data)
+    assert [m.name for m in msgs] == ["Success", "X"]
+    assert msgs[0].fields == [("Response", "Success"), ("ActionID", "lf-1"), ("Ping", "Pong")]
+    assert msgs[1].fields == [("Event", "X"), ("A", "b")]
+    assert summary(parse_bytewise(data)) == summary(msgs)
+
+
+def test_values_are_verbatim_and_keys_keep_their_spelling():
+    data = BANNER + b"Event: Cdr\r\nAccountCode: \r\nUniqueID: 1.2\r\nUniqueid: 3.4\r\nX:  two spaces \r\n\r\n"
+    (ev,) = parse_whole(data)
+    assert ev.fields == [("Event", "Cdr"), ("AccountCode", ""), ("UniqueID", "1.2"),
+                         ("Uniqueid", "3.4"), ("X", " two spaces ")]
+    assert ev["uniqueid"] == "1.2"  # first occurrence, case-insensitive
+    assert ev.getall("UNIQUEID") == ["1.2", "3.4"]
+    assert ev.to_dict()["UniqueID"] == "1.2" and ev.to_dict()["Uniqueid"] == "3.4"
+
+
+def test_message_too_large_is_refused_not_buffered_forever():
+    parser = Parser(max_message_bytes=100)
+    parser.feed(BANNER)
+    with pytest.raises(RemoteProtocolError) as err:
+        parser.feed(b"Event: Big\r\nData: " + b"x" * 200)
+    assert err.value.kind == "message_too_large"
+    with pytest.raises(RemoteProtocolError):
+        Parser(max_message_bytes=100).feed(BANNER + b"Event: Big\r\nData: " + b"x" * 200 + b"\r\n\r\n")
+
+
+def test_too_many_fields_is_refused():
+    msg = b"Event: Many\r\n" + b"".join(b"K%d: v\r\n" % i for i in range(20)) + b"\r\n"
+    with pytest.raises(RemoteProtocolError) as err:
+        Parser(max_fields=10).feed(BANNER + msg)
+    assert err.value.kind == "too_many_fields"
+    assert len(Parser(max_fields=30).feed(BANNER + msg)) == 1
+
+
+def test_response_vs_event_is_decided_by_the_first_line():
+    data = raw("s04_originate_events")
+    orig = [m for m in parse_whole(data) if m.name == "OriginateResponse"]
+    assert len(orig) == 1 and isinstance(orig[0], Event)
+    assert orig[0]["Response"] == "Success" and orig[0]["ActionID"] == "orig-1"
+    crf = [m for m in parse_whole(raw("s02_observer_security_events")) if m.name == "ChallengeResponseFailed"]
+    assert len(crf) == 1 and crf[0].kind == "event" and crf[0]["Response"].startswith("0000")
+
+
+S04_COUNTS = {"VarSet": 25, "Newexten": 11, "DeviceStateChange": 8, "Newchannel": 4, "Newstate": 4,
+              "Hangup": 4, "Cdr": 3, "SoftHangupRequest": 3, "LocalBridge": 2, "DialBegin": 2,
+              "DialEnd": 2, "BridgeEnter": 2, "BridgeLeave": 2, "HangupRequest": 2, "NewCallerid": 1,
+              "NewConnectedLine": 1, "BridgeCreate": 1, "BridgeDestroy": 1, "OriginateResponse": 1,
+              "UserEvent": 1}
+
+
+@pytest.mark.parametrize("feed", [parse_whole, parse_bytewise])
+def test_s04_originate_event_counts_exactly_as_captured(feed):
+    msgs = feed(raw("s04_originate_events"))
+    counts = collections.Counter(m.name for m in msgs if m.kind == "event")
+    call = {k: v for k, v in counts.items() if k not in ("FullyBooted", "SuccessfulAuth")}
+    assert call == S04_COUNTS and sum(call.values()) == 80
+    assert sum(len(m.raw) for m in msgs) < len(raw("s04_originate_events"))
+    user = next(m for m in msgs if m.name == "UserEvent")
+    assert user["UserEvent"] == "TestEvent" and user["Foo"] == "bar"
+
+
+def test_s09a_burst_every_call_has_80_events():
+    msgs = parse_chunks(raw("s09a_burst200_listener"), [65536] * 200)
+    counts = collections.Counter(m.name for m in msgs if m.kind == "event")
+    assert counts["OriginateResponse"] == 200 and counts["Hangup"] == 800
+    call_events = sum(v for k, v in counts.items() if k not in ("FullyBooted", "SuccessfulAuth"))
+    assert call_events == 16_000
+    assert all(m["Response"] == "Success" for m in msgs if m.name == "OriginateResponse")
+
+
+def test_s06_command_output_lines_verbatim():
+    msgs = parse_whole(raw("s06_command"))
+    responses = [m for m in msgs if isinstance(m, Response)]
+    version = responses[1]
+    assert version.message == "Command output follows"
+    assert version.output[0].startswith("Asterisk 22.10.1 built by root")
+    channels = next(r for r in responses if any("active channels" in o for o in r.output))
+    header = channels.output[0]
+    assert header.startswith("Channel ") and header.endswith(" ")  # trailing spaces kept
+    assert all(isinstance(o, str) for o in channels.output)
+    empty = [r for r in responses if r.getall("Output") == [""]]
+    assert empty, "a CLI command with no output gives one empty Output line"
+    errors = [r for r in responses if r.is_error]
+    assert any(r.message == "No command provided" for r in errors)
+
+
+def test_legacy_follows_command_output_with_blank_lines():
+    data = BANNER + (b"Response: Follows\r\nPrivilege: Command\r\nActionID: c1\r\n"
+                     b"line one\r\n\r\nUptime: 5 days\r\n--END COMMAND--\r\n\r\n"
+                     b"Event: After\r\n\r\n")
+    for feed in (parse_whole, parse_bytewise):
+        msgs = feed(data)
+        assert [m.name for m in msgs] == ["Follows", "After"]
+        assert msgs[0].action_id == "c1"
+        assert msgs[0].output == ["line one", "", "Uptime: 5 days"]
+
+
+def test_non_utf8_bytes_are_recoverable_never_dropped():
+    msgs = parse_whole(raw("s07f_odd_values"))
+    appdata = [m for m in msgs if m.name == "Newexten" and "LATIN1" in m.get("AppData", "")]
+    assert len(appdata) == 1
+    assert recover_bytes(appdata[0]["AppData"]) == b"LATIN1=caf\xe9"
+    # the forged message Asterisk never meant to send is framed like any other
+    injected = [m for m in msgs if m.name == "Injected"]
+    assert len(injected) == 3 and all(m["Foo"].startswith("bar") for m in injected)
+    d = parse_whole(raw("s07d_errors_and_odd_input"))
+    latin = [m for m in d if (m.action_id or "").startswith("latin1-")]
+    assert recover_bytes(latin[0].action_id) == b"latin1-\xe9\xff"
+
+
+def test_multibyte_character_split_across_reads():
+    data = BANNER + "Event: Injected2\r\nUtf8: Zoë ☎\r\n\r\n".encode()
+    cut = data.index("ë".encode()) + 1
+    msgs = parse_chunks(data, [cut])
+    assert msgs[0]["Utf8"] == "Zoë ☎"
+
+
+def test_s07g_userevent_injection_and_utf8():
+    msgs = parse_whole(raw("s07g_userevent_crlf"))
+    inj = [m for m in msgs if m.name == "Injected2"]
+    assert len(inj) == 3
+    assert any(m.get("Utf8") == "Zoë" for m in inj)
+
+
+def test_line_without_colon_is_kept_under_the_empty_key():
+    data = BANNER + b"Response: Success\r\nActionID: g1\r\nVariable: V\r\nValue: x\r\ny\r\n\r\n"
+    (resp,) = parse_whole(data)
+    assert resp.fields[-2:] == [("Value", "x"), ("", "y")]
+
+
+def test_s05a_lists_carry_their_action_id():
+    msgs = parse_whole(raw("s05a_events_off_coreshowchannels_status"))
+    start = next(m for m in msgs if isinstance(m, Response) and m.is_list_start)
+    items = [m for m in msgs if m.name == "CoreShowChannel" and m.action_id == start.action_id]
+    assert len(items) == 4
+    complete = next(m for m in msgs if m.name == "CoreShowChannelsComplete")
+    assert complete["EventList"] == "Complete" and complete["ListItems"] == "4"
+    status = [m for m in msgs if m.name == "Status" and "Variable" in m]
+    assert status and len(status[0].getall("Variable")) >= 1
+
+
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.raw")), ids=lambda p: p.stem)
+def test_every_capture_parses_identically_whole_bytewise_and_chunked(path):
+    data = path.read_bytes()
+    whole = parse_whole(data)
+    assert whole, "every capture holds at least one message"
+    if len(data) < 60_000:
+        assert summary(parse_bytewise(data)) == summary(whole)
+    assert summary(parse_chunks(data, [7, 1000, 3, 4096] * 50)) == summary(whole)
+    # nothing lost: the messages plus their terminators are the whole stream after the banner
+    assert sum(len(m.raw) + 4 for m in whole) == len(data) - len(BANNER)
+
+
+# ---------------------------------------------------------------- actions
+
+def test_encode_action_round_trips_through_the_server_side_parser():
+    data = encode_action("Originate", [("Channel", "Local/200@test"), ("Variable", ["A=1", "B=2"])],
+                         action_id="x-1")
+    assert data == (b"Action: Originate\r\nActionID: x-1\r\nChannel: Local/200@test\r\n"
+                    b"Variable: A=1\r\nVariable: B=2\r\n\r\n")
+    (msg,) = Parser(expect_banner=False).feed(data)
+    assert msg.kind == "action" and msg.name == "Originate" and msg.getall("variable") == ["A=1", "B=2"]
+
+
+@pytest.mark.parametrize("bad", [
+    dict(name="Ping\r\nAction: Logoff"),
+    dict(name="Ping", fields={"Channel": "x\r\n\r\nAction: Originate"}),
+    dict(name="Ping", fields={"Chan\nnel": "x"}),
+    dict(name="Ping", fields={"Key: injected": "x"}),
+    dict(name="Ping", fields={"Data": "only\rCR"}),
+    dict(name="Ping", action_id="a\nb"),
+])
+def test_header_injection_is_refused(bad):
+    with pytest.raises(LocalProtocolError):
+        encode_action(**bad)
+
+
+def test_action_ids_are_prefix_plus_counter():
+    gen = ActionIdGenerator("t-")
+    assert [gen() for _ in range(3)] == ["t-1", "t-2", "t-3"]
+    assert ActionIdGenerator()().startswith("amid-")
+    with pytest.raises(LocalProtocolError):
+        ActionIdGenerator("bad\r\n")
+
+
+# ---------------------------------------------------------------- properties
+
+_key = st.text(st.characters(min_codepoint=33, max_codepoint=0x2FFF, blacklist_characters=":"),
+               min_size=1, max_size=12)
+_value = st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=_key, fields=st.lists(st.tuples(_key, _value), max_size=10))
+def test_action_round_trip(name, fields):
+    data = encode_action(name, fields, action_id="p-1")
+    (msg,) = Parser(expect_banner=False).feed(data)
+    assert msg.name == name
+    assert msg.fields[2:] == fields
+    assert msg.action_id == "p-1"
+
+
+_stream = st.lists(st.lists(st.tuples(_key, _value), min_size=1, max_size=6), max_size=8).map(
+    lambda msgs: BANNER + b"".join(
+        b"Event: E%d\r\n" % i + b"".join(f"{k}: {v}\r\n".encode() for k, v in m) + b"\r\n"
+        for i, m in enumerate(msgs)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=_stream, cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12))
+def test_chunking_never_changes_the_messages(data, cuts):
+    expected = summary(parse_whole(data))
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    parser = Parser()
+    got: list[Message] = []
+    prev = 0
+    for p in points + [len(data)]:
+        got += parser.feed(data[prev:p])
+        prev = p
+    assert summary(got) == expected
+    assert [[f for f in m.fields] for m in got] == [[f for f in m.fields] for m in parse_whole(data)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(blob=st.binary(max_size=600), banner=st.booleans())
+def test_arbitrary_bytes_give_messages_or_remote_protocol_error_only(blob, banner):
+    parser = Parser(max_message_bytes=256, max_fields=20)
+    try:
+        msgs = parser.feed((BANNER if banner else b"") + blob)
+        for m in msgs:
+            assert isinstance(m, Message)
+            m.fields, m.to_dict(), m.get("Event")
+    except RemoteProtocolError:
+        pass
