@@ -1,0 +1,368 @@
+"""The ``amid`` command: parses arguments, calls the library, the daemon or the simulator,
+and decides exit codes. Nothing else in amid exits the process.
+
+    amid run --config /etc/amid/amid.yaml     the daemon
+    amid check-config --config FILE           validate a config, list every problem
+    amid demo                                 simulator + daemon pipeline, JSON lines on stdout
+    amid simulate --listen 127.0.0.1:5038     the Asterisk 22 AMI simulator
+    amid tail --host pbx --username amid --secret-file F     print every event as JSON
+    amid action --host pbx ... CoreShowChannels              send one action, print the answer
+    amid healthcheck                          exit 0 if /readyz says ready (container HEALTHCHECK)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from amid import __version__
+
+log = logging.getLogger("amid.cli")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 78  # EX_CONFIG: systemd shows it as a configuration problem
+
+DEFAULT_CONFIG = "/etc/amid/amid.yaml"
+
+
+def _add_connection_args(p: argparse.ArgumentParser) -> None:
+    env = os.environ
+    p.add_argument("--host", default=env.get("AMID_HOST", "127.0.0.1"),
+                   help="Asterisk host, optionally host:port (default $AMID_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="AMI port (default 5038)")
+    p.add_argument("--username", default=env.get("AMID_USERNAME"), help="AMI user (default $AMID_USERNAME)")
+    secret = p.add_mutually_exclusive_group()
+    secret.add_argument("--secret", default=None,
+                        help="AMI secret (visible in `ps`: prefer --secret-file or $AMID_SECRET)")
+    secret.add_argument("--secret-file", default=env.get("AMID_SECRET_FILE"),
+                        help="file holding the AMI secret")
+    p.add_argument("--auth", choices=("md5", "plain"), default="md5")
+    p.add_argument("--tls", action="store_true", help="connect with TLS")
+    p.add_argument("--tls-ca", default=None, help="CA file to verify the server with")
+    p.add_argument("--tls-no-verify", action="store_true", help="do not verify the server certificate")
+    p.add_argument("--events", default="on", help="event mask sent at login (on, off, call,system,...)")
+    p.add_argument("--timeout", type=float, default=10.0, help="connect/action timeout in seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="amid", description="Asterisk Manager Interface event daemon")
+    parser.add_argument("--version", action="version", version=f"amid {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def logging_args(p: argparse.ArgumentParser, default_format: str | None = None) -> None:
+        p.add_argument("--log-format", choices=("text", "json", "journal"), default=default_format,
+                       help="log format (default: from the config, else text on stderr)")
+        p.add_argument("--log-level", default=None, help="debug, info, warning, error")
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--config", default=None,
+                     help=f"config file (default $AMID_CONFIG, else {DEFAULT_CONFIG} if it exists; "
+                          "without a file, AMID_* environment variables configure amid)")
+    logging_args(run)
+
+    check = sub.add_parser("check-config", help="validate a config file and list every problem")
+    check.add_argument("--config", default=None, help="config file (default as for run)")
+
+    demo = sub.add_parser("demo", help="simulator + daemon pipeline; events as JSON lines on stdout")
+    demo.add_argument("--call-rate", type=float, default=2.0, help="simulated calls per second")
+    demo.add_argument("--count", type=int, default=None, help="exit after this many events")
+    logging_args(demo)
+
+    sim = sub.add_parser("simulate", help="run the Asterisk 22 AMI simulator")
+    sim.add_argument("--listen", default="127.0.0.1:5038", help="host:port to listen on")
+    sim.add_argument("--replay", default=None, help="serve this raw capture to every client")
+    sim.add_argument("--replay-speed", type=float, default=0.0,
+                     help="pace a replay by its .chunks timings times this factor (0: as fast as possible)")
+    sim.add_argument("--call-rate", type=float, default=0.0, help="calls per second to generate")
+    sim.add_argument("--tls-cert", default=None, help="serve TLS with this certificate (PEM)")
+    sim.add_argument("--tls-key", default=None, help="private key for --tls-cert")
+    logging_args(sim)
+
+    tail = sub.add_parser("tail", help="log in, ping, print every event as one JSON line")
+    _add_connection_args(tail)
+    tail.add_argument("--count", type=int, default=None, help="exit after N events")
+    tail.add_argument("--raw", action="store_true",
+                      help="write the raw bytes received instead (a capture `amid simulate --replay` plays)")
+    tail.add_argument("--ping-interval", type=float, default=1.0, help="seconds between pings (default 1)")
+    logging_args(tail)
+
+    action = sub.add_parser("action", help="send one action and print the response as JSON")
+    _add_connection_args(action)
+    action.add_argument("name", help="action name, e.g. CoreShowChannels")
+    action.add_argument("fields", nargs="*", metavar="Key=Value", help="action fields")
+    logging_args(action)
+
+    health = sub.add_parser("healthcheck", help="exit 0 if the daemon's /readyz answers 200")
+    health.add_argument("--url", default=os.environ.get("AMID_HEALTHCHECK_URL",
+                                                        "http://127.0.0.1:9180/readyz"))
+    health.add_argument("--timeout", type=float, default=3.0)
+    return parser
+
+
+def _config_path(arg: str | None) -> str | None:
+    path = arg or os.environ.get("AMID_CONFIG")
+    if path:
+        return path
+    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None
+
+
+def _setup_logging(fmt: str | None, level: str | None, default_format: str = "text") -> None:
+    from amid.logs import setup_logging
+    setup_logging(fmt or default_format, (level or "info").lower())
+
+
+def _read_secret(args: argparse.Namespace) -> str:
+    if args.secret is not None:
+        return args.secret
+    if args.secret_file:
+        text = Path(args.secret_file).read_text()
+        return text[:-1] if text.endswith("\n") else text
+    secret = os.environ.get("AMID_SECRET")
+    if secret is None:
+        raise SystemExit("amid: give --secret-file FILE, --secret, or set AMID_SECRET")
+    return secret
+
+
+def _client_from_args(args: argparse.Namespace, **kw: Any):
+    from amid.ami.session import AMIClient, make_ssl_context
+    if not args.username:
+        raise SystemExit("amid: --username is required (or set AMID_USERNAME)")
+    tls = None
+    if args.tls:
+        tls = make_ssl_context(ca_file=args.tls_ca, verify=not args.tls_no_verify)
+    return AMIClient(args.host, args.port, username=args.username, secret=_read_secret(args),
+                     auth=args.auth, ssl=tls, events=args.events, connect_timeout=args.timeout,
+                     action_timeout=args.timeout, **kw)
+
+
+def message_json(msg: Any) -> dict[str, Any]:
+    from amid._encode import encode_record
+    return json.loads(encode_record({"fields": msg.to_dict()}))["fields"]
+
+
+# ---------------------------------------------------------------------------- commands
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from amid.config import ConfigError
+    from amid.service import SinkTypes, load_config
+    path = _config_path(args.config)
+    types = SinkTypes.discover()
+    for err in types.errors:
+        print(f"warning: {err}", file=sys.stderr)
+    try:
+        load_config(path, os.environ, types)
+    except ConfigError as exc:
+        print(f"{path or 'environment'}: invalid configuration:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{path or 'environment'}: configuration OK")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from amid.config import ConfigError
+    from amid.service import SinkTypes, load_config, run_daemon
+    from amid.systemd import Notifier
+    path = _config_path(args.config)
+    types = SinkTypes.discover()
+    try:
+        config = load_config(path, os.environ, types)
+    except ConfigError as exc:
+        # Logging is not configured yet (its settings live in the config): plain stderr.
+        print(f"amid: refusing to start, {path or 'environment'} is invalid:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    _setup_logging(args.log_format or config.log.format, args.log_level or config.log.level)
+    notifier = Notifier(os.environ)
+    return _run_loop(run_daemon(path, os.environ, notifier=notifier, config=config, types=types))
+
+
+def _run_loop(coro) -> int:
+    try:
+        import uvloop  # optional extra: amid[uvloop]
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        return runner.run(coro)
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    """Simulator + the daemon's pipeline in one process; events as JSON lines on stdout."""
+    import tempfile
+    from amid.config import load
+    from amid.service import Daemon, SinkTypes
+    from amid.simulator import AMISimulator
+    async with AMISimulator(call_rate=args.call_rate) as sim:
+        state = tempfile.mkdtemp(prefix="amid-demo-")
+        env = {
+            "AMID_HOST": "127.0.0.1", "AMID_PORT": str(sim.port), "AMID_USERNAME": "amid",
+            "AMID_SECRET": "amidsecret", "AMID_SERVERS__0__NAME": "demo", "AMID_HTTP__LISTEN": "",
+            "AMID_STATE_DIR": state, "AMID_SHUTDOWN_TIMEOUT": "5s",
+            "AMID_SINKS__0__NAME": "stdout", "AMID_SINKS__0__TYPE": "file", "AMID_SINKS__0__PATH": "-",
+            "AMID_SINKS__0__BATCH__MAX_WAIT": "20ms",
+        }
+        types = SinkTypes.discover()
+        config = load(None, env, sink_option_models=types.option_models)
+        daemon = Daemon(config, config_path=None, environ=env, types=types)
+        print(f"amid demo: simulator on 127.0.0.1:{sim.port}, {args.call_rate:g} calls/s; "
+              "events follow as JSON lines (Ctrl-C to stop)", file=sys.stderr)
+        if args.count:
+            async def stop_after() -> None:
+                while sum(s.events_total for s in daemon.server_stats.values()) < args.count:
+                    await asyncio.sleep(0.05)
+                daemon.request_stop()
+            stopper = asyncio.create_task(stop_after())
+        try:
+            return await daemon.run()
+        finally:
+            if args.count:
+                stopper.cancel()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_format, args.log_level or "warning")
+    return _run_loop(_demo(args))
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from amid.simulator import serve_forever
+    _setup_logging(args.log_format, args.log_level)
+    options: dict[str, Any] = {"call_rate": args.call_rate}
+    if args.replay:
+        options["replay"] = args.replay
+        options["replay_speed"] = args.replay_speed
+    if args.tls_cert:
+        import ssl
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        options["ssl"] = ctx
+
+    async def main() -> int:
+        task = asyncio.create_task(serve_forever(args.listen, **options))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        print(f"amid simulate: listening on {args.listen} (user amid / secret amidsecret)", file=sys.stderr)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return EXIT_OK
+    return _run_loop(main())
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    from amid.records import Record
+    out = sys.stdout.buffer
+    done = asyncio.Event()
+    seen = 0
+    client = _client_from_args(args, ping_interval=args.ping_interval, ping_timeout=max(2.0, args.ping_interval))
+
+    def on_event(event) -> None:
+        nonlocal seen
+        if done.is_set():
+            return
+        seen += 1
+        if not args.raw:
+            record = Record(id=f"{event.server}:tail:{event.epoch}:{event.seq}", name=event.name,
+                            server=event.server, received_at=event.received_at, event=event)
+            out.write(record.json + b"\n")
+            out.flush()
+        if args.count is not None and seen >= args.count:
+            done.set()
+
+    if args.raw:
+        client.add_raw_listener(lambda data: (out.write(data), out.flush()))
+    client.add_listener(on_event)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    try:
+        await client.connect()
+    except Exception as exc:  # connection or login problems: one clear line, no traceback
+        print(f"amid tail: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        await done.wait()
+    finally:
+        await client.close()
+    return EXIT_OK
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_format, args.log_level or "warning")
+    return _run_loop(_tail(args))
+
+
+def _parse_fields(items: Sequence[str]) -> list[tuple[str, str]]:
+    fields = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"amid action: field {item!r} is not Key=Value")
+        fields.append((key, value))
+    return fields
+
+
+async def _action(args: argparse.Namespace) -> int:
+    client = _client_from_args(args, reconnect=False, ping_interval=0)
+    fields = _parse_fields(args.fields)
+    try:
+        await client.connect()
+    except Exception as exc:
+        print(f"amid action: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        response = await client.send_action(args.name, fields)
+    except Exception as exc:
+        print(f"amid action: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        await client.close()
+    result: dict[str, Any] = {"response": message_json(response)}
+    if response.events or response.list_complete is not None:
+        result["events"] = [message_json(e) for e in response.events]
+        if response.list_complete is not None:
+            result["complete"] = message_json(response.list_complete)
+    print(json.dumps(result, ensure_ascii=False, indent=2))
+    return EXIT_FAILURE if response.is_error else EXIT_OK
+
+
+def cmd_action(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_format, args.log_level or "warning")
+    return _run_loop(_action(args))
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    from amid.http import healthcheck
+    return healthcheck(args.url, args.timeout, out=sys.stdout)
+
+
+COMMANDS = {"run": cmd_run, "check-config": cmd_check_config, "demo": cmd_demo,
+            "simulate": cmd_simulate, "tail": cmd_tail, "action": cmd_action,
+            "healthcheck": cmd_healthcheck}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `amid tail | head`: the reader went away; not an error worth a traceback.
+        with contextlib.suppress(Exception):
+            sys.stdout = open(os.devnull, "w")
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""The composition root: builds everything from the validated config and owns every task.
+
+Nothing imports this module. It wires AMI sessions -> router -> sink runners -> sinks, serves
+metrics and health, talks to systemd, and handles signals:
+
+* SIGTERM / SIGINT: stop reading (Logoff), drain the sink queues within ``shutdown_timeout``,
+  spool what is left for spooled sinks, exit 0. A second signal exits at once.
+* SIGHUP: re-read and validate the config; keep the old one if the new one is invalid;
+  otherwise apply it without losing queued or spooled events (sinks added, removed, changed;
+  servers reconnect only if their settings changed); file sinks reopen their files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from amid import __version__
+from amid.ami.session import AMIClient, ConnectionState, StateChange, make_ssl_context
+from amid.ami.stats import SessionStats
+from amid.config import Config, ConfigError, ServerConfig, SinkConfig, load
+from amid.records import Record, format_iso
+from amid.router import EventFilter, Router
+from amid.sinks.base import PluginLoadError, load_plugin_factories
+from amid.sinks.delivery import SinkRunner
+
+log = logging.getLogger("amid.service")
+
+BUILTIN_SINKS = {"file": "amid.sinks.file", "syslog": "amid.sinks.syslog",
+                 "webhook": "amid.sinks.webhook"}
+STATUS_INTERVAL = 5.0
+
+
+@dataclass
+class SinkTypes:
+    """Sink factories and their option models: built-ins plus ``amid.sinks`` plugins."""
+
+    factories: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    option_models: dict[str, Any] = field(default_factory=dict)
+    errors: list[PluginLoadError] = field(default_factory=list)
+
+    @classmethod
+    def discover(cls) -> "SinkTypes":
+        types = cls()
+        for type_name, module_name in BUILTIN_SINKS.items():
+            module = importlib.import_module(module_name)
+            types.factories[type_name] = module.create
+            types.option_models[type_name] = module.Options
+        plugins, types.errors = load_plugin_factories()
+        for type_name, factory in plugins.items():
+            if type_name in types.factories:
+                types.errors.append(PluginLoadError(
+                    f"sink plugin {type_name!r} ignored: a built-in sink type has that name"))
+                continue
+            types.factories[type_name] = factory
+            types.option_models[type_name] = getattr(factory, "Options", None)
+        return types
+
+
+def load_config(path: str | None, environ: Mapping[str, str], types: SinkTypes) -> Config:
+    return load(path, environ, sink_option_models=types.option_models)
+
+
+def _client_for(server: ServerConfig, *, on_event, on_state, stats: SessionStats) -> AMIClient:
+    tls = None
+    if server.tls is not None:
+        tls = make_ssl_context(ca_file=server.tls.ca_file, verify=server.tls.verify,
+                               cert_file=server.tls.cert_file, key_file=server.tls.key_file)
+    client = AMIClient(
+        server.host, server.port, username=server.username, secret=server.secret, auth=server.auth,
+        ssl=tls, server_hostname=server.tls.server_hostname if server.tls else None, name=server.name,
+        events=server.events, filters=server.filters, ping_interval=server.ping_interval,
+        ping_timeout=server.ping_timeout, connect_timeout=server.connect_timeout,
+        action_timeout=server.action_timeout, reconnect_min_delay=server.reconnect.min_delay,
+        reconnect_max_delay=server.reconnect.max_delay, max_message_bytes=server.max_message_bytes,
+        stats=stats)
+    client.add_listener(on_event)
+    client.on_state_change(on_state)
+    return client
+
+
+@dataclass
+class _SinkSlot:
+    config: SinkConfig
+    sink: Any
+    runner: SinkRunner
+    filter: EventFilter
+
+
+class Daemon:
+    """One running amid: sessions, router, sinks, HTTP server, systemd notifications."""
+
+    def __init__(self, config: Config, *, config_path: str | None, environ: Mapping[str, str],
+                 types: SinkTypes | None = None, notifier: Any = None,
+                 registry_factory: Callable[..., Any] | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.environ = environ
+        self.types = types or SinkTypes.discover()
+        self.notifier = notifier
+        self.router = Router(run_id=secrets.token_hex(4))
+        self.clients: dict[str, AMIClient] = {}
+        self.server_stats: dict[str, SessionStats] = {}
+        self.sinks: dict[str, _SinkSlot] = {}
+        self.http = None
+        self._registry_factory = registry_factory
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._tasks: set[asyncio.Task] = set()
+        self._reload_lock = asyncio.Lock()
+        self._signals: list[int] = []
+        self.ready = asyncio.Event()
+        self._rate_last = (time.monotonic(), 0)
+        self._heartbeat = time.monotonic()
+
+    # ------------------------------------------------------------------ building
+
+    def _spool_dir(self, sink: SinkConfig) -> Path:
+        return Path(self.config.state_dir) / "spool" / sink.name
+
+    def _build_sink(self, cfg: SinkConfig) -> _SinkSlot:
+        factory = self.types.factories[cfg.type]
+        sink = factory(cfg.name, cfg.options)
+        runner = SinkRunner(
+            sink, name=cfg.name, max_queue_events=cfg.queue.max_events,
+            max_queue_bytes=cfg.queue.max_bytes, overflow=cfg.overflow,
+            spool_dir=self._spool_dir(cfg) if cfg.overflow == "spool" else None,
+            spool_max_bytes=cfg.spool.max_bytes, spool_fallback=cfg.spool.fallback,
+            spool_fsync_interval=cfg.spool.fsync_interval, batch_max_events=cfg.batch.max_events,
+            batch_max_bytes=cfg.batch.max_bytes, batch_max_wait=cfg.batch.max_wait,
+            retry_min_delay=cfg.retry.min_delay, retry_max_delay=cfg.retry.max_delay,
+            dead_letter_path=cfg.dead_letter)
+        return _SinkSlot(cfg, sink, runner, EventFilter(cfg.include, cfg.exclude, cfg.match))
+
+    def _update_routes(self) -> None:
+        self.router.set_routes([(slot.filter, slot.runner) for slot in self.sinks.values()])
+
+    def _start_client(self, server: ServerConfig) -> AMIClient:
+        stats = self.server_stats.setdefault(server.name, SessionStats())
+        client = _client_for(server, on_event=self.router.on_event, on_state=self._on_state,
+                             stats=stats)
+        self.clients[server.name] = client
+        return client
+
+    def _on_state(self, change: StateChange) -> None:
+        if change.state is ConnectionState.CONNECTED and change.gap_start is not None:
+            end = change.at
+            # Consumers learn what they may have missed while the session was down.
+            self.router.emit(Record.synthetic(
+                id=f"{change.server}:{self.router.run_id}:{change.epoch}:gap",
+                server=change.server, name="AmidGap", received_at=end, epoch=change.epoch,
+                fields={"Server": change.server, "Start": format_iso(change.gap_start),
+                        "End": format_iso(end), "Seconds": f"{change.gap_seconds or 0.0:.3f}"}))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT; return the process exit code."""
+        loop = asyncio.get_running_loop()
+        self._install_signals(loop)
+        try:
+            for err in self.types.errors:
+                log.error("%s", err)
+            for cfg in self.config.sinks:
+                slot = self._build_sink(cfg)
+                self.sinks[cfg.name] = slot
+                await slot.runner.start()
+            self._update_routes()
+            for server in self.config.servers:
+                await self._start_client(server).start()
+            await self._start_http()
+            self._spawn(self._announce_ready(), "ready")
+            self._spawn(self._status_loop(), "status")
+            if self.notifier is not None and self.notifier.watchdog_interval:
+                self._spawn(self._watchdog_loop(self.notifier.watchdog_interval), "watchdog")
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+            self._restore_signals(loop)
+        return 0
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=f"amid-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _start_http(self) -> None:
+        address = self.config.http.address
+        if address is None:
+            return
+        from amid.http import HealthServer
+        from amid.metrics import AmidCollector, build_registry
+        collector = AmidCollector(
+            servers=lambda: list(self.server_stats.items()),
+            sinks=lambda: [(name, slot.config.type, slot.runner.stats) for name, slot in self.sinks.items()],
+            version=__version__)
+        registry = build_registry(collector)
+        self.http = HealthServer(self.config.http.listen, registry, live=self.liveness,
+                                 ready=self.readiness)
+        await self.http.start()
+        log.info("metrics and health on http://%s/metrics", self.config.http.listen)
+
+    async def _announce_ready(self) -> None:
+        timeout = self.config.start_timeout
+        waits = [client.wait_connected(timeout) for client in self.clients.values()]
+        results = await asyncio.gather(*waits)
+        if not all(results):
+            log.warning("not every server logged in within start_timeout (%ss); reporting ready anyway",
+                        timeout)
+        self.ready.set()
+        if self.notifier is not None:
+            self.notifier.ready(self.status_line())
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            self._heartbeat = time.monotonic()
+            if self.notifier is not None:
+                self.notifier.status(self.status_line())
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self._heartbeat = time.monotonic()
+            if self.reader_progressing():
+                self.notifier.watchdog()
+            else:
+                log.error("AMI reader made no progress: withholding the systemd watchdog ping")
+
+    def reader_progressing(self) -> bool:
+        """True while every session either answers pings or is (re)connecting."""
+        now = time.time()
+        for name, client in self.clients.items():
+            if client.state is not ConnectionState.CONNECTED:
+                continue  # the supervisor is retrying; a restart would not help
+            stats = client.stats
+            allowance = 2 * (client.ping_interval + client.ping_timeout) + 5
+            last = stats.last_pong_time or (now - 0)
+            if stats.last_pong_time is None:
+                continue
+            if now - last > allowance:
+                return False
+        return True
+
+    def status_line(self) -> str:
+        now = time.monotonic()
+        total = sum(s.events_total for s in self.server_stats.values())
+        then, before = self._rate_last
+        rate = (total - before) / (now - then) if now > then else 0.0
+        self._rate_last = (now, total)
+        parts = []
+        up = [n for n, c in self.clients.items() if c.connected]
+        down = [n for n, c in self.clients.items() if not c.connected]
+        if up:
+            parts.append("connected to " + ", ".join(up))
+        if down:
+            parts.append("connecting to " + ", ".join(down))
+        parts.append(f"{rate:.0f} events/s")
+        for name, slot in self.sinks.items():
+            state = slot.runner.stats.state
+            if state != "ok":
+                parts.append(f"{name}: {state}")
+        return "; ".join(parts)
+
+    def liveness(self) -> tuple[bool, dict]:
+        stale = time.monotonic() - self._heartbeat
+        ok_loop = stale < 3 * STATUS_INTERVAL + 5
+        progressing = self.reader_progressing()
+        return ok_loop and progressing, {"event_loop": "ok" if ok_loop else f"stalled {stale:.0f}s",
+                                         "reader": "ok" if progressing else "no ping answered"}
+
+    def readiness(self) -> tuple[bool, dict]:
+        checks: dict[str, Any] = {}
+        ok = True
+        for name, client in self.clients.items():
+            if client.connected:
+                checks[f"server:{name}"] = "logged in"
+            else:
+                ok = False
+                checks[f"server:{name}"] = f"{client.state.value}: {client.last_error or 'connecting'}"
+        for name, slot in self.sinks.items():
+            if slot.runner.accepting:
+                checks[f"sink:{name}"] = slot.runner.stats.state
+            else:
+                ok = False
+                checks[f"sink:{name}"] = f"not accepting ({slot.runner.stats.state}: " \
+                                         f"{slot.runner.stats.last_error or 'queue full'})"
+        if self._stopping:
+            ok = False
+            checks["daemon"] = "shutting down"
+        return ok, checks
+
+    async def _shutdown(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        if self.notifier is not None:
+            self.notifier.stopping()
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        log.info("shutting down: logging off, draining sinks (up to %.0fs)", self.config.shutdown_timeout)
+        await asyncio.gather(*(c.close() for c in self.clients.values()), return_exceptions=True)
+        remaining = max(0.5, deadline - time.monotonic())
+        results = await asyncio.gather(*(slot.runner.close(remaining) for slot in self.sinks.values()),
+                                       return_exceptions=True)
+        for slot, result in zip(self.sinks.values(), results):
+            if isinstance(result, BaseException):
+                log.error("sink %s did not close cleanly: %s", slot.config.name, result,
+                          extra={"sink": slot.config.name})
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.http is not None:
+            await self.http.close()
+        log.info("stopped")
+
+    # ------------------------------------------------------------------ signals and reload
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        if sys.platform == "win32":
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+            self._signals.append(sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+        self._signals.append(signal.SIGHUP)
+
+    def _restore_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in self._signals:
+            loop.remove_signal_handler(sig)
+        self._signals.clear()
+
+    def _on_stop_signal(self, sig: int) -> None:
+        if self._stop.is_set():
+            log.warning("second %s: exiting at once", signal.Signals(sig).name)
+            logging.shutdown()
+            os._exit(128 + sig)
+        log.info("%s received", signal.Signals(sig).name)
+        self._stop.set()
+
+    def _on_reload_signal(self) -> None:
+        self._spawn(self.reload(), "reload")
+
+    async def reload(self) -> bool:
+        """Re-read the config and apply it; False (old config kept) if it is invalid."""
+        async with self._reload_lock:
+            if self.notifier is not None:
+                self.notifier.reloading()
+            try:
+                try:
+                    new = await asyncio.to_thread(load_config, self.config_path, self.environ, self.types)
+                except ConfigError as exc:
+                    log.error("reload refused, keeping the running config:\n%s", exc)
+                    return False
+                await self._apply(new)
+                log.info("configuration reloaded")
+                return True
+            finally:
+                if self.notifier is not None:
+                    self.notifier.ready(self.status_line())
+
+    async def _apply(self, new: Config) -> None:
+        old = self.config
+        self.config = new
+        # Sinks: keep the unchanged ones (reopen files), replace changed ones, handing over
+        # whatever they still hold so no queued event is lost.
+        new_sinks = {s.name: s for s in new.sinks}
+        for name in list(self.sinks):
+            slot = self.sinks[name]
+            cfg = new_sinks.get(name)
+            if cfg is not None and cfg == slot.config:
+                reopen = getattr(slot.sink, "reopen", None)
+                if callable(reopen):
+                    reopen()
+                continue
+            leftovers = await slot.runner.detach(self.config.shutdown_timeout)
+            del self.sinks[name]
+            if cfg is None:
+                log.info("sink %s removed", name, extra={"sink": name})
+                if leftovers:
+                    log.warning("sink %s removed with %d undelivered events: dropped", name,
+                                len(leftovers), extra={"sink": name})
+                continue
+            fresh = self._build_sink(cfg)
+            self.sinks[name] = fresh
+            await fresh.runner.start()
+            for record in leftovers:
+                fresh.runner.offer(record)
+            log.info("sink %s reconfigured (%d queued events handed over)", name, len(leftovers),
+                     extra={"sink": name})
+        for name, cfg in new_sinks.items():
+            if name not in self.sinks:
+                slot = self._build_sink(cfg)
+                self.sinks[name] = slot
+                await slot.runner.start()
+                log.info("sink %s added", name, extra={"sink": name})
+        self._update_routes()
+        # Servers: reconnect only those whose settings changed.
+        old_servers = {s.name: s for s in old.servers}
+        new_servers = {s.name: s for s in new.servers}
+        for name, server in old_servers.items():
+            if new_servers.get(name) != server:
+                client = self.clients.pop(name)
+                await client.close()
+                if name not in new_servers:
+                    self.server_stats.pop(name, None)
+        for name, server in new_servers.items():
+            if name not in self.clients:
+                await self._start_client(server).start()
+
+
+async def run_daemon(config_path: str | None, environ: Mapping[str, str], *, notifier: Any = None,
+                     config: Config | None = None, types: SinkTypes | None = None) -> int:
+    types = types or SinkTypes.discover()
+    if config is None:
+        config = load_config(config_path, environ, types)
+    daemon = Daemon(config, config_path=config_path, environ=environ, types=types, notifier=notifier)
+    return await daemon.run()
