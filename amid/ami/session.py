@@ -123,12 +123,14 @@ def make_ssl_context(*, ca_file: str | None = None, verify: bool = True,
 class _Pending:
     """An action waiting for its response and, for list actions, for its list to complete."""
 
-    __slots__ = ("response", "complete", "events")
+    __slots__ = ("response", "complete", "events", "listing", "first")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.response: asyncio.Future[Response] = loop.create_future()
         self.complete: asyncio.Future[Response] = loop.create_future()
         self.events: list[Event] = []
+        self.listing = False  # the response said "EventList: start"; counted in _lists
+        self.first: Response | None = None
 
     def fail(self, exc: Exception) -> None:
         for fut in (self.response, self.complete):
@@ -448,8 +450,7 @@ class AMIClient:
                         f"({len(pending.events)} events)") from None
             return response
         finally:
-            if self._pending.pop(action_id, None) is not None and pending.response.done() \
-                    and not pending.response.exception() and pending.response.result().is_list_start:
+            if self._pending.pop(action_id, None) is not None and pending.listing:
                 self._lists -= 1
 
     # Pre-canned actions (the seed's "precanned functions").
@@ -729,8 +730,10 @@ class AMIClient:
         if pending is None or pending.response.done():
             log.debug("AMI %s: response to an unknown ActionID %r", self.name, action_id)
             return
+        pending.first = response
         pending.response.set_result(response)
         if response.is_list_start:
+            pending.listing = True
             self._lists += 1
         else:
             pending.complete.set_result(response)
@@ -740,11 +743,9 @@ class AMIClient:
         if action_id is None:
             return False
         pending = self._pending.get(action_id)
-        if pending is None or not pending.response.done() or pending.complete.done():
+        if pending is None or not pending.listing or pending.complete.done():
             return False
-        response = pending.response.result()
-        if not response.is_list_start:
-            return False
+        response = pending.first
         event.server = self.name
         event.epoch = self.epoch
         event.received_at = time.time()

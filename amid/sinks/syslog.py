@@ -1,0 +1,667 @@
+"""Syslog sink: RFC 5424 (default) or RFC 3164 messages over udp, tcp, tls or a unix datagram socket.
+
+Every record becomes one syslog message whose MSG part is the record's JSON. The framing is
+written by hand (no library gets RFC 5424 right), the socket I/O is plain asyncio.
+
+Transports, chosen by ``address``:
+
+* ``udp://host:port`` (default port 514): one datagram per record. A message longer than
+  ``udp_max_bytes`` is cut on a UTF-8 character boundary and counted in ``stats.truncated_total``.
+* ``tcp://host:port`` (514) and ``tls://host:port`` (6514): a stream with RFC 6587 octet-counting
+  framing (``LEN SP MSG``) or, optionally, LF-terminated frames. TLS verifies the server by default.
+* ``unix:///dev/log``: a unix datagram socket, like syslog(3). Same size limit as udp.
+
+UDP has no delivery guarantee. What the sink can see, it reports: an ICMP "port unreachable"
+for an earlier datagram fails the next ``send`` with SinkError (so a receiver that is down shows
+in the runner's failure counters), and a unix socket whose receiver went away fails at once.
+
+Like every sink, this one never retries and never queues (the SinkRunner does): ``send`` delivers
+the whole batch or raises :class:`~amid.sinks.base.SinkError`. A broken connection is dropped and
+the next ``send`` opens a new one. A stream the peer has already closed (its FIN or RST is waiting
+in the kernel) is noticed before anything is written to it and replaced at once, so an idle
+connection that a server or firewall closed costs no failed batch.
+
+Plain TCP syslog has no acknowledgements: bytes the kernel accepted just before the peer died can
+be lost without any error. The sink checks the socket again after each batch to shrink that window
+(raising SinkError, so the runner re-sends: duplicates are possible, losses are not from that
+check), but cannot close it entirely; that is the protocol, not this code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import os
+import select
+import socket
+import ssl
+import string
+import time
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pydantic
+
+from amid.records import Record, format_iso
+from amid.sinks.base import SinkError
+
+__all__ = [
+    "FACILITIES",
+    "SD_ID",
+    "SEVERITIES",
+    "Endpoint",
+    "Options",
+    "SyslogSink",
+    "SyslogStats",
+    "create",
+    "format_rfc3164",
+    "format_rfc5424",
+    "frame_octet_counting",
+    "parse_address",
+    "truncate_utf8",
+]
+
+# RFC 5424 section 6.2.1, tables 1 and 2.
+FACILITIES: dict[str, int] = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
+    "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11, "ntp": 12, "security": 13, "console": 14,
+    "solaris-cron": 15, "local0": 16, "local1": 17, "local2": 18, "local3": 19, "local4": 20,
+    "local5": 21, "local6": 22, "local7": 23,
+}
+SEVERITIES: dict[str, int] = {
+    "emerg": 0, "alert": 1, "crit": 2, "err": 3, "warning": 4, "notice": 5, "info": 6, "debug": 7,
+}
+# Spellings people know from other tools, accepted in config and mapped to the RFC names.
+_SEVERITY_ALIASES = {"emergency": "emerg", "critical": "crit", "error": "err", "warn": "warning",
+                     "informational": "info"}
+
+# Our SD-ID: a name "@" a private enterprise number, as RFC 5424 section 7.2.2 requires for
+# non-IANA SD-IDs. 32473 is the PEN that RFC 5612 reserves for documentation and examples.
+SD_ID = "amid@32473"
+
+# RFC 5424 section 6: maximum lengths of the header fields.
+HOSTNAME_MAX = 255
+APP_NAME_MAX = 48
+PROCID_MAX = 128
+MSGID_MAX = 32
+# RFC 3164 section 4.1.3: the TAG is at most 32 alphanumeric characters.
+TAG_MAX = 32
+NILVALUE = "-"
+
+DEFAULT_PORTS = {"udp": 514, "tcp": 514, "tls": 6514}
+# Largest UDP payload over IPv4 (65535 - 8 byte UDP header - 20 byte IP header).
+UDP_PAYLOAD_MAX = 65507
+# RFC 3164's month abbreviations: English whatever the process locale is (strftime's %b is not).
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_MSGID_FIELDS = frozenset({"event", "server"})
+
+
+# -- options --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where messages go: ``transport`` is udp, tcp, tls or unix; ``path`` is set for unix only."""
+
+    transport: Literal["udp", "tcp", "tls", "unix"]
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.transport == "unix":
+            return f"unix://{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.transport}://{host}:{self.port}"
+
+
+def parse_address(address: str) -> Endpoint:
+    """Parse ``udp://host:port``, ``tcp://…``, ``tls://…`` or ``unix:///path``; raise ValueError.
+
+    The port may be left out (514 for udp and tcp, 6514 for tls); IPv6 hosts go in brackets.
+    """
+    parts = urllib.parse.urlsplit(address)
+    scheme = parts.scheme.lower()
+    if scheme == "unix":
+        if parts.netloc or not parts.path.startswith("/"):
+            raise ValueError(f"unix address needs an absolute path, e.g. unix:///dev/log, "
+                             f"got {address!r}")
+        return Endpoint("unix", path=parts.path)
+    if scheme not in DEFAULT_PORTS:
+        raise ValueError(f"address must start with udp://, tcp://, tls:// or unix://, "
+                         f"got {address!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"address must be {scheme}://host:port with nothing else, "
+                         f"got {address!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"address has an invalid port: {address!r}") from None
+    if not parts.hostname:
+        raise ValueError(f"address has no host: {address!r}")
+    return Endpoint(scheme, host=parts.hostname, port=port or DEFAULT_PORTS[scheme])  # type: ignore[arg-type]
+
+
+def _facility_code(value: str | int) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int):
+        if not 0 <= value <= 23:
+            raise ValueError(f"facility number must be 0..23, got {value}")
+        return value
+    code = FACILITIES.get(value.strip().lower())
+    if code is None:
+        raise ValueError(f"unknown facility {value!r}; use one of {', '.join(FACILITIES)} "
+                         f"or a number 0..23")
+    return code
+
+
+def _severity_code(value: str | int) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int):
+        if not 0 <= value <= 7:
+            raise ValueError(f"severity number must be 0..7, got {value}")
+        return value
+    name = value.strip().lower()
+    code = SEVERITIES.get(_SEVERITY_ALIASES.get(name, name))
+    if code is None:
+        raise ValueError(f"unknown severity {value!r}; use one of {', '.join(SEVERITIES)} "
+                         f"or a number 0..7")
+    return code
+
+
+class Options(pydantic.BaseModel, extra="forbid", frozen=True, validate_default=True):
+    """The syslog sink's own config keys. Facility and severities are numbers once validated."""
+
+    address: str
+    format: Literal["rfc5424", "rfc3164"] = "rfc5424"
+    facility: int | str = "local0"
+    severity: int | str = "info"
+    # Event-name glob -> severity; the first matching glob wins (case-insensitive, like AMI names).
+    severity_map: dict[str, int | str] = {}
+    app_name: str = "amid"
+    hostname: str | None = None
+    msgid: str = "{event}"
+    message: Literal["json"] = "json"
+    structured_data: bool = True
+    # RFC 5426: receivers must take 480 bytes and should take 2048. Applies to unix datagrams too.
+    udp_max_bytes: int = pydantic.Field(2048, ge=480, le=UDP_PAYLOAD_MAX)
+    tcp_framing: Literal["octet-counting", "lf"] = "octet-counting"
+    tls_ca_file: str | None = None
+    tls_verify: bool = True
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_server_name: str | None = None
+    connect_timeout: float = pydantic.Field(5.0, gt=0)
+    send_timeout: float = pydantic.Field(10.0, gt=0)
+
+    @pydantic.field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        parse_address(value)
+        return value
+
+    @pydantic.field_validator("facility")
+    @classmethod
+    def _check_facility(cls, value: int | str) -> int:
+        return _facility_code(value)
+
+    @pydantic.field_validator("severity")
+    @classmethod
+    def _check_severity(cls, value: int | str) -> int:
+        return _severity_code(value)
+
+    @pydantic.field_validator("severity_map")
+    @classmethod
+    def _check_severity_map(cls, value: dict[str, int | str]) -> dict[str, int]:
+        return {glob: _severity_code(severity) for glob, severity in value.items()}
+
+    @pydantic.field_validator("msgid")
+    @classmethod
+    def _check_msgid(cls, value: str) -> str:
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"invalid msgid template {value!r}: {exc}") from None
+        unknown = fields - _MSGID_FIELDS
+        if unknown:
+            raise ValueError(f"msgid template may use {{event}} and {{server}} only, "
+                             f"got {', '.join('{' + f + '}' for f in sorted(unknown))}")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _check_transport_keys(self) -> "Options":
+        transport = parse_address(self.address).transport
+        tls_keys = ("tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name",
+                    "tls_verify")
+        if transport != "tls":
+            misplaced = [key for key in tls_keys if key in self.model_fields_set]
+            if misplaced:
+                raise ValueError(f"{', '.join(misplaced)} only apply to a tls:// address")
+        if transport not in ("tcp", "tls") and "tcp_framing" in self.model_fields_set:
+            raise ValueError("tcp_framing only applies to a tcp:// or tls:// address")
+        if self.tls_key_file and not self.tls_cert_file:
+            raise ValueError("tls_key_file needs tls_cert_file")
+        return self
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """``address``, parsed."""
+        return parse_address(self.address)
+
+
+# -- formatting (pure) ----------------------------------------------------------------------------
+
+def severity_for(event: str, opts: Options) -> int:
+    """The severity code for an event name: the first matching ``severity_map`` glob, else default."""
+    folded = event.casefold()
+    for glob, severity in opts.severity_map.items():
+        if fnmatch.fnmatchcase(folded, glob.casefold()):
+            return int(severity)
+    return int(opts.severity)
+
+
+def _priority(record: Record, opts: Options) -> int:
+    return int(opts.facility) * 8 + severity_for(record.name, opts)
+
+
+def _header_field(value: str | None, max_len: int) -> str:
+    """An RFC 5424 header field: PRINTUSASCII only (others become ``_``), cut to ``max_len``.
+
+    Replacing rather than dropping keeps the field's length and shape recognisable; a space or
+    control character inside a header field would otherwise shift every field after it.
+    """
+    if not value:
+        return NILVALUE
+    cleaned = "".join(ch if "!" <= ch <= "~" else "_" for ch in value[:max_len])
+    return cleaned or NILVALUE
+
+
+def _sd_param_value(value: str) -> str:
+    """RFC 5424 section 6.3.3: inside PARAM-VALUE, ``"``, ``\\`` and ``]`` are backslash-escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+
+
+def _structured_data(record: Record) -> str:
+    params = [("server", record.server)]
+    seq = record.data.get("seq")
+    if seq is not None:
+        params.append(("seq", str(seq)))
+    params.append(("id", record.id))
+    body = " ".join(f'{name}="{_sd_param_value(value)}"' for name, value in params)
+    return f"[{SD_ID} {body}]"
+
+
+def _msgid(record: Record, opts: Options) -> str:
+    return opts.msgid.format_map({"event": record.name, "server": record.server})
+
+
+def format_rfc5424(record: Record, opts: Options, *, hostname: str,
+                   procid: int | str | None = None) -> bytes:
+    """One RFC 5424 message (without transport framing) for ``record``.
+
+    ``<PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID [amid@32473 …] JSON``. The timestamp is the
+    record's receive time in UTC with microseconds. Header fields are PRINTUSASCII, cut to the RFC
+    limits, and ``-`` when empty. The MSG is the record JSON without a BOM: RFC 5424 allows
+    MSG-ANY, and consumers that parse the JSON would trip over one.
+    """
+    header = " ".join((
+        f"<{_priority(record, opts)}>1",
+        format_iso(record.received_at),
+        _header_field(hostname, HOSTNAME_MAX),
+        _header_field(opts.app_name, APP_NAME_MAX),
+        _header_field(None if procid is None else str(procid), PROCID_MAX),
+        _header_field(_msgid(record, opts), MSGID_MAX),
+        _structured_data(record) if opts.structured_data else NILVALUE,
+    ))
+    return header.encode("utf-8") + b" " + record.json
+
+
+def _rfc3164_timestamp(ts: float) -> str:
+    """``Mmm dd hh:mm:ss`` in UTC, the day padded with a space (RFC 3164 section 4.1.2).
+
+    RFC 3164 has no time zone; UTC is the one reading that does not depend on where, or in which
+    DST period, the receiver happens to be.
+    """
+    t = time.gmtime(int(ts))
+    return f"{_MONTHS[t.tm_mon - 1]} {t.tm_mday:>2} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+
+
+def _tag(app_name: str) -> str:
+    tag = "".join(ch for ch in app_name if ch.isascii() and ch.isalnum())[:TAG_MAX]
+    return tag or "amid"
+
+
+def format_rfc3164(record: Record, opts: Options, *, hostname: str,
+                   procid: int | str | None = None) -> bytes:
+    """One RFC 3164 (BSD syslog) message: ``<PRI>Mmm dd hh:mm:ss HOSTNAME TAG[PID]: JSON``.
+
+    TAG is the app name reduced to at most 32 ASCII alphanumerics; ``[PID]`` is the conventional
+    start of CONTENT that receivers (rsyslog, syslog-ng) parse as the process id.
+    """
+    host = _header_field(hostname, HOSTNAME_MAX)
+    pid = f"[{_header_field(str(procid), PROCID_MAX)}]" if procid is not None else ""
+    head = (f"<{_priority(record, opts)}>{_rfc3164_timestamp(record.received_at)} "
+            f"{host} {_tag(opts.app_name)}{pid}: ")
+    return head.encode("ascii") + record.json
+
+
+def truncate_utf8(data: bytes, limit: int) -> bytes:
+    """``data`` cut to at most ``limit`` bytes without splitting a UTF-8 character.
+
+    Valid UTF-8 in, valid UTF-8 out: the cut moves back over continuation bytes (``10xxxxxx``)
+    to the start of the character it would have split.
+    """
+    if len(data) <= limit:
+        return data
+    cut = limit
+    while cut > 0 and (data[cut] & 0xC0) == 0x80:
+        cut -= 1
+    return data[:cut]
+
+
+def frame_octet_counting(message: bytes) -> bytes:
+    """RFC 6587 section 3.4.1 octet-counting frame: ``MSG-LEN SP SYSLOG-MSG``."""
+    return b"%d %b" % (len(message), message)
+
+
+def frame_lf(message: bytes) -> bytes:
+    """RFC 6587 section 3.4.2 non-transparent frame: the message and a LF.
+
+    The record JSON never holds a raw LF, but a header or SD value could (e.g. a server name),
+    and a LF there would split the frame in two, so any LF becomes a space.
+    """
+    return message.replace(b"\n", b" ") + b"\n"
+
+
+# -- stats ----------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class SyslogStats:
+    """Plain counters read by the metrics collector.
+
+    ``reconnects_total`` counts connections opened after the first one; ``truncated_total`` the
+    datagrams cut to ``udp_max_bytes``.
+    """
+
+    messages_total: int = 0
+    bytes_total: int = 0
+    truncated_total: int = 0
+    reconnects_total: int = 0
+    connect_failures_total: int = 0
+
+
+# -- transports -----------------------------------------------------------------------------------
+
+# Errors a socket operation can end with; all of them mean "this connection is no use now".
+# (TimeoutError, ssl.SSLError and socket.gaierror are OSErrors; IncompleteReadError is an EOFError.)
+_IO_ERRORS = (OSError, EOFError)
+
+
+class _DatagramErrors(asyncio.DatagramProtocol):
+    """Keeps the first error the socket reported, and the transport's pause/resume state."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable (udp) or ECONNREFUSED (unix socket gone) arrives here, sometimes
+        # during a later sendto; keep the first one for the next send to report.
+        if self.error is None:
+            self.error = exc
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.error is None:
+            self.error = exc
+        self.writable.set()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+
+class _DatagramChannel:
+    """A connected udp or unix datagram socket."""
+
+    def __init__(self, transport: asyncio.DatagramTransport, protocol: _DatagramErrors) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def is_stale(self) -> bool:
+        return self._transport.is_closing()
+
+    async def send(self, datagrams: Sequence[bytes]) -> None:
+        for datagram in datagrams:
+            self._raise_pending_error()
+            if self._transport.is_closing():
+                # asyncio drops writes to a closing transport without an error: refuse instead.
+                raise ConnectionResetError("datagram socket closed")
+            self._transport.sendto(datagram)
+        self._raise_pending_error()
+        # The transport buffers only when the kernel's send buffer is full; wait for it to drain.
+        await self._protocol.writable.wait()
+        self._raise_pending_error()
+
+    def _raise_pending_error(self) -> None:
+        error = self._protocol.error
+        if error is not None:
+            raise error
+
+    async def close(self) -> None:
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+
+class _StreamChannel:
+    """A tcp or tls connection carrying framed messages; syslog servers never send us data."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    def is_stale(self) -> bool:
+        """True if the peer closed or reset the connection, even if asyncio has not seen it yet."""
+        if self._writer.transport.is_closing() or self._reader.at_eof():
+            return True
+        return _peer_hung_up(self._writer.get_extra_info("socket"))
+
+    async def send(self, frames: Sequence[bytes]) -> None:
+        if self.is_stale():
+            raise ConnectionResetError("connection closed by peer")
+        self._writer.writelines(frames)
+        await self._writer.drain()
+        # A peer that was gone before the bytes arrived answers with RST; on a short path that
+        # is already here. Reporting it makes the runner re-send rather than lose the batch.
+        if self.is_stale():
+            raise ConnectionResetError("connection closed by peer during send")
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(*_IO_ERRORS):
+            await self._writer.wait_closed()
+
+    def abort(self) -> None:
+        self._writer.transport.abort()
+
+
+# Linux reports a peer's FIN as POLLRDHUP; elsewhere only a reset (POLLHUP/POLLERR) is seen here.
+_HANGUP_EVENTS = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+
+
+def _peer_hung_up(sock: Any) -> bool:
+    """Ask the kernel, without reading or blocking, whether the peer's FIN or RST has arrived.
+
+    asyncio learns of it only when the loop next polls the socket, which may be after our next
+    write: bytes written to a connection the peer has closed are silently lost.
+    """
+    if sock is None:
+        return True
+    poller = select.poll()
+    poller.register(sock.fileno(), _HANGUP_EVENTS)
+    return bool(poller.poll(0))
+
+
+# -- the sink -------------------------------------------------------------------------------------
+
+class SyslogSink:
+    """Delivers records as syslog messages. Build it with :func:`create`."""
+
+    def __init__(self, name: str, options: Options, *, hostname: str | None = None,
+                 procid: int | None = None) -> None:
+        self.name = name
+        self.options = options
+        self.stats = SyslogStats()
+        self._endpoint = options.endpoint
+        self._hostname = hostname or options.hostname or socket.gethostname()
+        self._procid = os.getpid() if procid is None else procid
+        self._format = format_rfc5424 if options.format == "rfc5424" else format_rfc3164
+        self._ssl = _client_ssl_context(options) if self._endpoint.transport == "tls" else None
+        self._channel: _DatagramChannel | _StreamChannel | None = None
+        self._connected_once = False
+        self._closed = False
+        # One batch at a time on the wire: frames of two batches must never interleave.
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"SyslogSink(name={self.name!r}, address={str(self._endpoint)!r})"
+
+    async def start(self) -> None:
+        """Open the socket (resolving and connecting); raise SinkError if that fails."""
+        async with self._lock:
+            self._check_open()
+            await self._ensure_channel()
+
+    async def send(self, batch: Sequence[Record]) -> None:
+        """Send one message per record, in order; return once the kernel has taken them all.
+
+        Raises SinkError if the connection cannot be opened or breaks; the connection is then
+        dropped and the next call opens a new one.
+        """
+        if not batch:
+            return
+        async with self._lock:
+            self._check_open()
+            payloads = [self._encode(record) for record in batch]
+            channel = await self._ensure_channel()
+            try:
+                async with asyncio.timeout(self.options.send_timeout):
+                    await channel.send(payloads)
+            except _IO_ERRORS as exc:
+                # A partly written frame would corrupt the stream: this connection is finished.
+                self._drop_channel()
+                what = "timed out" if isinstance(exc, TimeoutError) else _describe(exc)
+                raise SinkError(f"syslog sink {self.name!r}: sending to {self._endpoint} "
+                                f"failed: {what}") from exc
+            self.stats.messages_total += len(payloads)
+            self.stats.bytes_total += sum(map(len, payloads))
+
+    async def close(self) -> None:
+        """Close the connection (flushing what the kernel holds). Idempotent; safe before start."""
+        self._closed = True
+        channel, self._channel = self._channel, None
+        if channel is None:
+            return
+        try:
+            async with asyncio.timeout(self.options.send_timeout):
+                await channel.close()
+        except TimeoutError:
+            channel.abort()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SinkError(f"syslog sink {self.name!r} is closed")
+
+    def _encode(self, record: Record) -> bytes:
+        message = self._format(record, self.options, hostname=self._hostname,
+                               procid=self._procid)
+        if self._endpoint.transport in ("udp", "unix"):
+            cut = truncate_utf8(message, self.options.udp_max_bytes)
+            if len(cut) != len(message):
+                self.stats.truncated_total += 1
+            return cut
+        if self.options.tcp_framing == "lf":
+            return frame_lf(message)
+        return frame_octet_counting(message)
+
+    async def _ensure_channel(self) -> _DatagramChannel | _StreamChannel:
+        channel = self._channel
+        if channel is not None and not channel.is_stale():
+            return channel
+        if channel is not None:
+            self._drop_channel()
+        try:
+            async with asyncio.timeout(self.options.connect_timeout):
+                channel = await self._connect()
+        except _IO_ERRORS as exc:
+            self.stats.connect_failures_total += 1
+            what = "timed out" if isinstance(exc, TimeoutError) else _describe(exc)
+            raise SinkError(f"syslog sink {self.name!r}: cannot connect to {self._endpoint}: "
+                            f"{what}") from exc
+        if self._connected_once:
+            self.stats.reconnects_total += 1
+        self._connected_once = True
+        self._channel = channel
+        return channel
+
+    async def _connect(self) -> _DatagramChannel | _StreamChannel:
+        loop = asyncio.get_running_loop()
+        ep = self._endpoint
+        if ep.transport in ("udp", "unix"):
+            if ep.transport == "unix":
+                transport, protocol = await loop.create_datagram_endpoint(
+                    _DatagramErrors, remote_addr=ep.path, family=socket.AF_UNIX)
+            else:
+                transport, protocol = await loop.create_datagram_endpoint(
+                    _DatagramErrors, remote_addr=(ep.host, ep.port))
+            return _DatagramChannel(transport, protocol)
+        if ep.transport == "tls":
+            reader, writer = await asyncio.open_connection(
+                ep.host, ep.port, ssl=self._ssl,
+                server_hostname=self.options.tls_server_name or ep.host,
+                ssl_handshake_timeout=self.options.connect_timeout)
+        else:
+            reader, writer = await asyncio.open_connection(ep.host, ep.port)
+        return _StreamChannel(reader, writer)
+
+    def _drop_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.abort()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _client_ssl_context(options: Options) -> ssl.SSLContext:
+    """A client TLS context: system CAs (or ``tls_ca_file``), verification on unless disabled."""
+    context = ssl.create_default_context(cafile=options.tls_ca_file)
+    if not options.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if options.tls_cert_file:
+        context.load_cert_chain(options.tls_cert_file, options.tls_key_file)
+    return context
+
+
+def create(name: str, options: Options | Mapping[str, Any]) -> SyslogSink:
+    """The factory the daemon uses: a sink named ``name`` (not yet started).
+
+    ``options`` is an :class:`Options` or the raw mapping of the sink's config keys (validated
+    here, raising pydantic's ValidationError). TLS files are read here, so a missing CA file or
+    key fails at startup (OSError / ssl.SSLError), not at the first send.
+    """
+    if not isinstance(options, Options):
+        options = Options.model_validate(options)
+    return SyslogSink(name, options)

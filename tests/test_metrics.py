@@ -1,0 +1,295 @@
+"""amid.metrics: the collector reads the stats objects at scrape time, scraped over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import shutil
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from amid.ami.stats import Histogram, SessionStats
+from amid.http import HealthServer
+from amid.metrics import DISCONNECT_REASONS, DROP_REASONS, SINK_STATES, AmidCollector, build_registry
+from promparse import Samples, key, parse, scrape, scrape_text, total
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class FakeSinkStats:
+    """Stand-in for amid.sinks.delivery.SinkStats: the attributes the collector reads."""
+
+    state: str = "starting"
+    received_total: int = 0
+    sent_total: int = 0
+    failed_attempts_total: int = 0
+    retried_total: int = 0
+    dropped_total: Counter = field(default_factory=Counter)
+    dead_lettered_total: int = 0
+    queue_events: int = 0
+    queue_bytes: int = 0
+    spool_events: int = 0
+    spool_bytes: int = 0
+    in_flight_events: int = 0
+    last_success_time: float | None = None
+    delivery_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    last_error: str | None = None
+
+
+class World:
+    """The servers and sinks the collector sees; tests mutate them between scrapes."""
+
+    def __init__(self) -> None:
+        self.servers: dict[str, SessionStats] = {"pbx1": SessionStats()}
+        self.sinks: dict[str, tuple[str, FakeSinkStats]] = {"hook": ("webhook", FakeSinkStats())}
+
+    def collector(self, max_event_names: int = 300) -> AmidCollector:
+        return AmidCollector(
+            servers=lambda: list(self.servers.items()),
+            sinks=lambda: [(name, kind, stats) for name, (kind, stats) in self.sinks.items()],
+            version="1.2.3",
+            max_event_names=max_event_names,
+        )
+
+
+@pytest.fixture
+def world() -> World:
+    return World()
+
+
+async def serve(collector: AmidCollector) -> HealthServer:
+    server = HealthServer(
+        "127.0.0.1:0", build_registry(collector), live=lambda: (True, {}), ready=lambda: (True, {})
+    )
+    await server.start()
+    return server
+
+
+@pytest.fixture
+async def http(world: World) -> AsyncIterator[HealthServer]:
+    server = await serve(world.collector())
+    yield server
+    await server.close()
+
+
+async def test_build_info(http: HealthServer) -> None:
+    samples = await scrape(http.port)
+    assert samples[key("amid_build_info", version="1.2.3", python=platform.python_version())] == 1
+
+
+async def test_fresh_stats_expose_zeros_for_known_reasons(http: HealthServer) -> None:
+    samples = await scrape(http.port)
+    for reason in DISCONNECT_REASONS:
+        assert samples[key("amid_ami_disconnects_total", server="pbx1", reason=reason)] == 0
+    for reason in DROP_REASONS:
+        assert samples[key("amid_sink_dropped_total", sink="hook", type="webhook", reason=reason)] == 0
+    for name in ("connects", "login_failures", "events_received", "handler_errors"):
+        assert samples[key(f"amid_ami_{name}_total", server="pbx1")] == 0
+    assert samples[key("amid_ami_events_received_by_name_total", server="pbx1", event="other")] == 0
+    assert samples[key("amid_ami_up", server="pbx1")] == 0
+    assert samples[key("amid_ami_last_event_timestamp_seconds", server="pbx1")] == 0
+    sink = {"sink": "hook", "type": "webhook"}
+    for name in ("received", "sent", "failed_attempts", "retried", "dead_lettered"):
+        assert samples[key(f"amid_sink_{name}_total", **sink)] == 0
+    assert samples[key("amid_sink_last_success_timestamp_seconds", **sink)] == 0
+    assert samples[key("amid_sink_delivery_latency_seconds_count", **sink)] == 0
+    assert samples[key("amid_ami_ping_rtt_seconds_bucket", server="pbx1", le="+Inf")] == 0
+
+
+async def test_server_values_follow_stats(world: World, http: HealthServer) -> None:
+    stats = world.servers["pbx1"]
+    stats.up = True
+    stats.connects_total = 3
+    stats.disconnects_total.update({"eof": 1, "ping_timeout": 1, "tls_error": 1})
+    stats.login_failures_total = 2
+    stats.protocol_errors_total["oversized_message"] += 4
+    stats.events_total = 7
+    stats.events_by_name.update({"Newchannel": 5, "Hangup": 2})
+    stats.handler_errors_total = 1
+    stats.handler_dropped_total = 6
+    stats.last_event_time = 1_700_000_000.5
+    stats.last_pong_time = 1_700_000_001.0
+    for rtt in (0.0007, 0.002, 0.3):
+        stats.ping_rtt.observe(rtt)
+
+    samples = await scrape(http.port)
+
+    pbx1 = {"server": "pbx1"}
+    assert samples[key("amid_ami_up", **pbx1)] == 1
+    assert samples[key("amid_ami_connects_total", **pbx1)] == 3
+    assert samples[key("amid_ami_disconnects_total", reason="eof", **pbx1)] == 1
+    assert samples[key("amid_ami_disconnects_total", reason="ping_timeout", **pbx1)] == 1
+    assert samples[key("amid_ami_disconnects_total", reason="tls_error", **pbx1)] == 1  # unknown reasons too
+    assert samples[key("amid_ami_disconnects_total", reason="closed", **pbx1)] == 0
+    assert samples[key("amid_ami_login_failures_total", **pbx1)] == 2
+    assert samples[key("amid_ami_protocol_errors_total", kind="oversized_message", **pbx1)] == 4
+    assert samples[key("amid_ami_events_received_total", **pbx1)] == 7
+    assert samples[key("amid_ami_events_received_by_name_total", event="Newchannel", **pbx1)] == 5
+    assert samples[key("amid_ami_events_received_by_name_total", event="Hangup", **pbx1)] == 2
+    assert samples[key("amid_ami_handler_errors_total", **pbx1)] == 1
+    assert samples[key("amid_ami_handler_dropped_total", **pbx1)] == 6
+    assert samples[key("amid_ami_last_event_timestamp_seconds", **pbx1)] == 1_700_000_000.5
+    assert samples[key("amid_ami_last_pong_timestamp_seconds", **pbx1)] == 1_700_000_001.0
+    # Histogram: cumulative buckets with le labels, +Inf == count, and the sum.
+    assert samples[key("amid_ami_ping_rtt_seconds_bucket", le="0.0005", **pbx1)] == 0
+    assert samples[key("amid_ami_ping_rtt_seconds_bucket", le="0.001", **pbx1)] == 1
+    assert samples[key("amid_ami_ping_rtt_seconds_bucket", le="0.0025", **pbx1)] == 2
+    assert samples[key("amid_ami_ping_rtt_seconds_bucket", le="0.25", **pbx1)] == 2
+    assert samples[key("amid_ami_ping_rtt_seconds_bucket", le="0.5", **pbx1)] == 3
+    assert samples[key("amid_ami_ping_rtt_seconds_bucket", le="+Inf", **pbx1)] == 3
+    assert samples[key("amid_ami_ping_rtt_seconds_count", **pbx1)] == 3
+    assert samples[key("amid_ami_ping_rtt_seconds_sum", **pbx1)] == pytest.approx(0.3027)
+
+
+async def test_sink_values_follow_stats(world: World, http: HealthServer) -> None:
+    _, stats = world.sinks["hook"]
+    stats.state = "retrying"
+    stats.received_total = 100
+    stats.sent_total = 56
+    stats.failed_attempts_total = 3
+    stats.retried_total = 2
+    stats.dropped_total.update({"queue_full": 10, "spool_full": 5})
+    stats.dead_lettered_total = 4
+    stats.queue_events, stats.queue_bytes = 15, 4096
+    stats.spool_events, stats.spool_bytes = 8, 2048
+    stats.in_flight_events = 2
+    stats.last_success_time = 1_700_000_123.25
+    for latency in (0.02, 45.0, 90.0):
+        stats.delivery_latency.observe(latency)
+
+    samples = await scrape(http.port)
+
+    sink = {"sink": "hook", "type": "webhook"}
+    assert samples[key("amid_sink_received_total", **sink)] == 100
+    assert samples[key("amid_sink_sent_total", **sink)] == 56
+    assert samples[key("amid_sink_failed_attempts_total", **sink)] == 3
+    assert samples[key("amid_sink_retried_total", **sink)] == 2
+    assert samples[key("amid_sink_dropped_total", reason="queue_full", **sink)] == 10
+    assert samples[key("amid_sink_dropped_total", reason="spool_full", **sink)] == 5
+    assert samples[key("amid_sink_dropped_total", reason="shutdown", **sink)] == 0
+    assert samples[key("amid_sink_dead_lettered_total", **sink)] == 4
+    assert samples[key("amid_sink_queue_events", **sink)] == 15
+    assert samples[key("amid_sink_queue_bytes", **sink)] == 4096
+    assert samples[key("amid_sink_spool_events", **sink)] == 8
+    assert samples[key("amid_sink_spool_bytes", **sink)] == 2048
+    assert samples[key("amid_sink_in_flight_events", **sink)] == 2
+    assert samples[key("amid_sink_last_success_timestamp_seconds", **sink)] == 1_700_000_123.25
+    assert samples[key("amid_sink_delivery_latency_seconds_bucket", le="0.025", **sink)] == 1
+    assert samples[key("amid_sink_delivery_latency_seconds_bucket", le="60.0", **sink)] == 2
+    assert samples[key("amid_sink_delivery_latency_seconds_bucket", le="+Inf", **sink)] == 3
+    assert samples[key("amid_sink_delivery_latency_seconds_sum", **sink)] == pytest.approx(135.02)
+    # The invariant an end-to-end test checks: every received event is accounted for.
+    accounted = sum(samples[key(f"amid_sink_{name}", **sink)]
+                    for name in ("sent_total", "queue_events", "spool_events", "in_flight_events",
+                                 "dead_lettered_total"))
+    assert accounted + total(samples, "amid_sink_dropped_total", **sink) == 100
+
+
+async def test_sink_state_is_one_hot(world: World, http: HealthServer) -> None:
+    def states(samples: Samples) -> dict[str, float]:
+        return {state: samples[key("amid_sink_state", sink="hook", type="webhook", state=state)]
+                for state in SINK_STATES}
+
+    assert states(await scrape(http.port)) == {s: float(s == "starting") for s in SINK_STATES}
+    world.sinks["hook"][1].state = "disabled"
+    assert states(await scrape(http.port)) == {s: float(s == "disabled") for s in SINK_STATES}
+
+
+async def test_event_name_label_is_bounded(world: World) -> None:
+    server = await serve(world.collector(max_event_names=3))
+    try:
+        by_name = world.servers["pbx1"].events_by_name
+        by_name.update({"Newchannel": 1, "Hangup": 1, "VarSet": 1, "Cdr": 4, "DTMFBegin": 2})
+        first = await scrape(server.port)
+        named = {dict(labels)["event"]: value for (name, labels), value in first.items()
+                 if name == "amid_ami_events_received_by_name_total"}
+        assert named == {"Newchannel": 1, "Hangup": 1, "VarSet": 1, "other": 6}
+
+        # The admitted names stay fixed even when others become more frequent: no series
+        # moves in or out of "other", so every series stays monotonic.
+        by_name.update({"Cdr": 100, "Newstate": 1, "other": 2})  # a real "other" event folds in
+        by_name["VarSet"] += 1
+        second = await scrape(server.port)
+        named = {dict(labels)["event"]: value for (name, labels), value in second.items()
+                 if name == "amid_ami_events_received_by_name_total"}
+        assert named == {"Newchannel": 1, "Hangup": 1, "VarSet": 2, "other": 109}
+
+        # The budget is per server.
+        world.servers["pbx2"] = SessionStats()
+        world.servers["pbx2"].events_by_name.update({"Cdr": 1, "Newstate": 1})
+        third = await scrape(server.port)
+        assert third[key("amid_ami_events_received_by_name_total", server="pbx2", event="Cdr")] == 1
+        assert third[key("amid_ami_events_received_by_name_total", server="pbx2", event="other")] == 0
+    finally:
+        await server.close()
+
+
+async def test_servers_and_sinks_are_read_at_each_scrape(world: World, http: HealthServer) -> None:
+    world.servers["pbx2"] = SessionStats(up=True)
+    world.sinks["log"] = ("file", FakeSinkStats(state="ok"))
+    samples = await scrape(http.port)
+    assert samples[key("amid_ami_up", server="pbx2")] == 1
+    assert samples[key("amid_sink_state", sink="log", type="file", state="ok")] == 1
+
+    del world.servers["pbx2"], world.sinks["log"]
+    samples = await scrape(http.port)
+    assert key("amid_ami_up", server="pbx2") not in samples
+    assert not any(dict(labels).get("sink") == "log" for _, labels in samples)
+
+
+async def test_every_family_has_help_and_follows_naming(http: HealthServer) -> None:
+    text = await scrape_text(http.port)
+    families = [f for f in text_string_to_metric_families(text) if f.name.startswith("amid_")]
+    assert len(families) >= 25
+    for family in families:
+        assert family.documentation, family.name
+        if family.type == "counter":
+            assert all(s.name.endswith("_total") for s in family.samples), family.name
+    # Standard process collectors are on the registry too.
+    assert "process_cpu_seconds_total" in text
+
+
+def test_nothing_registered_globally(world: World) -> None:
+    one, two = build_registry(world.collector()), build_registry(world.collector())
+    assert one is not two
+    assert b"amid_build_info" in generate_latest(one)
+    assert b"amid_" not in generate_latest(REGISTRY)
+
+
+def test_rejects_negative_event_budget(world: World) -> None:
+    with pytest.raises(ValueError):
+        world.collector(max_event_names=-1)
+
+
+async def test_promtool_check_metrics_is_clean(world: World, http: HealthServer) -> None:
+    promtool = shutil.which("promtool") or shutil.which("promtool", path="/usr/bin")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing (Debian package 'prometheus')")
+        pytest.skip("promtool not installed")
+    # A realistic scrape: two servers, two sinks, every label kind populated.
+    world.servers["pbx2"] = SessionStats(up=True, connects_total=1)
+    stats = world.servers["pbx1"]
+    stats.disconnects_total["eof"] += 1
+    stats.protocol_errors_total["bad_line"] += 1
+    stats.events_by_name.update({"Newchannel": 3, "Hangup": 3, 'Odd"Name\\x': 1})
+    stats.ping_rtt.observe(0.004)
+    world.sinks["log"] = ("file", FakeSinkStats(state="ok", sent_total=5, received_total=5))
+    world.sinks["hook"][1].delivery_latency.observe(1.5)
+    text = await scrape_text(http.port)
+    assert parse(text)  # sanity: parses
+
+    process = await asyncio.create_subprocess_exec(
+        promtool, "check", "metrics",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    async with asyncio.timeout(20):
+        output, _ = await process.communicate(text.encode())
+    assert (process.returncode, output.decode()) == (0, "")

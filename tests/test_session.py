@@ -1,0 +1,300 @@
+"""The asyncio session against the simulator over real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from amid.ami.session import (AMIClient, AMIConnectionError, ActionTimeout, ConnectionState,
+                              LoginError, is_error, is_success, parse_host)
+from amid.simulator import AMISimulator
+
+SECRET = "amidsecret"
+
+
+@pytest.fixture
+async def sim():
+    async with AMISimulator(auth_failure_delay=0.05, call_spread=0.0) as simulator:
+        yield simulator
+
+
+def client_for(sim: AMISimulator, **kw) -> AMIClient:
+    kw.setdefault("username", "amid")
+    kw.setdefault("secret", SECRET)
+    kw.setdefault("ping_interval", 30)
+    kw.setdefault("reconnect_min_delay", 0.05)
+    kw.setdefault("reconnect_max_delay", 0.2)
+    kw.setdefault("name", "pbx1")
+    return AMIClient("127.0.0.1", sim.port, **kw)
+
+
+async def next_change(changes, state: ConnectionState, timeout: float = 5.0):
+    async with asyncio.timeout(timeout):
+        async for change in changes:
+            if change.state is state:
+                return change
+
+
+def test_parse_host_forms():
+    assert parse_host("pbx") == ("pbx", 5038)
+    assert parse_host("pbx:5039") == ("pbx", 5039)
+    assert parse_host("[::1]:6000") == ("::1", 6000)
+    assert parse_host("[::1]") == ("::1", 5038)
+    assert parse_host("pbx", default_port=1234) == ("pbx", 1234)
+    assert AMIClient("pbx:7000", username="u", secret="s").port == 7000
+
+
+@pytest.mark.parametrize("auth", ["md5", "plain"])
+async def test_login_ping_and_events_through_handlers(sim, auth):
+    got: dict[str, list] = {"newchannel": [], "dial": [], "any": []}
+    done = asyncio.Event()
+
+    async with client_for(sim, auth=auth) as ami:
+        assert ami.banner == "Asterisk Call Manager/11.0.0"
+        ami.add_event_handler("NEWCHANNEL", got["newchannel"].append)   # case-insensitive
+        ami.add_event_handler("Dial*", got["dial"].append)               # glob
+
+        async def any_event(event):  # async handlers work too
+            got["any"].append(event)
+            if event.name == "OriginateResponse":
+                done.set()
+        ami.add_event_handler("*", any_event)
+
+        pong = await ami.ping()
+        assert is_success(pong) and pong["Ping"] == "Pong" and pong["Timestamp"]
+        response = await ami.originate("Local/200@test", exten="100", context="test", priority=1)
+        assert response.message == "Originate successfully queued"
+        async with asyncio.timeout(5):
+            await done.wait()
+    assert len(got["newchannel"]) == 4
+    assert {e.name for e in got["dial"]} == {"DialBegin", "DialEnd"}
+    names = {e.name for e in got["any"]}
+    assert "Newchannel" not in names and "DialBegin" not in names  # taken by specific handlers
+    assert "VarSet" in names and "Hangup" in names
+    # the envelope
+    every = sorted(got["newchannel"] + got["dial"] + got["any"], key=lambda e: e.seq)
+    assert all(e.server == "pbx1" and e.epoch == 1 and e.received_at > 0 for e in every)
+    assert len({e.seq for e in every}) == len(every)
+
+
+async def test_events_iterator_and_envelope_sequence(sim):
+    async with client_for(sim) as ami:
+        seen = []
+
+        async def consume():
+            async for event in ami.events():
+                seen.append(event)
+                if event.name == "OriginateResponse":
+                    return
+
+        consumer = asyncio.create_task(consume())
+        await asyncio.sleep(0)
+        await ami.originate("Local/200@test", exten="100", context="test", priority=1)
+        async with asyncio.timeout(5):
+            await consumer
+    seqs = [e.seq for e in seen]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert ami.stats.events_by_name["Newchannel"] == 4
+
+
+async def test_tls_login(certs):
+    async with AMISimulator(ssl=certs.server_context()) as simulator:
+        async with AMIClient("localhost", simulator.port, username="amid", secret=SECRET,
+                             ssl=certs.client_context()) as ami:
+            assert is_success(await ami.ping())
+        # verification is on by default: an unknown CA is refused
+        with pytest.raises(AMIConnectionError):
+            async with AMIClient("localhost", simulator.port, username="amid", secret=SECRET, ssl=True,
+                                 connect_timeout=5):
+                pass
+
+
+async def test_login_failure_is_a_clear_error_without_the_secret(sim, caplog):
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(LoginError, match="Authentication failed"):
+        async with client_for(sim, secret="wrong-s3cret-value"):
+            pass
+    assert "wrong-s3cret-value" not in caplog.text
+
+
+async def test_login_failure_is_retried_with_backoff_never_a_hot_loop(sim, caplog):
+    caplog.set_level(logging.INFO, logger="amid.ami")
+    client = client_for(sim, secret="wrong-s3cret-value", reconnect_min_delay=0.1,
+                        reconnect_max_delay=0.4)
+    delays = []
+    changes = client.state_changes()
+    await client.start()
+    try:
+        for _ in range(3):
+            change = await next_change(changes, ConnectionState.DISCONNECTED)
+            assert change.reason == "login_failed"
+    finally:
+        await client.close()
+    assert client.stats.login_failures_total >= 3
+    for record in caplog.records:
+        if record.getMessage().startswith("reconnecting to"):
+            delays.append(float(record.getMessage().split(" in ")[1].rstrip("s")))
+    assert delays and all(0.1 <= d <= 0.4 for d in delays)
+    assert "wrong-s3cret-value" not in caplog.text
+    assert not any(r.exc_info for r in caplog.records)  # a clear line, no traceback
+
+
+async def test_actions_before_connect_and_unknown_actions(sim):
+    client = client_for(sim)
+    with pytest.raises(AMIConnectionError):
+        await client.ping()
+    async with client:
+        response = await client.send_action("NoSuchAction")
+        assert is_error(response) and "Invalid/unknown command" in response.message
+
+
+async def test_half_open_connection_detected_by_ping_timeout_then_reconnect(sim):
+    client = client_for(sim, ping_interval=0.05, ping_timeout=0.2, filters=["Event: Newchannel"])
+    changes = client.state_changes()
+    await client.start()
+    try:
+        await next_change(changes, ConnectionState.CONNECTED)
+        sim.set_faults(ignore_pings=True)      # socket stays open, pings go unanswered
+        down = await next_change(changes, ConnectionState.DISCONNECTED)
+        assert down.reason == "ping_timeout"
+        sim.set_faults(ignore_pings=False)
+        up = await next_change(changes, ConnectionState.CONNECTED)
+        assert up.epoch == 2 and up.gap_start is not None and up.gap_seconds >= 0
+        # filters re-applied on the new connection: only Newchannel arrives
+        sessions = await sim.wait_for_sessions(1)
+        got = []
+        client.add_listener(got.append)
+        await client.originate("Local/200@test", exten="100", context="test", priority=1)
+        async with asyncio.timeout(5):
+            while len(got) < 4:
+                await asyncio.sleep(0.01)
+        assert {e.name for e in got} == {"Newchannel"} and len(sessions) >= 1
+        assert client.stats.disconnects_total["ping_timeout"] == 1
+    finally:
+        await client.close()
+
+
+async def test_close_mid_message_and_garbage_recycle_the_connection(sim):
+    client = client_for(sim)
+    changes = client.state_changes()
+    await client.start()
+    try:
+        await next_change(changes, ConnectionState.CONNECTED)
+        sim.set_faults(garbage=b"\x00\xffnot ami at all" + b"x" * (2 << 20))
+        await sim.broadcast(b"Event: Poke\r\nPrivilege: system,all\r\n\r\n")
+        down = await next_change(changes, ConnectionState.DISCONNECTED)
+        assert down.reason == "protocol_error"
+        sim.set_faults(garbage=None)
+        await next_change(changes, ConnectionState.CONNECTED)
+        assert client.stats.protocol_errors_total["message_too_large"] == 1
+        sim.set_faults(close_mid_message_after=0)
+        await sim.broadcast(b"Event: Poke\r\nPrivilege: system,all\r\nA: b\r\n\r\n")
+        down = await next_change(changes, ConnectionState.DISCONNECTED)
+        assert down.reason == "eof"
+        sim.set_faults(close_mid_message_after=None)
+        up = await next_change(changes, ConnectionState.CONNECTED)
+        assert up.epoch == 3
+    finally:
+        await client.close()
+
+
+async def test_stalled_server_gives_action_timeout(sim):
+    async with client_for(sim, action_timeout=0.2) as ami:
+        sim.set_faults(stall=True)
+        with pytest.raises(ActionTimeout):
+            await ami.ping()
+        sim.set_faults(stall=False)
+
+
+async def test_list_actions_collect_their_events_by_action_id(sim):
+    async with client_for(sim) as ami:
+        await ami.originate("Local/310@test", exten="300", context="test", priority=1)
+        async with asyncio.timeout(5):
+            while True:
+                channels = await ami.core_show_channels()
+                if len(channels.events) == 4:
+                    break
+                await asyncio.sleep(0.02)
+        assert channels.is_list_start
+        assert all(e.name == "CoreShowChannel" for e in channels.events)
+        assert channels.list_complete["ListItems"] == "4"
+        status = await ami.status()
+        assert len(status.events) == 4 and all(e.name == "Status" for e in status.events)
+        missing = await ami.status("PJSIP/none-0001")
+        assert is_error(missing) and missing.message == "No such channel"
+        hung = await ami.hangup("/^Local\\/310@test-/")
+        assert is_success(hung)
+
+
+async def test_list_events_do_not_leak_to_handlers(sim):
+    async with client_for(sim) as ami:
+        names = []
+        ami.add_listener(lambda e: names.append(e.name))
+        await ami.core_show_channels()
+        await ami.ping()
+    assert "CoreShowChannelsComplete" not in names
+
+
+async def test_command_output_lines(sim):
+    async with client_for(sim) as ami:
+        version = await ami.command("core show version")
+        assert is_success(version) and version.output[0].startswith("Asterisk 22")
+        bad = await ami.command("no such cli command")
+        assert is_error(bad) and bad.output
+
+
+async def test_failing_and_slow_handlers_never_block_the_reader(sim):
+    async with client_for(sim, handler_queue_size=100_000) as ami:
+        release = asyncio.Event()
+        fast = []
+
+        def broken(event):
+            raise RuntimeError("handler bug")
+
+        async def slow(event):
+            await release.wait()
+
+        ami.add_event_handler("VarSet", broken)
+        ami.add_event_handler("Newexten", slow)
+        ami.add_listener(fast.append)
+        await ami.originate("Local/200@test", exten="100", context="test", priority=1)
+        async with asyncio.timeout(5):
+            while not any(e.name == "OriginateResponse" for e in fast):
+                await asyncio.sleep(0.01)
+        # the reader kept going while a handler was stuck; pings still work
+        assert is_success(await ami.ping())
+        assert ami.connected
+        release.set()
+        async with asyncio.timeout(5):
+            while ami.stats.handler_errors_total < 25:
+                await asyncio.sleep(0.01)
+
+
+async def test_close_logs_off_and_is_idempotent(sim):
+    client = client_for(sim)
+    await client.connect()
+    sessions = await sim.wait_for_sessions(1)
+    await client.close()
+    await client.close()
+    assert client.state is ConnectionState.CLOSED
+    async with asyncio.timeout(5):
+        while sessions[0].logged_in:
+            await asyncio.sleep(0.01)
+
+
+async def test_shutdown_event_then_eof_is_reported_as_server_shutdown():
+    simulator = AMISimulator()
+    await simulator.start()
+    client = AMIClient("127.0.0.1", simulator.port, username="amid", secret=SECRET,
+                       reconnect_min_delay=5, ping_interval=30)
+    changes = client.state_changes()
+    await client.start()
+    try:
+        await next_change(changes, ConnectionState.CONNECTED)
+        await simulator.close()
+        down = await next_change(changes, ConnectionState.DISCONNECTED)
+        assert down.reason == "server_shutdown"
+    finally:
+        await client.close()
