@@ -82,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run the Asterisk 22 AMI simulator")
     sim.add_argument("--listen", default="127.0.0.1:5038", help="host:port to listen on")
     sim.add_argument("--replay", default=None, help="serve this raw capture to every client")
+    sim.add_argument("--replay-verbatim", action="store_true",
+                     help="send the capture byte for byte, responses included, without answering "
+                          "the client (default: answer the client's login and pings, play the events)")
     sim.add_argument("--replay-speed", type=float, default=0.0,
-                     help="pace a replay by its .chunks timings times this factor (0: as fast as possible)")
+                     help="with --replay-verbatim: pace by the capture's .chunks timings times this "
+                          "factor (0: as fast as possible)")
     sim.add_argument("--call-rate", type=float, default=0.0, help="calls per second to generate")
     sim.add_argument("--tls-cert", default=None, help="serve TLS with this certificate (PEM)")
     sim.add_argument("--tls-key", default=None, help="private key for --tls-cert")
@@ -199,21 +203,25 @@ def _run_loop(coro) -> int:
 async def _demo(args: argparse.Namespace) -> int:
     """Simulator + the daemon's pipeline in one process; events as JSON lines on stdout."""
     import tempfile
+
+    import yaml
+
     from amid.config import load
     from amid.service import Daemon, SinkTypes
     from amid.simulator import AMISimulator
     async with AMISimulator(call_rate=args.call_rate) as sim:
-        state = tempfile.mkdtemp(prefix="amid-demo-")
-        env = {
-            "AMID_HOST": "127.0.0.1", "AMID_PORT": str(sim.port), "AMID_USERNAME": "amid",
-            "AMID_SECRET": "amidsecret", "AMID_SERVERS__0__NAME": "demo", "AMID_HTTP__LISTEN": "",
-            "AMID_STATE_DIR": state, "AMID_SHUTDOWN_TIMEOUT": "5s",
-            "AMID_SINKS__0__NAME": "stdout", "AMID_SINKS__0__TYPE": "file", "AMID_SINKS__0__PATH": "-",
-            "AMID_SINKS__0__BATCH__MAX_WAIT": "20ms",
+        state = Path(tempfile.mkdtemp(prefix="amid-demo-"))
+        demo_config = {
+            "servers": [{"name": "demo", "host": "127.0.0.1", "port": sim.port, "username": "amid",
+                         "secret": "amidsecret"}],
+            "sinks": [{"name": "stdout", "type": "file", "path": "-", "batch": {"max_wait": "20ms"}}],
+            "http": {"listen": None}, "state_dir": str(state), "shutdown_timeout": "5s",
         }
+        config_path = state / "amid-demo.yaml"
+        config_path.write_text(yaml.safe_dump(demo_config))
         types = SinkTypes.discover()
-        config = load(None, env, sink_option_models=types.option_models)
-        daemon = Daemon(config, config_path=None, environ=env, types=types)
+        config = load(config_path, {}, sink_option_models=types.option_models)
+        daemon = Daemon(config, config_path=str(config_path), environ={}, types=types)
         print(f"amid demo: simulator on 127.0.0.1:{sim.port}, {args.call_rate:g} calls/s; "
               "events follow as JSON lines (Ctrl-C to stop)", file=sys.stderr)
         if args.count:
@@ -237,15 +245,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from amid.simulator import serve_forever
     _setup_logging(args.log_format, args.log_level)
-    options: dict[str, Any] = {"call_rate": args.call_rate}
+    options: dict[str, Any] = {"tls_cert": args.tls_cert, "tls_key": args.tls_key}
     if args.replay:
-        options["replay"] = args.replay
-        options["replay_speed"] = args.replay_speed
-    if args.tls_cert:
-        import ssl
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(args.tls_cert, args.tls_key)
-        options["ssl"] = ctx
+        options.update(replay=args.replay, interactive=not args.replay_verbatim,
+                       speed=args.replay_speed or None)
+    else:
+        options["call_rate"] = args.call_rate
 
     async def main() -> int:
         task = asyncio.create_task(serve_forever(args.listen, **options))

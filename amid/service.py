@@ -103,7 +103,7 @@ class Daemon:
 
     def __init__(self, config: Config, *, config_path: str | None, environ: Mapping[str, str],
                  types: SinkTypes | None = None, notifier: Any = None,
-                 registry_factory: Callable[..., Any] | None = None) -> None:
+                 install_signals: bool = True, status_interval: float = STATUS_INTERVAL) -> None:
         self.config = config
         self.config_path = config_path
         self.environ = environ
@@ -114,7 +114,8 @@ class Daemon:
         self.server_stats: dict[str, SessionStats] = {}
         self.sinks: dict[str, _SinkSlot] = {}
         self.http = None
-        self._registry_factory = registry_factory
+        self._install_signal_handlers = install_signals
+        self.status_interval = status_interval
         self._stop = asyncio.Event()
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
@@ -154,6 +155,9 @@ class Daemon:
         return client
 
     def _on_state(self, change: StateChange) -> None:
+        if self.notifier is not None and self.ready.is_set() and change.state in (
+                ConnectionState.CONNECTED, ConnectionState.DISCONNECTED):
+            self.notifier.status(self.status_line())
         if change.state is ConnectionState.CONNECTED and change.gap_start is not None:
             end = change.at
             # Consumers learn what they may have missed while the session was down.
@@ -168,7 +172,8 @@ class Daemon:
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT; return the process exit code."""
         loop = asyncio.get_running_loop()
-        self._install_signals(loop)
+        if self._install_signal_handlers:
+            self._install_signals(loop)
         try:
             for err in self.types.errors:
                 log.error("%s", err)
@@ -228,7 +233,7 @@ class Daemon:
 
     async def _status_loop(self) -> None:
         while True:
-            await asyncio.sleep(STATUS_INTERVAL)
+            await asyncio.sleep(self.status_interval)
             self._heartbeat = time.monotonic()
             if self.notifier is not None:
                 self.notifier.status(self.status_line())
@@ -279,7 +284,7 @@ class Daemon:
 
     def liveness(self) -> tuple[bool, dict]:
         stale = time.monotonic() - self._heartbeat
-        ok_loop = stale < 3 * STATUS_INTERVAL + 5
+        ok_loop = stale < 3 * self.status_interval + 5
         progressing = self.reader_progressing()
         return ok_loop and progressing, {"event_loop": "ok" if ok_loop else f"stalled {stale:.0f}s",
                                          "reader": "ok" if progressing else "no ping answered"}

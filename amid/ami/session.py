@@ -527,6 +527,11 @@ class AMIClient:
             self._drop_wire()
             raise
         self.banner = parser.banner
+        # A new connection is a new epoch from its first byte on: Asterisk sends events
+        # (FullyBooted...) in the same read as the Login response, before _login returns.
+        self.epoch += 1
+        self._seq = 0
+        self._last_shutdown_event = False
         self._set_state(ConnectionState.LOGGING_IN)
         try:
             await self._login(wire)
@@ -534,9 +539,6 @@ class AMIClient:
             wire.abort("login_failed", "login failed")
             self._drop_wire()
             raise
-        self.epoch += 1
-        self._seq = 0
-        self._last_shutdown_event = False
         stats = self.stats
         stats.up = True
         stats.connects_total += 1

@@ -1,0 +1,740 @@
+"""SinkRunner: the delivery machinery in front of every sink.
+
+One runner per sink owns a bounded in-memory queue (bounded in events and bytes), the overflow
+policy, an optional disk spool, batching, retries with backoff, the dead-letter file and the
+counters. The AMI reader only ever calls :meth:`SinkRunner.offer`, which never blocks or
+awaits, so a slow or dead sink cannot delay the session or another sink.
+
+Ordering with a spool. The runner is in one of two modes:
+
+* ``MEMORY``: the queue is the head of the line (the normal case).
+* ``SPOOL``: the spool is the head of the line; the queue holds only records newer than
+  everything spooled. It is entered when the queue overflows (the whole queue moves to the
+  spool, oldest first), when records are recovered from the spool on start, and when the sink
+  is disabled. New records are appended behind the spool, and the queue only takes records
+  once the spool is full. The worker returns to ``MEMORY`` once the spool is empty.
+
+A memory batch that is being sent while the queue overflows is also copied to the spool head
+("shadowed"), so if it is never confirmed (sink disabled, shutdown) it is still first in line
+after a restart; if it is confirmed, its copy is skipped without being sent again.
+
+Accounting invariant (checked by the metrics tests at scrape time)::
+
+    received_total == sent_total + sum(dropped_total.values()) + dead_lettered_total
+                      + queue_events + spool_events + in_flight_events
+
+``received_total`` includes records recovered from the spool when the runner starts
+(also shown as ``recovered_total``), so the invariant holds across restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from amid.ami.stats import Histogram
+from amid.records import Record
+from amid.sinks.base import Sink, SinkDisabled, SinkError, SinkRejected
+from amid.sinks.spool import HEADER_SIZE, Spool, SpoolFull, SpoolPosition
+
+__all__ = ["DELIVERY_LATENCY_BUCKETS", "DROP_REASONS", "SinkRunner", "SinkStats"]
+
+log = logging.getLogger("amid.sinks.delivery")
+
+Overflow = Literal["drop_oldest", "drop_newest", "spool"]
+SpoolFallback = Literal["drop_oldest", "drop_newest"]
+
+DELIVERY_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# "spool_corrupt" only happens if spool files are damaged while the daemon runs.
+DROP_REASONS = ("queue_full", "spool_full", "disabled", "shutdown", "spool_corrupt")
+DROP_WARNING_INTERVAL = 10.0
+# A peer's Retry-After is honoured, but an absurd value must not park a sink for days.
+RETRY_AFTER_CAP = 3600.0
+# Records skipped per spool read when discarding already-delivered shadow copies.
+_SKIP_READ_EVENTS = 4096
+
+
+@dataclass
+class SinkStats:
+    """Counters of one sink, read by amid.metrics at scrape time (see the module invariant)."""
+
+    state: str = "starting"    # starting | ok | retrying | disabled | closed
+    received_total: int = 0    # offered, plus recovered from the spool at start
+    sent_total: int = 0        # confirmed by sink.send
+    failed_attempts_total: int = 0
+    retried_total: int = 0     # batches re-sent
+    dropped_total: Counter = field(default_factory=lambda: Counter({r: 0 for r in DROP_REASONS}))
+    dead_lettered_total: int = 0
+    queue_events: int = 0      # in the in-memory queue right now
+    queue_bytes: int = 0
+    spool_events: int = 0      # in the spool right now (not counting the batch in flight)
+    spool_bytes: int = 0
+    in_flight_events: int = 0  # the batch being sent right now
+    recovered_total: int = 0   # found in the spool when the runner started
+    spool_corrupt_records_total: int = 0  # damaged spans skipped when the spool was opened
+    last_success_time: float | None = None  # unix time of the last confirmed send
+    delivery_latency: Histogram = field(default_factory=lambda: Histogram(DELIVERY_LATENCY_BUCKETS))
+    last_error: str | None = None
+
+
+class _Mode(enum.Enum):
+    MEMORY = "memory"  # the queue is the head of the line
+    SPOOL = "spool"    # the spool is the head; the queue only holds newer records
+
+
+class _Outcome(enum.Enum):
+    SENT = "sent"
+    REJECTED = "rejected"
+    DISABLED = "disabled"
+
+
+@dataclass
+class _Batch:
+    records: list[Record]
+    spool_end: SpoolPosition | None = None  # set when read from the spool: ack up to here
+    shadowed: bool = False                  # a memory batch whose copy sits at the spool head
+
+
+class SinkRunner:
+    """Queue, spool, batching, retry, dead letters and stats in front of one :class:`Sink`.
+
+    ``clock`` (monotonic seconds) paces the drop warnings; ``rng`` gives the jitter in [0, 1);
+    ``sleep`` waits between retries; ``wall_clock`` (unix seconds) times delivery latency.
+    """
+
+    def __init__(self, sink: Sink, *, name: str, max_queue_events: int, max_queue_bytes: int,
+                 overflow: Overflow, spool_dir: Path | None, spool_max_bytes: int,
+                 spool_fallback: SpoolFallback, spool_fsync_interval: float,
+                 batch_max_events: int, batch_max_bytes: int, batch_max_wait: float,
+                 retry_min_delay: float, retry_max_delay: float, dead_letter_path: Path | None,
+                 clock: Callable[[], float] = time.monotonic,
+                 rng: Callable[[], float] = random.random,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        if overflow not in ("drop_oldest", "drop_newest", "spool"):
+            raise ValueError(f"unknown overflow policy {overflow!r}")
+        if spool_fallback not in ("drop_oldest", "drop_newest"):
+            raise ValueError(f"unknown spool fallback policy {spool_fallback!r}")
+        if overflow == "spool" and spool_dir is None:
+            raise ValueError("overflow 'spool' needs a spool_dir")
+        if min(max_queue_events, max_queue_bytes, batch_max_events, batch_max_bytes) <= 0:
+            raise ValueError("queue and batch limits must be positive")
+        self._sink = sink
+        self.name = name
+        self._max_queue_events = max_queue_events
+        self._max_queue_bytes = max_queue_bytes
+        self._overflow = overflow
+        self._spool_dir = spool_dir
+        self._spool_max_bytes = spool_max_bytes
+        self._spool_fallback = spool_fallback
+        self._fsync_interval = spool_fsync_interval
+        self._batch_max_events = batch_max_events
+        self._batch_max_bytes = batch_max_bytes
+        self._batch_max_wait = batch_max_wait
+        self._retry_min_delay = retry_min_delay
+        self._retry_max_delay = retry_max_delay
+        self._dead_letter_path = dead_letter_path
+        self._clock = clock
+        self._rng = rng
+        self._sleep = sleep
+        self._wall_clock = wall_clock
+
+        self.stats = SinkStats()
+        self._queue: deque[Record] = deque()
+        self._mode = _Mode.MEMORY
+        self._spool: Spool | None = None
+        self._spool_skip = 0            # delivered shadow copies at the spool head
+        self._in_flight: _Batch | None = None
+        self._started = False
+        self._disabled = False
+        self._draining = False
+        self._closing = False           # close() has begun
+        self._closed = False            # offers are refused from here on
+        self._closed_event = asyncio.Event()
+        self._wakeup = asyncio.Event()      # set by offer: there is something new
+        self._progress = asyncio.Event()    # set by the worker after each batch or when idle
+        self._spool_dirty = asyncio.Event() # set when the spool has records to fsync
+        self._worker: asyncio.Task[None] | None = None
+        self._sync_task: asyncio.Task[None] | None = None
+        self._unreported_drops: Counter[str] = Counter()
+        self._last_drop_warning: float | None = None
+        self._logged_exception_types: set[type] = set()
+        self._log_extra = {"sink": name}
+
+    # -- the hot path ----------------------------------------------------------------------
+
+    def offer(self, record: Record) -> None:
+        """Queue ``record`` for delivery. Never blocks or awaits; drops are counted."""
+        self.stats.received_total += 1
+        if self._closed:
+            self._drop(1, "shutdown")
+            return
+        if self._disabled and self._spool is None:
+            self._drop(1, "disabled")
+            return
+        if self._mode is _Mode.SPOOL:
+            self._push(record)
+            self._spill()
+            self._enforce_queue_bounds(self._spool_fallback, "spool_full")
+        elif self._queue_fits(record.size):
+            self._push(record)
+        elif self._overflow == "spool" and self._spool is not None:
+            self._enter_spool_mode()
+            self._push(record)
+            self._spill()
+            self._enforce_queue_bounds(self._spool_fallback, "spool_full")
+        else:
+            # Not started yet with a spool policy: the spool is not open, use its fallback.
+            policy = self._spool_fallback if self._overflow == "spool" else self._overflow
+            self._push(record)
+            self._enforce_queue_bounds(policy, "queue_full")
+        self._wakeup.set()
+
+    def _queue_fits(self, size: int) -> bool:
+        return (self.stats.queue_events < self._max_queue_events
+                and self.stats.queue_bytes + size <= self._max_queue_bytes)
+
+    def _push(self, record: Record) -> None:
+        self._queue.append(record)
+        self.stats.queue_events += 1
+        self.stats.queue_bytes += record.size
+
+    def _popleft(self) -> Record:
+        record = self._queue.popleft()
+        self.stats.queue_events -= 1
+        self.stats.queue_bytes -= record.size
+        return record
+
+    def _enforce_queue_bounds(self, policy: SpoolFallback, reason: str) -> None:
+        """After a push, bring the queue back within its bounds by ``policy``."""
+        stats = self.stats
+        while self._queue and (stats.queue_events > self._max_queue_events
+                               or stats.queue_bytes > self._max_queue_bytes):
+            if policy == "drop_newest":
+                record = self._queue.pop()
+                stats.queue_events -= 1
+                stats.queue_bytes -= record.size
+            else:
+                self._popleft()
+            self._drop(1, reason)
+
+    def _enter_spool_mode(self) -> None:
+        """Make the spool the head of the line, moving memory records into it in order."""
+        assert self._spool is not None
+        self._mode = _Mode.SPOOL
+        batch = self._in_flight
+        if batch is not None and batch.spool_end is None and not batch.shadowed:
+            payloads = [r.json for r in batch.records]
+            try:
+                self._spool.append(payloads)
+            except SpoolFull:
+                pass  # not shadowed: if it is never confirmed it goes behind the spool
+            else:
+                batch.shadowed = True
+                self._spool_skip += len(payloads)
+                self._spool_dirty.set()
+        self._spill()
+
+    def _spill(self) -> None:
+        """Move records from the queue head into the spool while they fit (order kept)."""
+        spool = self._spool
+        if spool is None or not self._queue:
+            return
+        free = spool.free_bytes
+        payloads: list[bytes] = []
+        for record in self._queue:
+            need = HEADER_SIZE + record.size
+            if need > free:
+                break
+            free -= need
+            payloads.append(record.json)
+        if not payloads:
+            return
+        try:
+            spool.append(payloads)
+        except SpoolFull:  # cannot happen while this loop is the only appender; stay safe
+            return
+        for _ in payloads:
+            self._popleft()
+        self.stats.spool_events += len(payloads)
+        self.stats.spool_bytes = spool.bytes_used
+        self._spool_dirty.set()
+
+    # -- drops -----------------------------------------------------------------------------
+
+    def _drop(self, count: int, reason: str) -> None:
+        self.stats.dropped_total[reason] += count
+        self._unreported_drops[reason] += count
+        now = self._clock()
+        if self._last_drop_warning is None or now - self._last_drop_warning >= DROP_WARNING_INTERVAL:
+            self._report_drops(now)
+
+    def _report_drops(self, now: float) -> None:
+        if not self._unreported_drops:
+            return
+        detail = ", ".join(f"{n} ({reason})" for reason, n in sorted(self._unreported_drops.items()))
+        log.warning("sink %s dropped events since the last warning: %s", self.name, detail,
+                    extra=self._log_extra)
+        self._unreported_drops.clear()
+        self._last_drop_warning = now
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        """Whether the sink can take records without dropping them (for /readyz)."""
+        if not self._started or self._closing or self._disabled:
+            return False
+        if self._worker is None or self._worker.done():
+            return False
+        queue_has_room = (self.stats.queue_events < self._max_queue_events
+                          and self.stats.queue_bytes < self._max_queue_bytes)
+        if self._spool is not None:
+            return queue_has_room or self._spool.free_bytes > HEADER_SIZE
+        return queue_has_room
+
+    async def start(self) -> None:
+        """Open the spool (delivering what it holds first) and start the worker task.
+
+        The sink's own ``start()`` runs inside the worker and is retried there, so a peer that
+        is down at boot does not stop the daemon. Raises OSError if the spool cannot be opened.
+        """
+        if self._started:
+            return
+        if self._closing:
+            raise RuntimeError(f"sink {self.name} is closed")
+        if self._overflow == "spool":
+            assert self._spool_dir is not None
+            spool = await asyncio.to_thread(Spool, self._spool_dir, max_bytes=self._spool_max_bytes)
+            self._spool = spool
+            recovered = spool.events_pending
+            self.stats.received_total += recovered
+            self.stats.recovered_total = recovered
+            self.stats.spool_events += recovered
+            self.stats.spool_bytes = spool.bytes_used
+            self.stats.spool_corrupt_records_total = spool.corrupt_records_total
+            if spool.corrupt_records_total:
+                log.warning("sink %s: spool %s had %d damaged records (%d bytes), skipped",
+                            self.name, self._spool_dir, spool.corrupt_records_total,
+                            spool.corrupt_bytes_total, extra=self._log_extra)
+            if recovered:
+                log.info("sink %s: %d spooled events from a previous run are delivered first",
+                         self.name, recovered, extra=self._log_extra)
+                self._enter_spool_mode()  # records offered before start() queue behind them
+            self._sync_task = asyncio.create_task(self._sync_loop(), name=f"amid-spool-sync-{self.name}")
+        self._worker = asyncio.create_task(self._run(), name=f"amid-sink-{self.name}")
+        self._started = True
+
+    async def drain(self, timeout: float) -> bool:
+        """Deliver what is queued (and spooled) within ``timeout``; True if all was delivered.
+
+        Offers keep being accepted meanwhile; the worker stops waiting for fuller batches.
+        """
+        self._draining = True
+        self._wakeup.set()
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._is_empty():
+                    if self._disabled or self._worker is None or self._worker.done():
+                        return False
+                    self._progress.clear()
+                    await self._progress.wait()
+        except TimeoutError:
+            return self._is_empty()
+        finally:
+            self._draining = False
+        return True
+
+    def _is_empty(self) -> bool:
+        stats = self.stats
+        return stats.queue_events == 0 and stats.spool_events == 0 and stats.in_flight_events == 0
+
+    async def close(self, timeout: float) -> None:
+        """Drain for up to ``timeout``, spool what is left (spool policy) or count it dropped
+        ("shutdown"), close the spool and the sink, and cancel every task. Idempotent.
+        """
+        if self._closing:
+            await self._closed_event.wait()
+            return
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            if self._worker is not None and not self._worker.done():
+                await self.drain(timeout)
+            await self._cancel_tasks()
+            self._closed = True
+            if self._in_flight is not None:
+                self._return_in_flight(self._in_flight)
+            if self._spool is not None:
+                self._enter_spool_mode()
+                if self._queue:
+                    self._drop(len(self._queue), "spool_full")
+                    self._clear_queue()
+                try:
+                    await asyncio.to_thread(self._spool.close)
+                except OSError as exc:
+                    log.error("sink %s: closing the spool failed: %s", self.name, exc,
+                              extra=self._log_extra)
+                self.stats.spool_bytes = self._spool.bytes_used
+            if self._queue:
+                self._drop(len(self._queue), "shutdown")
+                self._clear_queue()
+            try:
+                async with asyncio.timeout(max(deadline - loop.time(), 1.0)):
+                    await self._sink.close()
+            except Exception as exc:  # a plugin's close must not break shutdown
+                log.error("sink %s: close failed: %s: %s", self.name, type(exc).__name__, exc,
+                          extra=self._log_extra)
+            self._report_drops(self._clock())
+            self.stats.state = "closed"
+        finally:
+            self._closed_event.set()
+
+    def _clear_queue(self) -> None:
+        self._queue.clear()
+        self.stats.queue_events = 0
+        self.stats.queue_bytes = 0
+
+    async def _cancel_tasks(self) -> None:
+        for task in (self._worker, self._sync_task):
+            if task is not None and not task.done():
+                task.cancel()
+        for task in (self._worker, self._sync_task):
+            if task is not None:
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+                except Exception:  # already logged by the task itself
+                    pass
+
+    def _return_in_flight(self, batch: _Batch) -> None:
+        """An unconfirmed batch goes back where it came from, still first in line."""
+        count = len(batch.records)
+        if batch.spool_end is not None:
+            self.stats.spool_events += count           # never acked: still in the spool
+        elif batch.shadowed:
+            self.stats.spool_events += count           # its copy at the spool head now counts
+            self._spool_skip -= count
+        else:
+            for record in reversed(batch.records):
+                self._queue.appendleft(record)
+                self.stats.queue_events += 1
+                self.stats.queue_bytes += record.size
+        self._in_flight = None
+        self.stats.in_flight_events = 0
+
+    # -- the worker ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            if not await self._start_sink():
+                return
+            self.stats.state = "ok"
+            while True:
+                batch = await self._next_batch()
+                outcome = await self._send_with_retry(batch.records)
+                if outcome is _Outcome.DISABLED:
+                    return
+                count = len(batch.records)
+                self._in_flight = None
+                self.stats.in_flight_events = 0
+                if outcome is _Outcome.SENT:
+                    now = self._wall_clock()
+                    for record in batch.records:
+                        self.stats.delivery_latency.observe(max(0.0, now - record.received_at))
+                    self.stats.sent_total += count
+                    self.stats.last_success_time = now
+                    self.stats.state = "ok"
+                else:
+                    self.stats.dead_lettered_total += count
+                    await self._write_dead_letters([r.json for r in batch.records])
+                if batch.spool_end is not None:
+                    await self._ack_spool(batch.spool_end)
+                self._progress.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("sink %s: delivery worker failed", self.name, extra=self._log_extra)
+            self.stats.state = "disabled"
+            self.stats.last_error = "delivery worker failed (see log)"
+            raise
+        finally:
+            self._progress.set()
+
+    async def _start_sink(self) -> bool:
+        attempt = 0
+        while True:
+            try:
+                await self._sink.start()
+                return True
+            except SinkDisabled as exc:
+                self._disable(exc)
+                return False
+            except SinkError as exc:
+                self._note_failure(exc, attempt, "start")
+                retry_after = exc.retry_after
+            except Exception as exc:  # a buggy plugin must not kill the worker
+                self._note_failure(exc, attempt, "start", unexpected=True)
+                retry_after = None
+            await self._sleep(self._backoff(attempt, retry_after))
+            attempt += 1
+
+    async def _next_batch(self) -> _Batch:
+        """Wait for records, then take the next batch from the head of the line."""
+        while True:
+            while True:
+                self._wakeup.clear()
+                if self._mode is _Mode.SPOOL and self._spool_skip == 0 and self.stats.spool_events == 0:
+                    self._mode = _Mode.MEMORY
+                if self._pending_events():
+                    break
+                self._progress.set()  # idle: drain() may be waiting
+                await self._wakeup.wait()
+            await self._wait_for_full_batch()
+            if self._mode is _Mode.MEMORY:
+                return self._take_from_queue()
+            batch = await self._take_from_spool()
+            if batch is not None:
+                return batch
+
+    def _pending_events(self) -> int:
+        if self._mode is _Mode.SPOOL:
+            return self.stats.spool_events + self._spool_skip
+        return self.stats.queue_events
+
+    def _batch_is_full(self) -> bool:
+        if self._mode is _Mode.SPOOL:
+            return (self.stats.spool_events >= self._batch_max_events
+                    or self.stats.spool_bytes >= self._batch_max_bytes)
+        return (self.stats.queue_events >= self._batch_max_events
+                or self.stats.queue_bytes >= self._batch_max_bytes)
+
+    async def _wait_for_full_batch(self) -> None:
+        """Give a partial batch up to ``batch_max_wait`` to fill (woken by offer, no polling)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._batch_max_wait
+        while not self._draining and not self._batch_is_full():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                return
+
+    def _take_from_queue(self) -> _Batch:
+        records: list[Record] = []
+        size = 0
+        while self._queue and len(records) < self._batch_max_events:
+            next_size = self._queue[0].size
+            if records and size + next_size > self._batch_max_bytes:
+                break
+            records.append(self._popleft())
+            size += next_size
+        batch = _Batch(records)
+        self._in_flight = batch
+        self.stats.in_flight_events = len(records)
+        return batch
+
+    async def _take_from_spool(self) -> _Batch | None:
+        """Read the next batch from the spool head (None: nothing deliverable was there)."""
+        spool = self._spool
+        assert spool is not None
+        while self._spool_skip:
+            items = await self._spool_io(spool.read_batch, min(self._spool_skip, _SKIP_READ_EVENTS),
+                                         1 << 62)
+            if not items:
+                self._spool_skip = 0
+                break
+            await self._ack_spool(items[-1][0])
+            self._spool_skip -= len(items)
+        if self.stats.spool_events == 0:
+            return None
+        read = await self._spool_io(_read_records, spool, self._batch_max_events,
+                                    self._batch_max_bytes)
+        if read is None:
+            log.error("sink %s: spool %s lost %d events (files damaged while running)",
+                      self.name, self._spool_dir, self.stats.spool_events, extra=self._log_extra)
+            self._drop(self.stats.spool_events, "spool_corrupt")
+            self.stats.spool_events = 0
+            return None
+        end, count, records, undecodable = read
+        self.stats.spool_events -= count
+        self.stats.spool_bytes = spool.bytes_used
+        if undecodable:
+            log.error("sink %s: %d spooled payloads are not records; dead-lettered",
+                      self.name, len(undecodable), extra=self._log_extra)
+            self.stats.dead_lettered_total += len(undecodable)
+            await self._write_dead_letters(undecodable)
+        if not records:
+            await self._ack_spool(end)
+            return None
+        batch = _Batch(records, spool_end=end)
+        self._in_flight = batch
+        self.stats.in_flight_events = len(records)
+        return batch
+
+    async def _ack_spool(self, end: SpoolPosition) -> None:
+        assert self._spool is not None
+        await self._spool_io(self._spool.ack, end)
+        self.stats.spool_bytes = self._spool.bytes_used
+
+    async def _spool_io(self, func: Callable, *args: object):  # type: ignore[no-untyped-def]
+        """Run a blocking spool call in a thread, retrying I/O errors with backoff."""
+        attempt = 0
+        while True:
+            try:
+                return await asyncio.to_thread(func, *args)
+            except OSError as exc:
+                self._note_failure(exc, attempt, "spool")
+                await self._sleep(self._backoff(attempt, None))
+                attempt += 1
+
+    async def _send_with_retry(self, records: Sequence[Record]) -> _Outcome:
+        """Send one batch until it is confirmed, rejected, or the sink is disabled."""
+        attempt = 0
+        while True:
+            try:
+                await self._sink.send(records)
+                if attempt:
+                    log.info("sink %s: delivered after %d failed attempts", self.name, attempt,
+                             extra=self._log_extra)
+                return _Outcome.SENT
+            except SinkDisabled as exc:
+                self._disable(exc)
+                return _Outcome.DISABLED
+            except SinkRejected as exc:
+                self.stats.last_error = f"rejected: {exc}"
+                log.error("sink %s: batch of %d events rejected (%s); writing it to the dead-letter file %s",
+                          self.name, len(records), exc, self._dead_letter_path, extra=self._log_extra)
+                return _Outcome.REJECTED
+            except SinkError as exc:
+                retry_after = exc.retry_after
+                self._note_failure(exc, attempt, "send")
+            except Exception as exc:  # a buggy plugin must not kill the worker: retry
+                retry_after = None
+                self._note_failure(exc, attempt, "send", unexpected=True)
+            self.stats.failed_attempts_total += 1
+            await self._sleep(self._backoff(attempt, retry_after))
+            attempt += 1
+            self.stats.retried_total += 1
+
+    def _note_failure(self, exc: BaseException, attempt: int, what: str, *,
+                      unexpected: bool = False) -> None:
+        self.stats.state = "retrying"
+        self.stats.last_error = f"{what}: {type(exc).__name__}: {exc}"
+        if unexpected and type(exc) not in self._logged_exception_types:
+            # Once per exception type, with the traceback: a bug in a sink deserves one.
+            self._logged_exception_types.add(type(exc))
+            log.error("sink %s: unexpected error in %s (retrying)", self.name, what,
+                      exc_info=exc, extra=self._log_extra)
+        elif attempt == 0:
+            log.warning("sink %s: %s failed, retrying: %s", self.name, what, self.stats.last_error,
+                        extra=self._log_extra)
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Capped exponential backoff with full jitter, but at least the peer's Retry-After."""
+        ceiling = min(self._retry_max_delay, self._retry_min_delay * 2 ** min(attempt, 40))
+        delay = self._rng() * ceiling
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, RETRY_AFTER_CAP))
+        return delay
+
+    def _disable(self, exc: SinkDisabled) -> None:
+        """Stop delivering for good; keep spooling (spool policy) so a restart loses nothing."""
+        self._disabled = True
+        self.stats.state = "disabled"
+        self.stats.last_error = f"disabled: {exc}"
+        if self._in_flight is not None:
+            self._return_in_flight(self._in_flight)
+        if self._spool is not None:
+            self._enter_spool_mode()
+            what = "new events are spooled until an operator fixes it and restarts"
+        else:
+            if self._queue:
+                self._drop(len(self._queue), "disabled")
+                self._clear_queue()
+            what = "new events are dropped (reason 'disabled')"
+        log.error("SINK %s DISABLED by its peer: %s; %s", self.name, exc, what,
+                  extra=self._log_extra)
+        self._progress.set()
+
+    async def _write_dead_letters(self, lines: list[bytes]) -> None:
+        if self._dead_letter_path is None:
+            log.error("sink %s: %d events rejected and no dead_letter_path is set; "
+                      "they are only counted", self.name, len(lines), extra=self._log_extra)
+            return
+        try:
+            await asyncio.to_thread(_append_lines, self._dead_letter_path, lines)
+        except OSError as exc:
+            log.error("sink %s: writing %d events to the dead-letter file %s failed: %s",
+                      self.name, len(lines), self._dead_letter_path, exc, extra=self._log_extra)
+
+    async def _sync_loop(self) -> None:
+        """fsync spooled records at most ``spool_fsync_interval`` after they were appended."""
+        assert self._spool is not None
+        failing = False
+        while True:
+            await self._spool_dirty.wait()
+            await asyncio.sleep(self._fsync_interval)
+            self._spool_dirty.clear()
+            try:
+                await asyncio.to_thread(self._spool.sync)
+            except OSError as exc:
+                if not failing:
+                    log.error("sink %s: spool write failed (retrying): %s", self.name, exc,
+                              extra=self._log_extra)
+                failing = True
+                self._spool_dirty.set()
+                continue
+            if failing:
+                log.info("sink %s: spool writes work again", self.name, extra=self._log_extra)
+            failing = False
+            self.stats.spool_bytes = self._spool.bytes_used
+
+
+def _read_records(spool: Spool, max_events: int, max_bytes: int
+                  ) -> tuple[SpoolPosition, int, list[Record], list[bytes]] | None:
+    """Read and decode the next batch from the spool head (runs in a thread).
+
+    Returns (position to ack, records read, decoded records, undecodable payloads), or None
+    when the spool is empty.
+    """
+    items = spool.read_batch(max_events, max_bytes)
+    if not items:
+        return None
+    records: list[Record] = []
+    undecodable: list[bytes] = []
+    for _, payload in items:
+        try:
+            records.append(Record.from_json(payload))
+        except (ValueError, KeyError, TypeError):
+            undecodable.append(payload)
+    return items[-1][0], len(items), records, undecodable
+
+
+def _append_lines(path: Path, lines: list[bytes]) -> None:
+    """Append one line per payload and fsync (runs in a thread)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        data = b"".join(line + b"\n" for line in lines)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)

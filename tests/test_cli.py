@@ -1,0 +1,273 @@
+"""The ``amid`` command as a user runs it: real subprocesses, real signals, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from amid.simulator import AMISimulator
+
+AMID = [sys.executable, "-m", "amid.cli"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def env(**extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AMID_") and k != "NOTIFY_SOCKET"}
+    base.update(extra)
+    return base
+
+
+async def run_amid(*args: str, timeout: float = 30, env_extra: dict | None = None,
+                   stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        *AMID, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        env=env(**(env_extra or {})), cwd=ROOT)
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate(stdin)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc.returncode, out, err
+
+
+@pytest.fixture
+async def sim():
+    async with AMISimulator(call_spread=0.0, auth_failure_delay=0.05) as simulator:
+        yield simulator
+
+
+def conn_args(sim: AMISimulator) -> list[str]:
+    return ["--host", f"127.0.0.1:{sim.port}", "--username", "amid"]
+
+
+# ---------------------------------------------------------------- check-config
+
+async def test_check_config_accepts_the_shipped_example():
+    code, out, err = await run_amid("check-config", "--config", "config/amid.yaml")
+    assert code == 0, err.decode()
+    assert b"configuration OK" in out
+
+
+async def test_check_config_lists_every_problem_with_key_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("servers:\n  - host: pbx\n    port: many\n    username: amid\n    secret: x\n"
+                   "sinks:\n  - name: f\n    type: file\n    pathh: /tmp/x\n")
+    code, out, err = await run_amid("check-config", "--config", str(bad))
+    assert code == 78
+    text = err.decode()
+    assert f"{bad}:3: servers[0].port" in text
+    assert f"{bad}:9: sinks[0].pathh" in text
+    # `amid run` refuses to start with the same messages
+    code, _, err2 = await run_amid("run", "--config", str(bad))
+    assert code == 78 and f"{bad}:3: servers[0].port" in err2.decode()
+
+
+# ---------------------------------------------------------------- tail / action
+
+async def test_tail_prints_every_event_as_a_json_line(sim):
+    async def originate_when_logged_in():
+        await sim.wait_for_sessions(1, timeout=20)
+        sim.originate("Local/200@test", exten="100")
+    task = asyncio.create_task(originate_when_logged_in())
+    code, out, err = await run_amid("tail", *conn_args(sim), "--count", "82",
+                                    env_extra={"AMID_SECRET": "amidsecret"})
+    await task
+    assert code == 0, err.decode()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == 82
+    names = [line["event"] for line in lines]
+    assert names.count("Newchannel") == 4 and names.count("Hangup") == 4
+    assert [line["seq"] for line in lines] == list(range(1, 83))
+
+
+async def test_tail_raw_writes_a_capture_that_simulate_replays(sim, tmp_path):
+    async def originate_when_logged_in():
+        await sim.wait_for_sessions(1, timeout=20)
+        sim.originate("Local/200@test", exten="100")
+    task = asyncio.create_task(originate_when_logged_in())
+    secret = tmp_path / "secret"
+    secret.write_text("amidsecret\n")
+    code, raw, err = await run_amid("tail", *conn_args(sim), "--secret-file", str(secret),
+                                    "--count", "82", "--raw")
+    await task
+    assert code == 0, err.decode()
+    assert raw.startswith(b"Asterisk Call Manager/11.0.0\r\n")
+    capture = tmp_path / "capture.raw"
+    capture.write_bytes(raw)
+    from amid.simulator import ReplayServer
+    async with ReplayServer(capture) as server:
+        code, out, err = await run_amid("tail", "--host", f"127.0.0.1:{server.port}",
+                                        "--username", "amid", "--count", "82",
+                                        env_extra={"AMID_SECRET": "amidsecret"})
+    assert code == 0, err.decode()
+    assert len(out.splitlines()) == 82
+
+
+async def test_action_prints_json_and_exit_status_follows_the_response(sim):
+    code, out, err = await run_amid("action", *conn_args(sim), "Ping",
+                                    env_extra={"AMID_SECRET": "amidsecret"})
+    assert code == 0, err.decode()
+    assert json.loads(out)["response"]["Ping"] == "Pong"
+    code, out, _ = await run_amid("action", *conn_args(sim), "NoSuchAction",
+                                  env_extra={"AMID_SECRET": "amidsecret"})
+    assert code == 1 and json.loads(out)["response"]["Response"] == "Error"
+    code, out, _ = await run_amid("action", *conn_args(sim), "Command", "Command=core show version",
+                                  env_extra={"AMID_SECRET": "amidsecret"})
+    assert code == 0 and json.loads(out)["response"]["Output"].startswith("Asterisk 22")
+
+
+async def test_wrong_secret_is_one_clear_line_without_the_secret(sim):
+    code, out, err = await run_amid("action", *conn_args(sim), "Ping",
+                                    env_extra={"AMID_SECRET": "not-the-s3cret"})
+    assert code == 1
+    assert b"Authentication failed" in err and b"not-the-s3cret" not in err + out
+    assert b"Traceback" not in err
+
+
+async def test_demo_shows_events_within_seconds():
+    code, out, err = await run_amid("demo", "--call-rate", "20", "--count", "300", timeout=60)
+    assert code == 0, err.decode()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) >= 300
+    assert {"Newchannel", "OriginateResponse"} <= {line["event"] for line in lines}
+
+
+# ---------------------------------------------------------------- run under "systemd"
+
+class NotifySocket:
+    """A unix datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[dict[str, str]] = []
+
+    def poll(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return
+            self.messages.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+
+    async def wait_for(self, key: str, value: str | None = None, after: int = 0,
+                       timeout: float = 20) -> int:
+        async with asyncio.timeout(timeout):
+            while True:
+                self.poll()
+                for i, msg in enumerate(self.messages[after:], after):
+                    if key in msg and (value is None or msg[key] == value):
+                        return i
+                await asyncio.sleep(0.02)
+
+
+def daemon_config(tmp_path: Path, sim: AMISimulator, events_file: Path, **extra) -> Path:
+    config = {
+        "servers": [{"name": "pbx1", "host": "127.0.0.1", "port": sim.port, "username": "amid",
+                     "secret_file": str(tmp_path / "secret"), "ping_interval": "200ms",
+                     "ping_timeout": "1s"}],
+        "sinks": [{"name": "file", "type": "file", "path": str(events_file), "overflow": "spool",
+                   "batch": {"max_wait": "10ms"}}],
+        "http": {"listen": "127.0.0.1:0"},
+        "state_dir": str(tmp_path / "state"),
+        "shutdown_timeout": "10s",
+        **extra,
+    }
+    (tmp_path / "secret").write_text("amidsecret\n")
+    path = tmp_path / "amid.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+async def test_run_talks_to_systemd_reloads_and_stops_without_losing_events(sim, tmp_path):
+    events_file = tmp_path / "events.jsonl"
+    config = daemon_config(tmp_path, sim, events_file)
+    notify = NotifySocket(tmp_path / "notify.sock")
+    proc = await asyncio.create_subprocess_exec(
+        *AMID, "run", "--config", str(config), "--log-format", "json",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        env=env(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="200000"))
+    try:
+        ready = await notify.wait_for("READY", "1")
+        assert "connected to pbx1" in notify.messages[ready].get("STATUS", "")
+        await notify.wait_for("WATCHDOG", "1", after=ready)
+        # load while we reload: a good config, then a bad one
+        sim.call_rate = 0
+        for _ in range(5):
+            sim.originate("Local/200@test", exten="100")
+        good = yaml.safe_load(config.read_text())
+        good["sinks"].append({"name": "copy", "type": "file", "path": str(tmp_path / "copy.jsonl"),
+                              "batch": {"max_wait": "10ms"}})
+        config.write_text(yaml.safe_dump(good))
+        proc.send_signal(signal.SIGHUP)
+        reloading = await notify.wait_for("RELOADING", "1", after=ready)
+        assert "MONOTONIC_USEC" in notify.messages[reloading]
+        ready2 = await notify.wait_for("READY", "1", after=reloading)
+        config.write_text("servers: [oops\n")
+        proc.send_signal(signal.SIGHUP)
+        reloading2 = await notify.wait_for("RELOADING", "1", after=ready2)
+        await notify.wait_for("READY", "1", after=reloading2)
+        for _ in range(5):
+            sim.originate("Local/200@test", exten="100")
+        await asyncio.sleep(0)  # let the simulator start emitting
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    notify.poll()
+    stopping = [i for i, m in enumerate(notify.messages) if m.get("STOPPING") == "1"]
+    assert stopping and stopping[0] > reloading2
+    logs = [json.loads(line) for line in out.splitlines() if line.startswith(b"{")]  # JSON logs: stdout
+    assert any("reload refused" in entry["message"] for entry in logs)
+    assert any(entry["message"] == "configuration reloaded" for entry in logs), logs
+    # nothing lost: every event the simulator sent to the daemon's session is in the file
+    records = [json.loads(line) for line in events_file.read_text().splitlines()]
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids))
+    names = [r["event"] for r in records]
+    assert names.count("OriginateResponse") == 10
+    copy = [json.loads(line) for line in (tmp_path / "copy.jsonl").read_text().splitlines()]
+    assert copy and {r["id"] for r in copy} <= set(ids)
+
+
+async def test_second_sigterm_exits_at_once(sim, tmp_path):
+    events_file = tmp_path / "events.jsonl"
+    config = daemon_config(tmp_path, sim, events_file)
+    notify = NotifySocket(tmp_path / "notify.sock")
+    proc = await asyncio.create_subprocess_exec(
+        *AMID, "run", "--config", str(config), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, cwd=ROOT, env=env(NOTIFY_SOCKET=str(notify.path)))
+    try:
+        await notify.wait_for("READY", "1")
+        sim.set_faults(stall=True)  # Logoff will hang: the first SIGTERM cannot finish quickly
+        proc.send_signal(signal.SIGTERM)
+        await notify.wait_for("STOPPING", "1")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            await proc.wait()
+        assert proc.returncode != 0 and time.monotonic() - started < 10
+    finally:
+        sim.set_faults(stall=False)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

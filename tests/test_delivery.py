@@ -1,0 +1,520 @@
+"""SinkRunner: queue bounds, overflow policies, batching, retries, spool, dead letters, stats."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amid.records import Record, format_iso
+from amid.sinks.base import Sink, SinkDisabled, SinkError, SinkRejected
+from amid.sinks.delivery import SinkRunner, SinkStats
+from amid.sinks.spool import Spool
+
+BASE_TIME = 1_800_000_000.0
+
+
+def make_record(n: int, *, pad: int = 0, received_at: float = BASE_TIME) -> Record:
+    data = {"id": f"pbx1:run:1:{n}", "server": "pbx1", "epoch": 1, "seq": n,
+            "received_at": format_iso(received_at), "event": "Newchannel",
+            "fields": {"Event": "Newchannel", "Pad": "x" * pad}}
+    return Record.from_json(json.dumps(data, separators=(",", ":")).encode())
+
+
+def seqs(records: Sequence[Record]) -> list[int]:
+    return [r.data["seq"] for r in records]
+
+
+class ScriptedSink:
+    """A real Sink: records what it got; can fail, reject, disable, or block until released."""
+
+    def __init__(self, name: str = "test") -> None:
+        self.name = name
+        self.batches: list[list[Record]] = []   # confirmed batches
+        self.attempts: list[list[int]] = []     # every send call, by seq
+        self.send_failures: list[BaseException] = []   # raised by the next send calls, in order
+        self.start_failures: list[BaseException] = []
+        self.gate: asyncio.Event | None = None  # when set up, send waits for it ...
+        self.gate_from_batch = 0                # ... once this many batches were confirmed
+        self.starts = 0
+        self.closes = 0
+        self._changed = asyncio.Event()
+
+    async def start(self) -> None:
+        self._poke()
+        if self.start_failures:
+            raise self.start_failures.pop(0)
+        self.starts += 1
+
+    async def send(self, batch: Sequence[Record]) -> None:
+        self.attempts.append(seqs(batch))
+        self._poke()
+        if self.gate is not None and len(self.batches) >= self.gate_from_batch:
+            await self.gate.wait()
+        if self.send_failures:
+            raise self.send_failures.pop(0)
+        self.batches.append(list(batch))
+        self._poke()
+
+    async def close(self) -> None:
+        self.closes += 1
+
+    def delivered(self) -> list[int]:
+        return [s for batch in self.batches for s in seqs(batch)]
+
+    def _poke(self) -> None:
+        self._changed.set()
+
+    async def until(self, condition: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Wait (bounded) until ``condition()`` holds, re-checking whenever the sink is called."""
+        async with asyncio.timeout(timeout):
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+
+
+class RecordedSleep:
+    """Injected retry sleep: records the delays, does not wait (but yields to the loop)."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        await asyncio.sleep(0)
+
+
+def make_runner(sink: ScriptedSink, **overrides: Any) -> SinkRunner:
+    params: dict[str, Any] = dict(
+        name=sink.name, max_queue_events=1000, max_queue_bytes=1 << 20, overflow="drop_newest",
+        spool_dir=None, spool_max_bytes=1 << 20, spool_fallback="drop_newest",
+        spool_fsync_interval=0.005, batch_max_events=10, batch_max_bytes=1 << 20,
+        batch_max_wait=0.0, retry_min_delay=0.001, retry_max_delay=0.004, dead_letter_path=None,
+        sleep=RecordedSleep())
+    params.update(overrides)
+    return SinkRunner(sink, **params)
+
+
+def assert_invariant(stats: SinkStats) -> None:
+    assert stats.received_total == (
+        stats.sent_total + sum(stats.dropped_total.values()) + stats.dead_lettered_total
+        + stats.queue_events + stats.spool_events + stats.in_flight_events), stats
+
+
+def other_tasks() -> set[asyncio.Task[Any]]:
+    return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+
+def test_scripted_sink_satisfies_the_protocol() -> None:
+    assert isinstance(ScriptedSink(), Sink)
+    assert not inspect.iscoroutinefunction(SinkRunner.offer)
+
+
+# -- batching --------------------------------------------------------------------------------
+
+async def test_batches_respect_the_event_limit_and_keep_order() -> None:
+    sink = ScriptedSink()
+    runner = make_runner(sink, batch_max_events=10)
+    for n in range(25):
+        runner.offer(make_record(n))
+    await runner.start()
+    assert await runner.drain(5)
+    assert [len(b) for b in sink.batches] == [10, 10, 5]
+    assert sink.delivered() == list(range(25))
+    assert runner.stats.sent_total == 25
+    assert_invariant(runner.stats)
+    await runner.close(1)
+
+
+async def test_batches_respect_the_byte_limit_and_send_an_oversized_record_alone() -> None:
+    sink = ScriptedSink()
+    size = make_record(0).size
+    runner = make_runner(sink, batch_max_events=100, batch_max_bytes=3 * size + 1)
+    for n in range(7):
+        runner.offer(make_record(n))
+    runner.offer(make_record(7, pad=10 * size))
+    runner.offer(make_record(8))
+    await runner.start()
+    assert await runner.drain(5)
+    assert [seqs(b) for b in sink.batches] == [[0, 1, 2], [3, 4, 5], [6], [7], [8]]
+    await runner.close(1)
+
+
+async def test_a_partial_batch_waits_for_more_records_up_to_batch_max_wait() -> None:
+    sink = ScriptedSink()
+    runner = make_runner(sink, batch_max_events=3, batch_max_wait=30.0)
+    await runner.start()
+    await sink.until(lambda: sink.starts == 1)
+    runner.offer(make_record(0))
+    for _ in range(10):
+        await asyncio.sleep(0)  # give the worker every chance to send a batch of one
+    assert sink.attempts == []
+    runner.offer(make_record(1))
+    runner.offer(make_record(2))
+    await sink.until(lambda: len(sink.batches) == 1)
+    assert seqs(sink.batches[0]) == [0, 1, 2]
+    runner.offer(make_record(3))
+    assert await runner.drain(5), "drain does not wait for a full batch"
+    assert sink.delivered() == [0, 1, 2, 3]
+    await runner.close(1)
+
+
+# -- the bounded queue and overflow policies -------------------------------------------------
+
+async def test_offer_never_blocks_when_the_sink_is_stuck() -> None:
+    sink = ScriptedSink()
+    sink.gate = asyncio.Event()  # never released: send hangs
+    runner = make_runner(sink, max_queue_events=50, batch_max_events=5)
+    await runner.start()
+    runner.offer(make_record(0))
+    await sink.until(lambda: len(sink.attempts) == 1)
+    for n in range(1, 10_001):
+        runner.offer(make_record(n))   # plain calls: returning at all proves nothing awaited
+    stats = runner.stats
+    assert stats.queue_events == 50
+    assert stats.dropped_total["queue_full"] == 10_000 - 50
+    assert not runner.accepting
+    assert_invariant(stats)
+    await runner.close(0.01)
+    assert stats.dropped_total["shutdown"] == 51   # the queue plus the batch in flight
+    assert_invariant(stats)
+
+
+@pytest.mark.parametrize("policy, kept", [("drop_oldest", [3, 4, 5, 6, 7]),
+                                          ("drop_newest", [0, 1, 2, 3, 4])])
+async def test_overflow_drop_policies(policy: str, kept: list[int]) -> None:
+    sink = ScriptedSink()
+    runner = make_runner(sink, overflow=policy, max_queue_events=5)
+    for n in range(8):
+        runner.offer(make_record(n))
+    assert runner.stats.dropped_total["queue_full"] == 3
+    await runner.start()
+    assert await runner.drain(5)
+    assert sink.delivered() == kept
+    assert_invariant(runner.stats)
+    await runner.close(1)
+
+
+async def test_queue_is_bounded_in_bytes_too() -> None:
+    sink = ScriptedSink()
+    size = make_record(0).size
+    runner = make_runner(sink, max_queue_events=1000, max_queue_bytes=3 * size)
+    for n in range(6):
+        runner.offer(make_record(n))
+    assert runner.stats.queue_events == 3
+    assert runner.stats.queue_bytes == 3 * size
+    assert runner.stats.dropped_total["queue_full"] == 3
+    assert_invariant(runner.stats)
+    await runner.close(0)
+
+
+async def test_drop_warnings_are_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    runner = make_runner(ScriptedSink(), max_queue_events=1, clock=lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="amid.sinks.delivery")
+    for n in range(50):
+        runner.offer(make_record(n))
+    warnings = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(warnings) == 1
+    now[0] += 10.0
+    runner.offer(make_record(50))
+    warnings = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(warnings) == 2
+    assert "49 (queue_full)" in warnings[1].getMessage(), "says how many since the last warning"
+    assert runner.stats.dropped_total["queue_full"] == 50
+    await runner.close(0)
+
+
+# -- retries ---------------------------------------------------------------------------------
+
+async def test_retry_resends_the_same_batch_with_jittered_backoff_and_retry_after(
+        caplog: pytest.LogCaptureFixture) -> None:
+    sink = ScriptedSink()
+    sink.send_failures = [SinkError("503", retry_after=7.0), SinkError("reset"),
+                          RuntimeError("plugin bug"), RuntimeError("plugin bug again"),
+                          SinkError("reset")] + [SinkError("x")] * 5
+    sleep = RecordedSleep()
+    runner = make_runner(sink, sleep=sleep, rng=lambda: 0.5, retry_min_delay=1.0,
+                         retry_max_delay=4.0)
+    caplog.set_level(logging.WARNING, logger="amid.sinks.delivery")
+    for n in range(3):
+        runner.offer(make_record(n))
+    await runner.start()
+    assert await runner.drain(5)
+    assert sink.attempts == [[0, 1, 2]] * 11, "the same batch, again and again"
+    assert sleep.delays[:5] == [7.0, 1.0, 2.0, 2.0, 2.0], \
+        "Retry-After honoured, then 0.5 * min(4, 1 * 2**n)"
+    assert all(d <= 4.0 for d in sleep.delays[1:])
+    stats = runner.stats
+    assert (stats.failed_attempts_total, stats.retried_total, stats.sent_total) == (10, 10, 3)
+    assert stats.state == "ok"
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1, "an unexpected exception type is logged with traceback once"
+    assert_invariant(stats)
+    await runner.close(1)
+
+
+async def test_sink_start_failures_are_retried_in_the_worker() -> None:
+    sink = ScriptedSink()
+    sink.start_failures = [SinkError("refused"), OSError("boom")]
+    sleep = RecordedSleep()
+    runner = make_runner(sink, sleep=sleep)
+    runner.offer(make_record(0))
+    await runner.start()
+    assert await runner.drain(5)
+    assert sink.starts == 1 and len(sleep.delays) == 2
+    assert sink.delivered() == [0]
+    await runner.close(1)
+
+
+# -- rejected and disabled -------------------------------------------------------------------
+
+async def test_rejected_batches_go_to_the_dead_letter_file(tmp_path: Path) -> None:
+    sink = ScriptedSink()
+    sink.send_failures = [SinkRejected("400 bad request")]
+    dead = tmp_path / "dead" / "letters.jsonl"
+    runner = make_runner(sink, batch_max_events=2, dead_letter_path=dead)
+    records = [make_record(n) for n in range(5)]
+    for record in records:
+        runner.offer(record)
+    await runner.start()
+    assert await runner.drain(5)
+    lines = dead.read_bytes().splitlines()
+    assert lines == [records[0].json, records[1].json]
+    assert [json.loads(line)["seq"] for line in lines] == [0, 1]
+    assert sink.delivered() == [2, 3, 4], "delivery continues after a rejection"
+    assert runner.stats.dead_lettered_total == 2
+    assert_invariant(runner.stats)
+    await runner.close(1)
+
+
+async def test_disabled_sink_stops_loudly_and_drops_with_reason(
+        caplog: pytest.LogCaptureFixture) -> None:
+    sink = ScriptedSink()
+    sink.send_failures = [SinkDisabled("410 Gone")]
+    runner = make_runner(sink, batch_max_events=2)
+    caplog.set_level(logging.ERROR, logger="amid.sinks.delivery")
+    for n in range(5):
+        runner.offer(make_record(n))
+    await runner.start()
+    assert await runner.drain(5), "nothing is left: the queue was dropped as 'disabled'"
+    stats = runner.stats
+    assert stats.state == "disabled"
+    assert not runner.accepting
+    assert stats.dropped_total["disabled"] == 5
+    runner.offer(make_record(5))
+    assert stats.dropped_total["disabled"] == 6
+    assert sink.attempts == [[0, 1]]
+    assert any("DISABLED" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+    assert_invariant(stats)
+    await runner.close(1)
+    assert stats.state == "closed"
+    assert_invariant(stats)
+
+
+# -- spool -----------------------------------------------------------------------------------
+
+def spool_runner(sink: ScriptedSink, spool_dir: Path, **overrides: Any) -> SinkRunner:
+    params: dict[str, Any] = dict(overflow="spool", spool_dir=spool_dir, max_queue_events=3)
+    params.update(overrides)
+    return make_runner(sink, **params)
+
+
+async def test_spool_overflow_keeps_order_and_delivers_the_in_flight_batch_once(tmp_path: Path) -> None:
+    sink = ScriptedSink()
+    sink.gate = asyncio.Event()
+    runner = spool_runner(sink, tmp_path, batch_max_events=4)
+    await runner.start()
+    runner.offer(make_record(0))
+    await sink.until(lambda: len(sink.attempts) == 1)   # record 0 is in flight, blocked
+    for n in range(1, 30):
+        runner.offer(make_record(n))
+    stats = runner.stats
+    assert stats.spool_events > 0 and stats.queue_events == 0, "the queue moved to the spool"
+    assert runner.accepting
+    assert_invariant(stats)
+    sink.gate.set()
+    assert await runner.drain(5)
+    assert sink.delivered() == list(range(30)), "in order, and the shadow copy is not resent"
+    assert stats.spool_events == 0 and stats.sent_total == 30
+    assert_invariant(stats)
+    # Back to memory once the spool is empty.
+    runner.offer(make_record(30))
+    assert (stats.spool_events, stats.queue_events) == (0, 1), "back to the memory queue"
+    assert await runner.drain(5)
+    assert sink.delivered()[-1] == 30
+    await runner.close(1)
+
+
+async def test_spooled_and_queued_records_survive_a_restart_in_order(tmp_path: Path) -> None:
+    down = ScriptedSink()
+    down.gate = asyncio.Event()   # the peer hangs: nothing is ever confirmed
+    first = spool_runner(down, tmp_path, max_queue_events=10, batch_max_events=4)
+    await first.start()
+    for n in range(8):            # fits in memory: only close() spools these
+        first.offer(make_record(n))
+    await down.until(lambda: len(down.attempts) == 1)
+    await first.close(0.01)
+    assert first.stats.spool_events == 8
+    assert first.stats.dropped_total.total() == 0
+    assert_invariant(first.stats)
+    assert other_tasks() == set(), "every task is cancelled on close"
+
+    up = ScriptedSink()
+    second = spool_runner(up, tmp_path, max_queue_events=10, batch_max_events=4)
+    second.offer(make_record(100))   # offered before start: queued behind the spooled ones
+    await second.start()
+    assert second.stats.recovered_total == 8
+    second.offer(make_record(101))
+    assert await second.drain(5)
+    assert up.delivered() == list(range(8)) + [100, 101]
+    assert_invariant(second.stats)
+    await second.close(1)
+
+
+async def test_a_spooled_record_leaves_the_spool_only_after_send_returned(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    spool.append([make_record(n).json for n in range(6)])
+    spool.close()
+    sink = ScriptedSink()
+    sink.gate = asyncio.Event()
+    sink.gate_from_batch = 1          # the first batch is confirmed, the second hangs
+    runner = spool_runner(sink, tmp_path, batch_max_events=2)
+    await runner.start()
+    await sink.until(lambda: len(sink.attempts) == 2)
+    assert sink.delivered() == [0, 1]
+    stats = runner.stats
+    assert (stats.recovered_total, stats.sent_total, stats.in_flight_events, stats.spool_events) == (6, 2, 2, 2)
+    assert_invariant(stats)
+    await runner.close(0.01)
+    assert stats.spool_events == 4
+    assert_invariant(stats)
+    reopened = Spool(tmp_path, max_bytes=1 << 20)
+    assert [Record.from_json(p).data["seq"] for _, p in reopened.read_batch(100, 1 << 20)] == [2, 3, 4, 5]
+    reopened.close()
+
+
+@pytest.mark.parametrize("fallback", ["drop_newest", "drop_oldest"])
+async def test_spool_full_applies_the_fallback_and_counts_it(tmp_path: Path, fallback: str) -> None:
+    sink = ScriptedSink()
+    sink.gate = asyncio.Event()
+    frame = make_record(0).size + 12
+    runner = spool_runner(sink, tmp_path, spool_max_bytes=5 * frame, spool_fallback=fallback,
+                          max_queue_events=2, batch_max_events=1)
+    await runner.start()
+    runner.offer(make_record(0))
+    await sink.until(lambda: len(sink.attempts) == 1)
+    for n in range(1, 20):
+        runner.offer(make_record(n))
+    stats = runner.stats
+    assert stats.dropped_total["spool_full"] == 19 - 2 - (5 - 1), "5 frames: 1 shadow + 4 records"
+    assert stats.queue_events == 2
+    assert not runner.accepting
+    assert_invariant(stats)
+    sink.gate.set()
+    assert await runner.drain(5)
+    delivered = sink.delivered()
+    assert delivered == sorted(delivered) and len(delivered) == len(set(delivered))
+    tail = [18, 19] if fallback == "drop_oldest" else [5, 6]
+    assert delivered == [0, 1, 2, 3, 4] + tail
+    assert_invariant(stats)
+    await runner.close(1)
+
+
+async def test_disabled_spooled_sink_keeps_everything_for_the_next_start(tmp_path: Path) -> None:
+    sink = ScriptedSink()
+    sink.send_failures = [SinkDisabled("410 Gone")]
+    runner = spool_runner(sink, tmp_path, max_queue_events=100, batch_max_events=3)
+    for n in range(5):
+        runner.offer(make_record(n))
+    await runner.start()
+    assert not await runner.drain(5)
+    assert runner.stats.state == "disabled"
+    runner.offer(make_record(5))
+    assert runner.stats.dropped_total["disabled"] == 0
+    assert runner.stats.spool_events == 6
+    assert_invariant(runner.stats)
+    await runner.close(1)
+
+    fixed = ScriptedSink()
+    again = spool_runner(fixed, tmp_path, max_queue_events=100)
+    await again.start()
+    assert await again.drain(5)
+    assert fixed.delivered() == [0, 1, 2, 3, 4, 5]
+    await again.close(1)
+
+
+async def test_undecodable_spool_payloads_are_dead_lettered(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
+    spool.append([make_record(0).json, b"not json", make_record(2).json])
+    spool.close()
+    sink = ScriptedSink()
+    runner = spool_runner(sink, tmp_path / "spool", dead_letter_path=tmp_path / "dead.jsonl")
+    await runner.start()
+    assert await runner.drain(5)
+    assert sink.delivered() == [0, 2]
+    assert (tmp_path / "dead.jsonl").read_bytes() == b"not json\n"
+    assert_invariant(runner.stats)
+    await runner.close(1)
+
+
+# -- stats, readiness and lifecycle ----------------------------------------------------------
+
+async def test_latency_and_last_success_are_recorded() -> None:
+    sink = ScriptedSink()
+    runner = make_runner(sink, wall_clock=lambda: BASE_TIME + 2.0)
+    for n in range(4):
+        runner.offer(make_record(n))
+    await runner.start()
+    assert await runner.drain(5)
+    latency = runner.stats.delivery_latency
+    assert latency.count == 4 and latency.sum == pytest.approx(8.0)
+    assert latency.buckets[-1] == 60.0
+    assert runner.stats.last_success_time == BASE_TIME + 2.0
+    await runner.close(1)
+
+
+async def test_accepting_follows_the_lifecycle() -> None:
+    sink = ScriptedSink()
+    runner = make_runner(sink)
+    assert not runner.accepting
+    await runner.start()
+    assert runner.accepting
+    await runner.close(1)
+    assert not runner.accepting
+    runner.offer(make_record(0))
+    assert runner.stats.dropped_total["shutdown"] == 1
+    assert_invariant(runner.stats)
+
+
+async def test_drain_times_out_while_the_sink_is_stuck() -> None:
+    sink = ScriptedSink()
+    sink.gate = asyncio.Event()
+    runner = make_runner(sink)
+    runner.offer(make_record(0))
+    await runner.start()
+    assert not await runner.drain(0.01)
+    sink.gate.set()
+    assert await runner.drain(5)
+    await runner.close(1)
+
+
+async def test_close_is_idempotent_and_cancels_every_task(tmp_path: Path) -> None:
+    sink = ScriptedSink()
+    sink.gate = asyncio.Event()
+    runner = spool_runner(sink, tmp_path)
+    await runner.start()
+    runner.offer(make_record(0))
+    await sink.until(lambda: len(sink.attempts) == 1)
+    await asyncio.gather(runner.close(0.01), runner.close(0.01))
+    await runner.close(0.01)
+    assert sink.closes == 1
+    assert runner.stats.state == "closed"
+    assert other_tasks() == set()
+    assert_invariant(runner.stats)
