@@ -596,3 +596,21 @@ def test_sink_option_secret_file_both_given_is_an_error(tmp_path):
                  "    secret: a\n    secret_file: /x\n")
     problem = only_problem(path)
     assert (problem.path, problem.line) == ("sinks[0].secret_file", line_of(path, "secret_file"))
+
+
+def test_sink_options_take_durations_and_sizes_like_the_rest_of_the_config(tmp_path):
+    """The built-in sinks' own keys use the same units as amid's keys (5s, 250ms, 4KiB)."""
+    from amid.service import SinkTypes
+    path = tmp_path / "units.yaml"
+    path.write_text(
+        "servers: [{host: pbx, username: amid, secret: x}]\n"
+        "sinks:\n"
+        "  - {name: f, type: file, path: /tmp/x.jsonl, fsync_interval: 250ms, rotate_bytes: 4KiB}\n"
+        "  - {name: s, type: syslog, address: 'udp://127.0.0.1:514', send_timeout: 2s,"
+        " udp_max_bytes: 4KiB}\n"
+        "  - {name: w, type: webhook, url: 'http://127.0.0.1:1/x', timeout: 1m}\n")
+    config = load(path, {}, sink_option_models=SinkTypes.discover().option_models)
+    file_opts, syslog_opts, webhook_opts = (s.options for s in config.sinks)
+    assert file_opts.fsync_interval == 0.25 and file_opts.rotate_bytes == 4096
+    assert syslog_opts.send_timeout == 2.0 and syslog_opts.udp_max_bytes == 4096
+    assert webhook_opts.timeout == 60.0

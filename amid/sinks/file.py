@@ -43,6 +43,7 @@ import pydantic
 
 from amid.records import Record
 from amid.sinks.base import SinkError
+from amid.units import Duration, PositiveDuration, PositiveSize
 
 __all__ = ["FileSink", "FileStats", "Options", "create"]
 
@@ -68,14 +69,14 @@ class Options(pydantic.BaseModel, extra="forbid"):
     fsync: Literal["never", "interval", "batch"] = "interval"
     """``batch``: fsync after every batch; ``interval``: at most every ``fsync_interval`` seconds,
     and within that time after a write; ``never``: leave it to the kernel."""
-    fsync_interval: float = pydantic.Field(1.0, gt=0)
-    rotate_bytes: int | None = pydantic.Field(None, gt=0)
+    fsync_interval: PositiveDuration = 1.0
+    rotate_bytes: PositiveSize | None = None
     """Rotate before a batch would make the file larger than this (None: never)."""
     rotate_keep: int = pydantic.Field(5, ge=1)
     """How many rotated files (``path.1`` .. ``path.N``) to keep."""
     mode: int = pydantic.Field(0o640, ge=0, le=0o7777)
     """Permission bits for a file the sink creates (the process umask still applies)."""
-    check_interval: float = pydantic.Field(1.0, ge=0)
+    check_interval: Duration = 1.0
     """How often (seconds) to check that the path still names the open file; 0: every batch."""
 
     @pydantic.field_validator("mode", mode="before")

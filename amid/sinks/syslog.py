@@ -41,12 +41,13 @@ import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 
 from amid.records import Record, format_iso
 from amid.sinks.base import SinkError
+from amid.units import PositiveDuration, Size
 
 __all__ = [
     "FACILITIES",
@@ -188,15 +189,15 @@ class Options(pydantic.BaseModel, extra="forbid", frozen=True, validate_default=
     message: Literal["json"] = "json"
     structured_data: bool = True
     # RFC 5426: receivers must take 480 bytes and should take 2048. Applies to unix datagrams too.
-    udp_max_bytes: int = pydantic.Field(2048, ge=480, le=UDP_PAYLOAD_MAX)
+    udp_max_bytes: Annotated[Size, pydantic.Field(ge=480, le=UDP_PAYLOAD_MAX)] = 2048
     tcp_framing: Literal["octet-counting", "lf"] = "octet-counting"
     tls_ca_file: str | None = None
     tls_verify: bool = True
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_server_name: str | None = None
-    connect_timeout: float = pydantic.Field(5.0, gt=0)
-    send_timeout: float = pydantic.Field(10.0, gt=0)
+    connect_timeout: PositiveDuration = 5.0
+    send_timeout: PositiveDuration = 10.0
 
     @pydantic.field_validator("address")
     @classmethod
