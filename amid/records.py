@@ -17,13 +17,14 @@ A record is an AMI event plus its envelope::
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 from pydantic_core import from_json as _from_json
 
-__all__ = ["Record"]
+from amid._encode import encode_record, event_json, format_iso, record_dict
+
+__all__ = ["Record", "format_iso"]
 
 
 class Record:
@@ -46,8 +47,10 @@ class Record:
     def json(self) -> bytes:
         """Compact UTF-8 JSON of the record, without a trailing newline."""
         if self._json is None:
-            from amid._encode import encode_record  # local: keeps the import graph one-way
-            self._json = encode_record(self.data)
+            if self._event is not None and self._data is None:
+                self._json = event_json(self._event, self.id)
+            else:
+                self._json = encode_record(self.data)
         return self._json
 
     @property
@@ -55,7 +58,6 @@ class Record:
         """The record as a dict (the documented JSON shape)."""
         if self._data is None:
             if self._event is not None:
-                from amid._encode import record_dict
                 self._data = record_dict(self._event, self.id)
             else:
                 self._data = _from_json(self._json)
@@ -86,21 +88,9 @@ class Record:
         return f"Record(id={self.id!r}, name={self.name!r})"
 
 
-def format_iso(ts: float) -> str:
-    """Unix seconds -> ``2026-11-28T03:21:41.214512Z`` (UTC, microseconds)."""
-    whole = int(ts)
-    micros = int(round((ts - whole) * 1_000_000))
-    if micros == 1_000_000:
-        whole, micros = whole + 1, 0
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros:06d}Z"
-
-
 def _parse_iso(text: str) -> float:
     import calendar
     base, _, frac = text.rstrip("Z").partition(".")
     secs = calendar.timegm(time.strptime(base, "%Y-%m-%dT%H:%M:%S"))
     return secs + (int(frac) / 10 ** len(frac) if frac else 0.0)
 
-
-# ``json`` kept importable for callers that want the stdlib decoder on records.
-_ = json

@@ -325,3 +325,53 @@ def test_arbitrary_bytes_give_messages_or_remote_protocol_error_only(blob, banne
             m.fields, m.to_dict(), m.get("Event")
     except RemoteProtocolError:
         pass
+
+
+# ---------------------------------------------------------------- record JSON
+
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.raw")), ids=lambda p: p.stem)
+def test_fast_record_json_equals_the_general_encoding(path):
+    """The byte-level fast path and the dict + to_json path give the same JSON, byte for byte,
+    for every event Asterisk sent in the captures (odd values, forged messages, non-UTF-8)."""
+    from amid._encode import encode_record, event_json, fields_json_fast, record_dict
+    fast_hits = 0
+    for i, msg in enumerate(parse_whole(path.read_bytes())[:3000]):
+        if not isinstance(msg, Event):
+            continue
+        msg.server, msg.epoch, msg.seq, msg.received_at = "pbx-1", 2, i, 1795836091.348712
+        general = encode_record(record_dict(msg, f"pbx-1:r:2:{i}"))
+        assert event_json(msg, f"pbx-1:r:2:{i}") == general
+        fast_hits += fields_json_fast(msg.raw) is not None
+    assert fast_hits or path.stem.startswith(("s01c", "s02b", "s02c", "s02d", "s02f", "s03", "s07d",
+                                             "s07e_driver", "s08_", "s08"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(fields=st.lists(st.tuples(st.text(st.characters(blacklist_characters="\r\n:"), max_size=8),
+                                 st.text(st.characters(blacklist_characters="\r\n"), max_size=12)),
+                       min_size=1, max_size=6))
+def test_fast_record_json_property(fields):
+    from amid._encode import encode_record, event_json, record_dict
+    raw = b"\r\n".join(f"{k}: {v}".encode("utf-8", "surrogatepass") for k, v in fields)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return
+    msg = Parser(expect_banner=False).feed(b"Event: X\r\n" + raw + b"\r\n\r\n")[0]
+    msg.server, msg.received_at = "s", 1.5
+    assert event_json(msg, "id") == encode_record(record_dict(msg, "id"))
+
+
+@pytest.mark.parametrize("body", [
+    b"AppData: Foo: bar\r\nline2",          # one line with two ": ", one with none
+    b"Variable: a=1\r\nVariable: b=2",      # repeated key -> array
+    b"Value: say \"hi\"\\n",                 # JSON escaping needed
+    b"Tab: a\tb",                           # control character
+    b"Key:no-space\r\nOther: x",            # colon not followed by a space
+    b"Uniqueid: 1.2\r\nUniqueID: 3.4",      # keys differ by case only: both kept
+])
+def test_fast_record_json_declines_or_matches_on_tricky_messages(body):
+    from amid._encode import encode_record, event_json, record_dict
+    msg = Parser(expect_banner=False).feed(b"Event: X\r\n" + body + b"\r\n\r\n")[0]
+    msg.server, msg.received_at = "s", 1.5
+    assert event_json(msg, "id") == encode_record(record_dict(msg, "id"))

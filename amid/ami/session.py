@@ -24,8 +24,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from amid.ami.protocol import (ActionIdGenerator, DEFAULT_MAX_MESSAGE_BYTES, Event, Message,
-                               Parser, RemoteProtocolError, Response, encode_action)
+from amid.ami.protocol import (ActionIdGenerator, DEFAULT_MAX_MESSAGE_BYTES, Event, Parser, RemoteProtocolError, Response, encode_action)
 from amid.ami.stats import SessionStats
 
 __all__ = [
