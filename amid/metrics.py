@@ -40,8 +40,9 @@ __all__ = [
 # Label values exposed at 0 before anything happens, so `rate()` and `increase()` see the
 # first increment and alerts on e.g. ping timeouts have a series to evaluate. Reasons the
 # stats objects report beyond these are exposed too.
-DISCONNECT_REASONS = ("eof", "ping_timeout", "protocol_error", "connect_error", "login_failed", "closed")
-DROP_REASONS = ("queue_full", "spool_full", "disabled", "shutdown")
+DISCONNECT_REASONS = ("eof", "ping_timeout", "protocol_error", "connect_error", "login_failed",
+                      "server_shutdown", "error", "closed")
+DROP_REASONS = ("queue_full", "spool_full", "spool_corrupt", "disabled", "shutdown")
 SINK_STATES = ("starting", "ok", "retrying", "disabled", "closed")
 
 # Event names beyond the per-server budget are summed under this label value.

@@ -91,12 +91,12 @@ class RecordedSleep:
 
 
 def make_runner(sink: ScriptedSink, **overrides: Any) -> SinkRunner:
-    params: dict[str, Any] = dict(
-        name=sink.name, max_queue_events=1000, max_queue_bytes=1 << 20, overflow="drop_newest",
-        spool_dir=None, spool_max_bytes=1 << 20, spool_fallback="drop_newest",
-        spool_fsync_interval=0.005, batch_max_events=10, batch_max_bytes=1 << 20,
-        batch_max_wait=0.0, retry_min_delay=0.001, retry_max_delay=0.004, dead_letter_path=None,
-        sleep=RecordedSleep())
+    params: dict[str, Any] = {
+        "name": sink.name, "max_queue_events": 1000, "max_queue_bytes": 1 << 20,
+        "overflow": "drop_newest", "spool_dir": None, "spool_max_bytes": 1 << 20,
+        "spool_fallback": "drop_newest", "spool_fsync_interval": 0.005, "batch_max_events": 10,
+        "batch_max_bytes": 1 << 20, "batch_max_wait": 0.0, "retry_min_delay": 0.001,
+        "retry_max_delay": 0.004, "dead_letter_path": None, "sleep": RecordedSleep()}
     params.update(overrides)
     return SinkRunner(sink, **params)
 
@@ -321,7 +321,7 @@ async def test_disabled_sink_stops_loudly_and_drops_with_reason(
 # -- spool -----------------------------------------------------------------------------------
 
 def spool_runner(sink: ScriptedSink, spool_dir: Path, **overrides: Any) -> SinkRunner:
-    params: dict[str, Any] = dict(overflow="spool", spool_dir=spool_dir, max_queue_events=3)
+    params: dict[str, Any] = {"overflow": "spool", "spool_dir": spool_dir, "max_queue_events": 3}
     params.update(overrides)
     return make_runner(sink, **params)
 
@@ -518,3 +518,85 @@ async def test_close_is_idempotent_and_cancels_every_task(tmp_path: Path) -> Non
     assert runner.stats.state == "closed"
     assert other_tasks() == set()
     assert_invariant(runner.stats)
+
+
+async def test_spooled_records_reach_the_disk_without_waiting_for_close(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    synced = asyncio.Event()
+    real_sync = Spool.sync
+
+    def sync_and_tell(spool: Spool) -> None:
+        real_sync(spool)
+        loop.call_soon_threadsafe(synced.set)
+
+    monkeypatch.setattr(Spool, "sync", sync_and_tell)
+    sink = ScriptedSink()
+    sink.gate = asyncio.Event()
+    runner = spool_runner(sink, tmp_path, max_queue_events=1, spool_fsync_interval=0.001)
+    await runner.start()
+    records = [make_record(n) for n in range(5)]
+    for record in records:
+        runner.offer(record)
+    async with asyncio.timeout(5):
+        await synced.wait()
+    on_disk = b"".join(p.read_bytes() for p in sorted(tmp_path.glob("*.seg")))
+    assert all(r.json in on_disk for r in records), "the periodic fsync wrote the spool"
+    await runner.close(0.01)
+
+
+async def test_detach_hands_undelivered_records_to_a_replacement() -> None:
+    stuck = ScriptedSink()
+    stuck.gate = asyncio.Event()
+    old = make_runner(stuck, batch_max_events=2)
+    for n in range(5):
+        old.offer(make_record(n))
+    await old.start()
+    await stuck.until(lambda: len(stuck.attempts) == 1)
+    leftovers = await old.detach(0.01)
+    assert seqs(leftovers) == [0, 1, 2, 3, 4], "the unconfirmed batch first, then the queue"
+    stats = old.stats
+    assert stats.handed_over_total == 5 and stats.dropped_total.total() == 0
+    assert stats.received_total == stats.sent_total + stats.handed_over_total
+    assert stuck.closes == 1 and other_tasks() == set()
+
+    fresh_sink = ScriptedSink()
+    fresh = make_runner(fresh_sink)
+    await fresh.start()
+    for record in leftovers:
+        fresh.offer(record)
+    assert await fresh.drain(5)
+    assert fresh_sink.delivered() == [0, 1, 2, 3, 4]
+    await fresh.close(1)
+
+
+async def test_detach_of_a_spooled_sink_leaves_everything_in_the_spool(tmp_path: Path) -> None:
+    stuck = ScriptedSink()
+    stuck.gate = asyncio.Event()
+    old = spool_runner(stuck, tmp_path, max_queue_events=100)
+    await old.start()
+    for n in range(5):
+        old.offer(make_record(n))
+    assert await old.detach(0.01) == []
+    assert old.stats.spool_events == 5
+    fresh_sink = ScriptedSink()
+    fresh = spool_runner(fresh_sink, tmp_path, max_queue_events=100)
+    await fresh.start()
+    assert await fresh.drain(5)
+    assert fresh_sink.delivered() == [0, 1, 2, 3, 4]
+    await fresh.close(1)
+
+
+async def test_a_record_bigger_than_the_queue_does_not_evict_it() -> None:
+    sink = ScriptedSink()
+    size = make_record(0).size
+    runner = make_runner(sink, overflow="drop_oldest", max_queue_bytes=3 * size)
+    runner.offer(make_record(0))
+    runner.offer(make_record(1))
+    runner.offer(make_record(2, pad=10 * size))
+    assert runner.stats.queue_events == 2
+    assert runner.stats.dropped_total["queue_full"] == 1
+    await runner.start()
+    assert await runner.drain(5)
+    assert sink.delivered() == [0, 1]
+    await runner.close(1)

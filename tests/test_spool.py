@@ -13,8 +13,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from amid.sinks.spool import (HEADER_SIZE, MAGIC, Spool, SpoolFull, SpoolLocked, SpoolPosition,
-                              encode_frame, parse_frames)
+from amid.sinks.spool import (
+    HEADER_SIZE,
+    MAGIC,
+    Spool,
+    SpoolFull,
+    SpoolLocked,
+    SpoolPosition,
+    encode_frame,
+    parse_frames,
+)
 
 
 def payloads(n: int, start: int = 0) -> list[bytes]:

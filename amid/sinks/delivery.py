@@ -24,7 +24,8 @@ Accounting invariant (checked by the metrics tests at scrape time)::
                       + queue_events + spool_events + in_flight_events
 
 ``received_total`` includes records recovered from the spool when the runner starts
-(also shown as ``recovered_total``), so the invariant holds across restarts.
+(also shown as ``recovered_total``), so the invariant holds across restarts. A runner
+replaced on reload by :meth:`SinkRunner.detach` adds ``handed_over_total`` to the right-hand side.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from amid.ami.stats import Histogram
 from amid.records import Record
@@ -50,6 +51,7 @@ __all__ = ["DELIVERY_LATENCY_BUCKETS", "DROP_REASONS", "SinkRunner", "SinkStats"
 
 log = logging.getLogger("amid.sinks.delivery")
 
+_T = TypeVar("_T")
 Overflow = Literal["drop_oldest", "drop_newest", "spool"]
 SpoolFallback = Literal["drop_oldest", "drop_newest"]
 
@@ -80,6 +82,7 @@ class SinkStats:
     spool_bytes: int = 0
     in_flight_events: int = 0  # the batch being sent right now
     recovered_total: int = 0   # found in the spool when the runner started
+    handed_over_total: int = 0  # given to a replacement runner by detach() (config reload)
     spool_corrupt_records_total: int = 0  # damaged spans skipped when the spool was opened
     last_success_time: float | None = None  # unix time of the last confirmed send
     delivery_latency: Histogram = field(default_factory=lambda: Histogram(DELIVERY_LATENCY_BUCKETS))
@@ -217,6 +220,8 @@ class SinkRunner:
     def _enforce_queue_bounds(self, policy: SpoolFallback, reason: str) -> None:
         """After a push, bring the queue back within its bounds by ``policy``."""
         stats = self.stats
+        if self._queue and self._queue[-1].size > self._max_queue_bytes:
+            policy = "drop_newest"  # a record bigger than the whole queue must not evict it all
         while self._queue and (stats.queue_events > self._max_queue_events
                                or stats.queue_bytes > self._max_queue_bytes):
             if policy == "drop_newest":
@@ -362,12 +367,26 @@ class SinkRunner:
         """Drain for up to ``timeout``, spool what is left (spool policy) or count it dropped
         ("shutdown"), close the spool and the sink, and cancel every task. Idempotent.
         """
+        await self._shut_down(timeout, hand_over=False)
+
+    async def detach(self, timeout: float) -> list[Record]:
+        """Like :meth:`close`, but return the undelivered in-memory records, oldest first,
+        instead of dropping them, so a replacement runner (config reload) can take them over.
+
+        With the spool policy they are spooled as on close and the list is empty: the
+        replacement opens the same spool directory and delivers them first, in order. The
+        records handed over are counted in ``stats.handed_over_total``.
+        """
+        return await self._shut_down(timeout, hand_over=True)
+
+    async def _shut_down(self, timeout: float, *, hand_over: bool) -> list[Record]:
         if self._closing:
             await self._closed_event.wait()
-            return
+            return []
         self._closing = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        leftovers: list[Record] = []
         try:
             if self._worker is not None and not self._worker.done():
                 await self.drain(timeout)
@@ -386,7 +405,11 @@ class SinkRunner:
                     log.error("sink %s: closing the spool failed: %s", self.name, exc,
                               extra=self._log_extra)
                 self.stats.spool_bytes = self._spool.bytes_used
-            if self._queue:
+            if self._queue and hand_over:
+                leftovers = list(self._queue)
+                self.stats.handed_over_total += len(leftovers)
+                self._clear_queue()
+            elif self._queue:
                 self._drop(len(self._queue), "shutdown")
                 self._clear_queue()
             try:
@@ -399,6 +422,7 @@ class SinkRunner:
             self.stats.state = "closed"
         finally:
             self._closed_event.set()
+        return leftovers
 
     def _clear_queue(self) -> None:
         self._queue.clear()
@@ -592,7 +616,7 @@ class SinkRunner:
         await self._spool_io(self._spool.ack, end)
         self.stats.spool_bytes = self._spool.bytes_used
 
-    async def _spool_io(self, func: Callable, *args: object):  # type: ignore[no-untyped-def]
+    async def _spool_io(self, func: Callable[..., _T], *args: Any) -> _T:
         """Run a blocking spool call in a thread, retrying I/O errors with backoff."""
         attempt = 0
         while True:

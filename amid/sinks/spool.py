@@ -228,8 +228,9 @@ class Spool:
             raise RuntimeError("spool is closed")
         size = sum(HEADER_SIZE + len(p) for p in payloads)
         with self._buf_lock:
-            if self._disk_unacked + self._pending_bytes + size > self.max_bytes:
-                raise SpoolFull(f"spool {self.directory} full ({self.bytes_used} of {self.max_bytes} bytes)")
+            used = self._disk_unacked + self._pending_bytes
+            if used + size > self.max_bytes:
+                raise SpoolFull(f"spool {self.directory} full ({used} of {self.max_bytes} bytes)")
             self._pending.extend(bytes(p) for p in payloads)
             self._pending_bytes += size
             self._events += len(payloads)
