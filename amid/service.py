@@ -40,6 +40,7 @@ log = logging.getLogger("amid.service")
 BUILTIN_SINKS = {"file": "amid.sinks.file", "syslog": "amid.sinks.syslog",
                  "webhook": "amid.sinks.webhook"}
 STATUS_INTERVAL = 5.0
+RELOAD_DRAIN_TIMEOUT = 2.0
 
 
 @dataclass
@@ -131,6 +132,11 @@ class Daemon:
         return Path(self.config.state_dir) / "spool" / sink.name
 
     def _build_sink(self, cfg: SinkConfig) -> _SinkSlot:
+        spool_dir = self._spool_dir(cfg)
+        if cfg.overflow != "spool" and any(spool_dir.glob("*.seg")):
+            log.warning("sink %s: %s holds events spooled by an earlier configuration; they are "
+                        "delivered only with overflow: spool", cfg.name, spool_dir,
+                        extra={"sink": cfg.name})
         factory = self.types.factories[cfg.type]
         sink = factory(cfg.name, cfg.options)
         runner = SinkRunner(
@@ -177,14 +183,19 @@ class Daemon:
         try:
             for err in self.types.errors:
                 log.error("%s", err)
-            for cfg in self.config.sinks:
-                slot = self._build_sink(cfg)
-                self.sinks[cfg.name] = slot
-                await slot.runner.start()
+            try:
+                for cfg in self.config.sinks:
+                    slot = self._build_sink(cfg)
+                    self.sinks[cfg.name] = slot
+                    await slot.runner.start()
+                await self._start_http()
+            except OSError as exc:  # SpoolLocked and ssl.SSLError are OSErrors too
+                # A spool or listen address we cannot use: say which, exit non-zero, no traceback.
+                log.error("cannot start: %s", exc)
+                return 1
             self._update_routes()
             for server in self.config.servers:
                 await self._start_client(server).start()
-            await self._start_http()
             self._spawn(self._announce_ready(), "ready")
             self._spawn(self._status_loop(), "status")
             if self.notifier is not None and self.notifier.watchdog_interval:
@@ -373,7 +384,11 @@ class Daemon:
                 except ConfigError as exc:
                     log.error("reload refused, keeping the running config:\n%s", exc)
                     return False
-                await self._apply(new)
+                try:
+                    await self._apply(new)
+                except OSError as exc:
+                    log.error("reload only partly applied: %s", exc)
+                    return False
                 log.info("configuration reloaded")
                 return True
             finally:
@@ -394,7 +409,8 @@ class Daemon:
                 if callable(reopen):
                     reopen()
                 continue
-            leftovers = await slot.runner.detach(self.config.shutdown_timeout)
+            # Hand the queue over quickly: the new runner retries, so waiting long gains nothing.
+            leftovers = await slot.runner.detach(min(RELOAD_DRAIN_TIMEOUT, self.config.shutdown_timeout))
             del self.sinks[name]
             if cfg is None:
                 log.info("sink %s removed", name, extra={"sink": name})

@@ -196,3 +196,81 @@ async def test_a_stalled_sink_never_delays_the_others_or_the_session(tmp_path, s
             receiver.release()
         finally:
             await stop_daemon(daemon, task)
+
+
+async def test_reload_hands_queued_events_to_a_changed_sink_and_keeps_servers(tmp_path, sim,
+                                                                              monkeypatch):
+    import amid.service
+    monkeypatch.setattr(amid.service, "RELOAD_DRAIN_TIMEOUT", 0.2)
+    async with HttpReceiver() as receiver:
+        receiver.stall()
+        sinks = [{"name": "webhook", "type": "webhook", "url": receiver.url, "timeout": 30,
+                  "batch": {"max_events": 10, "max_wait": "10ms"}}]
+        path = write_config(tmp_path, sim, sinks)
+        daemon, task = await start_daemon(path)
+        try:
+            client = daemon.clients["pbx1"]
+            for _ in range(3):
+                sim.originate("Local/200@test", exten="100")
+            stats = daemon.server_stats["pbx1"]
+            await wait_until(lambda: stats.events_by_name["OriginateResponse"] == 3)
+            old_runner = daemon.sinks["webhook"].runner
+            assert old_runner.stats.queue_events > 0  # stuck behind the stalled receiver
+            # a changed sink (batch size) and an unchanged server
+            config = yaml.safe_load(path.read_text())
+            config["sinks"][0]["batch"]["max_events"] = 500
+            path.write_text(yaml.safe_dump(config))
+            assert await daemon.reload()      # while the receiver still stalls
+            new_runner = daemon.sinks["webhook"].runner
+            assert new_runner is not old_runner
+            assert old_runner.stats.handed_over_total > 0
+            receiver.release()
+            assert daemon.clients["pbx1"] is client and client.epoch == 1  # no reconnect
+            expected = stats.events_total
+            await wait_until(lambda: len({r["id"] for r in receiver.delivered_records}) >= expected,
+                             timeout=20)
+            assert sum(old_runner.stats.dropped_total.values()) == 0
+            # a bad config is refused and the running one kept
+            path.write_text("servers: [{host: x}]\nbogus: 1\n")
+            assert not await daemon.reload()
+            assert daemon.sinks["webhook"].runner is new_runner
+            # a changed server reconnects
+            config["servers"][0]["ping_interval"] = "2s"
+            path.write_text(yaml.safe_dump(config))
+            assert await daemon.reload()
+            assert daemon.clients["pbx1"] is not client
+            assert await daemon.clients["pbx1"].wait_connected(10)
+        finally:
+            await stop_daemon(daemon, task)
+
+
+async def test_unusable_spool_directory_is_a_clear_startup_error(tmp_path, sim, caplog):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "spool").write_text("not a directory")
+    path = write_config(tmp_path, sim, [{"name": "file", "type": "file", "overflow": "spool",
+                                         "path": str(tmp_path / "events.jsonl")}])
+    types = SinkTypes.discover()
+    daemon = Daemon(load(path, {}, sink_option_models=types.option_models), config_path=str(path),
+                    environ={}, types=types, install_signals=False)
+    async with asyncio.timeout(10):
+        assert await daemon.run() == 1
+    assert "cannot start" in caplog.text
+
+
+def test_watchdog_is_withheld_when_a_connected_reader_stops_answering_pings(tmp_path):
+    import time as _time
+
+    from amid.ami.session import ConnectionState
+    types = SinkTypes.discover()
+    path = tmp_path / "c.yaml"
+    path.write_text("servers: [{host: 127.0.0.1, username: amid, secret: x, ping_interval: 1s}]\n")
+    daemon = Daemon(load(path, {}, sink_option_models=types.option_models), config_path=str(path),
+                    environ={}, types=types, install_signals=False)
+    client = daemon._start_client(daemon.config.servers[0])
+    assert daemon.reader_progressing()            # not connected: reconnecting is progress
+    client.state = ConnectionState.CONNECTED
+    client.stats.last_pong_time = _time.time()
+    assert daemon.reader_progressing()
+    client.stats.last_pong_time = _time.time() - 3600
+    assert not daemon.reader_progressing()
+    assert not daemon.liveness()[0]
