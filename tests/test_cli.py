@@ -271,3 +271,35 @@ async def test_second_sigterm_exits_at_once(sim, tmp_path):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_sigterm_under_load_loses_nothing(sim, tmp_path):
+    """SIGTERM while the simulator streams as fast as it can: the daemon logs off, Asterisk's
+    side stops after Goodbye, and every event the simulator sent is in the file."""
+    events_file = tmp_path / "events.jsonl"
+    config = daemon_config(tmp_path, sim, events_file)
+    notify = NotifySocket(tmp_path / "notify.sock")
+    proc = await asyncio.create_subprocess_exec(
+        *AMID, "run", "--config", str(config), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, cwd=ROOT, env=env(NOTIFY_SOCKET=str(notify.path)))
+    try:
+        await notify.wait_for("READY", "1")
+        before = sim.stats.events_sent
+        stream = asyncio.create_task(sim.stream_events(200_000))
+        async with asyncio.timeout(20):
+            while sim.stats.events_sent - before < 20_000:
+                await asyncio.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            _, err = await proc.communicate()
+        async with asyncio.timeout(10):
+            await stream
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    sent = sim.stats.events_sent  # FullyBooted and SuccessfulAuth included
+    lines = events_file.read_bytes().count(b"\n")
+    assert 20_000 < sent < 200_000 + 10
+    assert lines == sent
