@@ -375,3 +375,24 @@ def test_fast_record_json_declines_or_matches_on_tricky_messages(body):
     msg = Parser(expect_banner=False).feed(b"Event: X\r\n" + body + b"\r\n\r\n")[0]
     msg.server, msg.received_at = "s", 1.5
     assert event_json(msg, "id") == encode_record(record_dict(msg, "id"))
+
+
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.raw")), ids=lambda p: p.stem)
+def test_single_field_lookup_without_decoding_agrees_with_the_full_parse(path):
+    """Message.get() on a fresh message scans the bytes; it must agree with the decoded fields."""
+    for msg in parse_whole(path.read_bytes())[:2000]:
+        keys = {k for k, _ in msg.fields} | {"Nope", "uniqueid", "ACTIONID", ""}
+        expected = {k: msg.get(k) for k in keys}         # via the index (fields decoded)
+        for key in keys:
+            fresh = type(msg)(msg.raw)                    # nothing decoded yet
+            assert fresh.get(key) == expected[key], (key, msg.raw[:200])
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=10),
+                      min_size=1, max_size=6), key=st.sampled_from(["a", "A", "b:", "x y", "", "a "]))
+def test_single_field_lookup_property(lines, key):
+    raw = "\r\n".join(["Event: X", *lines]).encode()
+    fresh, full = Event(raw), Event(raw)
+    full.fields
+    assert fresh.get(key) == full.get(key)

@@ -154,7 +154,31 @@ class Message:
 
     def get(self, key: str, default: Any = None) -> Any:
         """The first value of ``key`` (case-insensitive), or ``default``."""
+        if (self._index is None and self._fields is None and key.isascii() and self.raw.isascii()
+                and key and ":" not in key and "\n" not in key and "\r" not in key):
+            # One lookup need not decode every field: find the line in the bytes (routing and
+            # handlers typically read one or two fields of an event).
+            return self._scan(key, default)
         return self._lookup().get(key.lower(), default)
+
+    def _scan(self, key: str, default: Any) -> Any:
+        raw = self.raw
+        low = raw.lower()
+        needle = key.lower().encode() + b":"
+        if low.startswith(needle):
+            start = len(needle)
+        else:
+            start = low.find(b"\n" + needle)
+            if start < 0:
+                return default
+            start += len(needle) + 1
+        end = raw.find(b"\n", start)
+        value = raw[start:] if end < 0 else raw[start:end]
+        if end >= 0 and value.endswith(b"\r"):
+            value = value[:-1]
+        if value[:1] == b" ":
+            value = value[1:]
+        return value.decode("ascii")
 
     def getall(self, key: str) -> list[str]:
         """Every value of ``key`` (case-insensitive), in wire order."""
@@ -269,7 +293,11 @@ class Event(Message):
     kind: ClassVar[str] = "event"
 
     def __init__(self, raw: bytes, name: str | None = None) -> None:
-        super().__init__(raw, name)
+        # Slots set directly, not through super().__init__: this runs once per event.
+        self.raw = raw
+        self.name = _first_value(raw) if name is None else name
+        self._fields = None
+        self._index = None
         self.server: str = ""
         self.epoch: int = 0
         self.seq: int = 0
@@ -300,8 +328,21 @@ def _first_value(raw: bytes) -> str:
     return _decode(value)
 
 
+def _message_crlf(raw: bytes, _event: type[Event] = Event) -> Message:
+    """_message_for, faster for the usual ``Event: Name\r\n...`` message."""
+    first = raw.partition(b"\r\n")[0]
+    if first[:7] == b"Event: " and first[7:8] != b" " and first.isascii() and b"\n" not in first:
+        return _event(raw, first[7:].decode("ascii"))
+    return _message_for(raw)
+
+
 def _message_for(raw: bytes) -> Message:
     # The kind comes from the first line's key only: never from the presence of Response:.
+    if raw.startswith(b"Event: "):  # the common case, exactly as Asterisk writes it
+        end = raw.find(b"\n", 7)
+        name = raw[7:] if end < 0 else raw[7:end - 1] if raw[end - 1] == 13 else raw[7:end]
+        if name.isascii() and name[:1] != b" ":
+            return Event(raw, name.decode("ascii"))
     end = raw.find(b"\n")
     first = raw if end < 0 else raw[:end]
     if first.endswith(b"\r"):
@@ -389,6 +430,12 @@ class Parser:
             self.state = ParserState.MESSAGES
             buf = buf[nl + 1:]
             self._scan_from = 0
+        if buf[:1] not in _CR_LF and b"Response: Follows" not in buf and b"\n\n" not in buf:
+            parts = buf.split(b"\r\n\r\n")
+            # Every "\r\n\r\n" holds one "\n\r\n": any other one is a bare-LF terminator or
+            # a stray blank line, which the general loop below handles.
+            if buf.count(b"\n\r\n") == len(parts) - 1:
+                return self._feed_crlf(parts)
         out: list[Message] = []
         pos = 0
         scan = self._scan_from
@@ -436,6 +483,31 @@ class Parser:
         self._buf = buf[pos:] if rest else b""
         # Resume the terminator search a little before the end of what we already scanned.
         self._scan_from = max(0, rest - 3)
+        self.messages_total += len(out)
+        return out
+
+    def _feed_crlf(self, parts: list[bytes]) -> list[Message]:
+        # The stream as Asterisk writes it: CRLF lines, messages ended by one blank line, no
+        # stray blank lines, no legacy Follows output. One C-level split framed every message.
+        rest = parts.pop()
+        max_bytes = self.max_message_bytes
+        if len(rest) > max_bytes:
+            raise self._fail(f"incomplete message of {len(rest)} bytes exceeds the limit of "
+                             f"{max_bytes}", "message_too_large")
+        if parts:
+            longest = max(map(len, parts))
+            if longest > max_bytes:
+                raise self._fail(f"message of {longest} bytes exceeds the limit of {max_bytes}",
+                                 "message_too_large")
+            # A line takes at least 3 bytes, so only long messages can have too many.
+            if longest >= 3 * self.max_fields - 2:
+                for raw in parts:
+                    if raw.count(b"\n") >= self.max_fields:
+                        raise self._fail(f"message has more than {self.max_fields} lines",
+                                         "too_many_fields")
+        self._buf = rest
+        self._scan_from = max(0, len(rest) - 3)
+        out = [_message_crlf(raw) for raw in parts]
         self.messages_total += len(out)
         return out
 
