@@ -13,6 +13,7 @@ path through a dict and ``pydantic_core.to_json``. Both produce the same JSON (t
 from __future__ import annotations
 
 import base64
+import re
 import time
 from typing import Any
 
@@ -70,20 +71,25 @@ def fields_json_fast(raw: bytes) -> bytes | None:
     return b'{"' + raw.replace(b"\r\n", b'","').replace(b": ", b'":"') + b'"}'
 
 
+_RECORD = (b'{"id":"%s","server":"%s","epoch":%d,"seq":%d,"received_at":"%s","event":"%s",'
+           b'"fields":%s}')
+
+
 def event_json(event: Event, record_id: str) -> bytes:
     """The record JSON of an event (fast path when the message allows it)."""
     fields = fields_json_fast(event.raw)
-    if fields is None or not _plain(record_id) or not _plain(event.server):
-        return encode_record(record_dict(event, record_id))
-    return b"".join((
-        b'{"id":"', record_id.encode(), b'","server":"', event.server.encode(),
-        b'","epoch":', str(event.epoch).encode(), b',"seq":', str(event.seq).encode(),
-        b',"received_at":"', _iso(event.received_at).encode(), b'","event":"',
-        event.name.encode(), b'","fields":', fields, b"}"))
+    if fields is not None:
+        ident = record_id.encode()
+        server = event.server.encode()
+        # The name is the first field's value, already checked; id and server come from us
+        # but may hold anything a library user chose.
+        if ident.isascii() and server.isascii() and not _QUOTE_OR_BACKSLASH.search(ident + server):
+            return _RECORD % (ident, server, event.epoch, event.seq, _iso(event.received_at).encode(),
+                              event.name.encode(), fields)
+    return encode_record(record_dict(event, record_id))
 
 
-def _plain(text: str) -> bool:
-    return text.isascii() and '"' not in text and "\\" not in text
+_QUOTE_OR_BACKSLASH = re.compile(rb'["\\\x00-\x1f]')
 
 
 def record_dict(event: Event, record_id: str) -> dict[str, Any]:

@@ -30,7 +30,7 @@ __all__ = ["Record", "format_iso"]
 class Record:
     """An event as sinks see it. Cheap to create; JSON is built once, on first use."""
 
-    __slots__ = ("id", "name", "server", "received_at", "_json", "_data", "_event")
+    __slots__ = ("id", "name", "server", "received_at", "_json", "_data", "_event", "_size")
 
     def __init__(self, *, id: str, name: str, server: str, received_at: float,
                  json_bytes: bytes | None = None, data: dict[str, Any] | None = None,
@@ -42,6 +42,7 @@ class Record:
         self._json = json_bytes
         self._data = data
         self._event = event
+        self._size: int | None = None
 
     @property
     def json(self) -> bytes:
@@ -65,7 +66,19 @@ class Record:
 
     @property
     def size(self) -> int:
-        return len(self.json)
+        """Bytes this record accounts for in queue bounds: its JSON length once that is built,
+        else (a record straight from the wire) an upper estimate from the AMI message, so that
+        queueing an event on the read path never has to encode it. Fixed once read."""
+        size = self._size
+        if size is None:
+            if self._json is None and self._event is not None:
+                raw = len(self._event.raw)
+                # quotes and commas add about 2 bytes a line; the envelope under 256 bytes
+                size = raw + (raw >> 2) + 256
+            else:
+                size = len(self.json)
+            self._size = size
+        return size
 
     @classmethod
     def from_json(cls, raw: bytes) -> "Record":
