@@ -351,7 +351,9 @@ class BatchConfig(_Model):
 
     max_events: Annotated[int, Gt(0)] = 500
     max_bytes: PositiveSize = 1024**2
-    max_wait: Annotated[Duration, Ge(0)] = 0.1
+    # 0: send what is queued at once; while a send is in flight the next batch fills up by
+    # itself, so batches grow with the load and a quiet PBX gets no added latency.
+    max_wait: Annotated[Duration, Ge(0)] = 0.0
 
 
 class RetryConfig(_Model):

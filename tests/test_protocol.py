@@ -396,3 +396,30 @@ def test_single_field_lookup_property(lines, key):
     fresh, full = Event(raw), Event(raw)
     full.fields
     assert fresh.get(key) == full.get(key)
+
+
+def _reference_fields(raw: bytes) -> list[tuple[str, str]]:
+    """The general rule, written plainly: lines split on LF (one CR dropped), key before the
+    first colon, one space after it removed, colon-less lines under the empty key."""
+    text = raw.decode("utf-8", "surrogateescape")
+    out = []
+    for line in text.split("\n"):
+        line = line[:-1] if line.endswith("\r") else line
+        key, sep, value = line.partition(":")
+        out.append((key, value[1:] if value[:1] == " " else value) if sep else ("", line))
+    return out
+
+
+@pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.raw")), ids=lambda p: p.stem)
+def test_field_decoding_fast_path_matches_the_general_rule(path):
+    for msg in parse_whole(path.read_bytes())[:3000]:
+        assert msg.fields == _reference_fields(msg.raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.lists(st.sampled_from(["K: v", "K:v", "K:", "K: ", "a: b: c", "no colon", "K:  two",
+                                      ": empty key", "Zoë: ☎", "x\ry: z"]), min_size=1, max_size=6),
+       sep=st.sampled_from(["\r\n", "\n"]))
+def test_field_decoding_property(body, sep):
+    raw = sep.join(["Event: X", *body]).encode()
+    assert Event(raw).fields == _reference_fields(raw)

@@ -94,6 +94,20 @@ def _split_lines(text: str) -> list[str]:
 def _parse_fields(raw: bytes) -> list[tuple[str, str]]:
     fields: list[tuple[str, str]] = []
     append = fields.append
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and text.count("\n") == text.count("\r\n"):
+        # The usual "Key: value" CRLF lines: one partition per line.
+        for line in text.split("\r\n"):
+            key, sep, value = line.partition(": ")
+            if not sep or ":" in key:
+                break  # "Key:value", no colon, or "K:ey: v": the general loop below
+            append((key, value))
+        else:
+            return fields
+        fields.clear()
     for line in _split_lines(_decode(raw)):
         key, sep, value = line.partition(":")
         if not sep:
@@ -328,14 +342,6 @@ def _first_value(raw: bytes) -> str:
     return _decode(value)
 
 
-def _message_crlf(raw: bytes, _event: type[Event] = Event) -> Message:
-    """_message_for, faster for the usual ``Event: Name\r\n...`` message."""
-    first = raw.partition(b"\r\n")[0]
-    if first[:7] == b"Event: " and first[7:8] != b" " and first.isascii() and b"\n" not in first:
-        return _event(raw, first[7:].decode("ascii"))
-    return _message_for(raw)
-
-
 def _message_for(raw: bytes) -> Message:
     # The kind comes from the first line's key only: never from the presence of Response:.
     if raw.startswith(b"Event: "):  # the common case, exactly as Asterisk writes it
@@ -430,12 +436,15 @@ class Parser:
             self.state = ParserState.MESSAGES
             buf = buf[nl + 1:]
             self._scan_from = 0
-        if buf[:1] not in _CR_LF and b"Response: Follows" not in buf and b"\n\n" not in buf:
-            parts = buf.split(b"\r\n\r\n")
-            # Every "\r\n\r\n" holds one "\n\r\n": any other one is a bare-LF terminator or
-            # a stray blank line, which the general loop below handles.
-            if buf.count(b"\n\r\n") == len(parts) - 1:
-                return self._feed_crlf(parts)
+        if buf.count(b"\n") == buf.count(b"\r\n"):
+            # No bare LF anywhere: the only terminator is CRLF CRLF (the stream as Asterisk
+            # writes it). One C-level split frames every message of the read.
+            return self._feed_crlf(buf)
+        return self._feed_general(buf)
+
+    def _feed_general(self, buf: bytes) -> list[Message]:
+        """Frame ``buf`` (everything unframed so far) allowing bare-LF terminators, stray blank
+        lines and legacy ``Response: Follows`` output."""
         out: list[Message] = []
         pos = 0
         scan = self._scan_from
@@ -486,28 +495,43 @@ class Parser:
         self.messages_total += len(out)
         return out
 
-    def _feed_crlf(self, parts: list[bytes]) -> list[Message]:
-        # The stream as Asterisk writes it: CRLF lines, messages ended by one blank line, no
-        # stray blank lines, no legacy Follows output. One C-level split framed every message.
-        rest = parts.pop()
+    def _feed_crlf(self, buf: bytes) -> list[Message]:
+        *complete, rest = buf.split(b"\r\n\r\n")
         max_bytes = self.max_message_bytes
-        if len(rest) > max_bytes:
-            raise self._fail(f"incomplete message of {len(rest)} bytes exceeds the limit of "
-                             f"{max_bytes}", "message_too_large")
-        if parts:
-            longest = max(map(len, parts))
+        max_fields = self.max_fields
+        if complete:
+            # Bounds, checked in C over the whole read; a message of max_fields lines has at
+            # least that many bytes, so only long ones are counted.
+            longest = max(map(len, complete))
             if longest > max_bytes:
                 raise self._fail(f"message of {longest} bytes exceeds the limit of {max_bytes}",
                                  "message_too_large")
-            # A line takes at least 3 bytes, so only long messages can have too many.
-            if longest >= 3 * self.max_fields - 2:
-                for raw in parts:
-                    if raw.count(b"\n") >= self.max_fields:
-                        raise self._fail(f"message has more than {self.max_fields} lines",
-                                         "too_many_fields")
+            if longest >= max_fields and any(len(raw) >= max_fields and raw.count(b"\n") >= max_fields
+                                             for raw in complete):
+                raise self._fail(f"message has more than {max_fields} lines", "too_many_fields")
+        out: list[Message] = []
+        append = out.append
+        for i, raw in enumerate(complete):
+            if raw[:7] == b"Event: ":  # the common case, built inline
+                end = raw.find(b"\r\n")
+                append(Event(raw, _decode(raw[7:end] if end >= 0 else raw[7:])))
+                continue
+            if raw[:1] in _CR_LF:
+                raw = raw.lstrip(b"\r\n")  # stray blank lines between messages
+                if not raw:
+                    continue
+            if raw[:17].lower() == b"response: follows":
+                # Legacy Command output may hold blank lines: the general loop frames the rest.
+                remainder = b"\r\n\r\n".join(complete[i:] + [rest])
+                self._buf, self._scan_from = b"", 0
+                self.messages_total += len(out)
+                return out + self._feed_general(remainder)
+            append(_message_for(raw))
+        if len(rest) > max_bytes:
+            raise self._fail(f"incomplete message of {len(rest)} bytes exceeds the limit of "
+                             f"{max_bytes}", "message_too_large")
         self._buf = rest
         self._scan_from = max(0, len(rest) - 3)
-        out = [_message_crlf(raw) for raw in parts]
         self.messages_total += len(out)
         return out
 
