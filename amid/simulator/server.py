@@ -496,7 +496,9 @@ class AMISimulator:
         return str(self._rng.randrange(100_000_000, 1_000_000_000))
 
     # -- streaming (benchmarks) -------------------------------------------------------------------
-    def _prebuilt_stream(self) -> tuple[bytes, list[int]]:
+    def prebuilt_stream(self) -> tuple[bytes, list[int]]:
+        """The pre-built call events that :meth:`stream_events` sends, rendered once: the bytes
+        and the end offset of each event (benchmarks render them before their clock starts)."""
         if self._prebuilt is None:
             events = prebuilt_call_events(50, seed=self._seed)
             ends, total = [], 0
@@ -522,7 +524,7 @@ class AMISimulator:
             self._spawn(self._stream_to(session, self.stream_on_login))
 
     async def _stream_to(self, session: SimSession, n: int) -> None:
-        blob, ends = self._prebuilt_stream()
+        blob, ends = self.prebuilt_stream()
         pool = len(ends)
         fast = (not session.filters and not session.faults.stall
                 and session.faults.close_mid_message_after is None

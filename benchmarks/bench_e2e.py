@@ -1,0 +1,457 @@
+"""Benchmark 3, end to end: AMI source process -> ``amid run`` (its own process) -> sinks.
+
+* The source (benchmarks.ami_server ``paced``) sends amid's pre-built call events at a fixed rate
+  (what is due every millisecond, as one write) or as fast as the socket takes them.
+* ``amid run`` gets a generated config: one server, a JSONL file sink (and, in the all-sinks
+  scenario, a webhook to a local aiohttp receiver and RFC 5424 syslog over UDP to a local
+  listener, both in benchmarks.sink_peers, another process).
+* A tailer thread in this process is woken by inotify whenever the JSONL file grows; for every
+  new line, latency = the moment the line was seen written − the record's ``received_at`` (set
+  by amid when the bytes came off the socket). Both are the same machine's wall clock.
+* CPU seconds come from /proc/<pid>/stat (utime+stime) of the amid process; RSS and peak RSS from
+  VmRSS / VmHWM in /proc/<pid>/status.
+"""
+
+from __future__ import annotations
+
+import calendar
+import contextlib
+import ctypes
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from benchmarks.common import (ROOT, markdown_table, percentile, proc_cpu_seconds, proc_status_kib,
+                               python_for_subprocess)
+
+IN_MODIFY = 0x00000002
+_RECEIVED_AT = b'"received_at":"'
+
+
+# ------------------------------------------------------------------------------ the tailer
+
+class Tailer(threading.Thread):
+    """Follows a JSONL file (inotify wake-ups), timestamps every new line as it appears."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(daemon=True, name="jsonl-tailer")
+        self.path = path
+        self.lines = 0
+        self.latencies: list[float] = []
+        self.last_seen = 0.0
+        self._stopping = threading.Event()
+        self._seconds_cache: dict[bytes, int] = {}
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        if libc.inotify_add_watch(self._fd, str(path).encode(), IN_MODIFY) < 0:
+            raise OSError(ctypes.get_errno(), f"inotify_add_watch({path}) failed")
+
+    def _received_at(self, line: bytes) -> float | None:
+        at = line.find(_RECEIVED_AT)
+        if at < 0:
+            return None
+        stamp = line[at + len(_RECEIVED_AT):at + len(_RECEIVED_AT) + 26]  # 2026-11-28T03:21:41.214512
+        base = stamp[:19]
+        secs = self._seconds_cache.get(base)
+        if secs is None:
+            secs = calendar.timegm(time.strptime(base.decode(), "%Y-%m-%dT%H:%M:%S"))
+            self._seconds_cache[base] = secs
+        return secs + int(stamp[20:26]) / 1e6
+
+    def run(self) -> None:
+        with self.path.open("rb") as f:
+            pending = b""
+            while not self._stopping.is_set():
+                ready, _, _ = select.select([self._fd], [], [], 0.05)
+                if ready:
+                    with contextlib.suppress(BlockingIOError):
+                        while os.read(self._fd, 65536):
+                            pass
+                chunk = f.read()
+                if not chunk:
+                    continue
+                now = time.time()
+                data = pending + chunk
+                lines = data.split(b"\n")
+                pending = lines.pop()
+                for line in lines:
+                    received = self._received_at(line)
+                    if received is not None:
+                        self.latencies.append(now - received)
+                self.lines += len(lines)
+                self.last_seen = now
+
+    def wait_for(self, lines: int, timeout: float, stall: float = 3.0) -> bool:
+        """Wait until ``lines`` lines were seen; False after ``timeout``, or when no line came
+        for ``stall`` seconds (events dropped by amid never arrive)."""
+        deadline = time.monotonic() + timeout
+        last, last_change = self.lines, time.monotonic()
+        while self.lines < lines:
+            now = time.monotonic()
+            if self.lines != last:
+                last, last_change = self.lines, now
+            if now > deadline or now - last_change > stall:
+                return False
+            time.sleep(0.002)
+        return True
+
+    def take_latencies(self) -> list[float]:
+        out, self.latencies = self.latencies, []
+        return out
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(2)
+        os.close(self._fd)
+
+
+# ------------------------------------------------------------------------------ processes
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Source:
+    """The paced AMI source process."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([*python_for_subprocess(), "-m", "benchmarks.ami_server", "paced"],
+                                     cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().split()
+        if not line or line[0] != "port":
+            raise RuntimeError(f"AMI source did not start: {line}")
+        self.port = int(line[1])
+
+    def _ask(self, command: str) -> list[str]:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().split()
+
+    def wait_sessions(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while int(self._ask("sessions")[1]) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError("amid did not log in to the AMI source")
+            time.sleep(0.05)
+
+    def stream(self, rate: float, count: int) -> float:
+        """Send ``count`` events at ``rate``/s (0: flat out); returns the seconds it took."""
+        reply = self._ask(f"stream {rate} {count}")
+        return float(reply[2])
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            self.proc.wait(5)
+
+
+class SinkPeers:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([*python_for_subprocess(), "-m", "benchmarks.sink_peers"], cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.webhook_port = int(self.proc.stdout.readline().split()[1])
+        self.syslog_port = int(self.proc.stdout.readline().split()[1])
+
+    def counts(self) -> tuple[int, int]:
+        self.proc.stdin.write("stats\n")
+        self.proc.stdin.flush()
+        _, hooks, syslog = self.proc.stdout.readline().split()
+        return int(hooks), int(syslog)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+
+
+def _amid_command() -> list[str]:
+    script = Path(sys.executable).parent / "amid"
+    profile = os.environ.get("BENCH_PROFILE_AMID")
+    if profile and script.exists():
+        # cProfile of the daemon (written when it exits on SIGTERM): see README, "Profiling".
+        return [sys.executable, "-m", "cProfile", "-o", profile, str(script)]
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("amid")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "import sys; from amid.cli import main; sys.exit(main())"]
+
+
+@contextlib.contextmanager
+def amid_daemon(workdir: Path, config: dict) -> Iterator[subprocess.Popen]:
+    path = workdir / "amid.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    log = (workdir / "amid.log").open("wb")
+    proc = subprocess.Popen([*_amid_command(), "run", "--config", str(path), "--log-level", "warning"],
+                            cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        if proc.returncode not in (0, -15):
+            print(f"amid exited {proc.returncode}; log tail:\n"
+                  + (workdir / "amid.log").read_text()[-2000:], file=sys.stderr)
+
+
+def _config(workdir: Path, ami_port: int, http_port: int, sinks: list[dict]) -> dict:
+    return {
+        "servers": [{"name": "bench", "host": "127.0.0.1", "port": ami_port, "username": "amid",
+                     "secret": "amidsecret", "auth": "plain", "ping_interval": "20s"}],
+        "sinks": sinks,
+        "http": {"listen": f"127.0.0.1:{http_port}"},
+        "state_dir": str(workdir / "state"),
+        "shutdown_timeout": "5s",
+        "log": {"level": "warning"},
+    }
+
+
+def _file_sink(path: Path) -> dict:
+    # A file write is one syscall: waiting to fill a batch only adds latency (see README).
+    return {"name": "jsonl", "type": "file", "path": str(path), "overflow": "drop_oldest",
+            "batch": {"max_events": 500, "max_wait": 0}}
+
+
+def _wait_file(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            log = (path.parent / "amid.log").read_text()[-2000:]
+            raise RuntimeError(f"amid exited with {proc.returncode} before opening {path}:\n{log}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"amid did not create {path}")
+        time.sleep(0.02)
+
+
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
+def _metric(text: str, name: str, **labels: str) -> float | None:
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+# ------------------------------------------------------------------------------ scenarios
+
+@dataclass
+class Phase:
+    name: str
+    events: int
+    seconds: float
+    cpu: float
+    latencies: list[float] = field(default_factory=list)
+    complete: bool = True
+    extra: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds else float("nan")
+
+    @property
+    def core_share(self) -> float:
+        return self.cpu / self.seconds if self.seconds else float("nan")
+
+    def lat(self, q: float) -> float:
+        return percentile(sorted(self.latencies), q) * 1000
+
+
+def _run_phase(name: str, source: Source, tailer: Tailer, pid: int, rate: float, count: int,
+               timeout: float) -> Phase:
+    target = tailer.lines + count
+    tailer.take_latencies()
+    cpu0, t0 = proc_cpu_seconds(pid), time.time()
+    source.stream(rate, count)
+    start_lines = target - count
+    complete = tailer.wait_for(target, timeout)
+    t1 = tailer.last_seen
+    cpu1 = proc_cpu_seconds(pid)
+    written = tailer.lines - start_lines
+    return Phase(name, written, t1 - t0, cpu1 - cpu0, tailer.take_latencies(), complete,
+                 "" if complete else f"{count - written:,} of {count:,} events never written")
+
+
+def run_scenario(*, all_sinks: bool, rates: list[int], seconds: float, flat_out: int) -> dict:
+    """One amid process, the phases run one after the other against it."""
+    with tempfile.TemporaryDirectory(prefix="amid-e2e-") as tmp:
+        workdir = Path(tmp)
+        jsonl = workdir / "events.jsonl"
+        source = Source()
+        peers = SinkPeers() if all_sinks else None
+        http_port = _free_port()
+        sinks = [_file_sink(jsonl)]
+        if peers is not None:
+            sinks += [{"name": "hook", "type": "webhook", "url": f"http://127.0.0.1:{peers.webhook_port}/events",
+                       "overflow": "drop_oldest"},
+                      {"name": "syslog", "type": "syslog", "address": f"udp://127.0.0.1:{peers.syslog_port}",
+                       "overflow": "drop_oldest"}]
+        phases: list[Phase] = []
+        try:
+            with amid_daemon(workdir, _config(workdir, source.port, http_port, sinks)) as proc:
+                _wait_file(jsonl, proc, 20)
+                source.wait_sessions(1, 20)
+                tailer = Tailer(jsonl)
+                tailer.start()
+                try:
+                    # Warm-up: imports, first JSON encoding, allocator.
+                    _run_phase("warm-up", source, tailer, proc.pid, 5000, 2000, 30)
+                    rss_idle = proc_status_kib(proc.pid, "VmRSS")
+                    for rate in rates:
+                        phases.append(_run_phase(f"{rate:,}/s paced", source, tailer, proc.pid, rate,
+                                                 int(rate * seconds), 30 + seconds * 3))
+                    phases.append(_run_phase("flat out", source, tailer, proc.pid, 0, flat_out, 120))
+                    rss_steady = proc_status_kib(proc.pid, "VmRSS")
+                    hwm = proc_status_kib(proc.pid, "VmHWM")
+                    delivered = None
+                    if peers is not None:
+                        time.sleep(0.5)  # webhook batches wait up to max_wait before they leave
+                        total = tailer.lines
+                        hooks, syslog = peers.counts()
+                        delivered = (total, hooks, syslog)
+                finally:
+                    tailer.stop()
+        finally:
+            source.close()
+            if peers is not None:
+                peers.close()
+    return {"phases": phases, "rss_idle": rss_idle, "rss_steady": rss_steady, "hwm": hwm,
+            "delivered": delivered}
+
+
+def run_outage(events: int, max_events: int, max_bytes: int) -> dict:
+    """Webhook receiver down (nothing listens) while a file sink keeps working: RSS must stop
+    growing once the webhook's queue is at its bounds."""
+    with tempfile.TemporaryDirectory(prefix="amid-outage-") as tmp:
+        workdir = Path(tmp)
+        jsonl = workdir / "events.jsonl"
+        source = Source()
+        http_port = _free_port()
+        sinks = [_file_sink(jsonl),
+                 {"name": "hook", "type": "webhook", "url": f"http://127.0.0.1:{_free_port()}/events",
+                  "overflow": "drop_oldest", "queue": {"max_events": max_events, "max_bytes": max_bytes},
+                  "retry": {"min_delay": "200ms", "max_delay": "1s"}, "connect_timeout": "1s"}]
+        samples: list[tuple[int, int]] = []  # (lines written, VmRSS KiB)
+        try:
+            with amid_daemon(workdir, _config(workdir, source.port, http_port, sinks)) as proc:
+                _wait_file(jsonl, proc, 20)
+                source.wait_sessions(1, 20)
+                tailer = Tailer(jsonl)
+                tailer.start()
+                try:
+                    _run_phase("warm-up", source, tailer, proc.pid, 5000, 2000, 30)
+                    rss_before = proc_status_kib(proc.pid, "VmRSS")
+                    start_lines = tailer.lines
+                    done = threading.Event()
+
+                    def sample() -> None:
+                        while not done.is_set():
+                            samples.append((tailer.lines - start_lines, proc_status_kib(proc.pid, "VmRSS")))
+                            time.sleep(0.05)
+                    sampler = threading.Thread(target=sample, daemon=True)
+                    sampler.start()
+                    # Two halves, so "no growth past the bounds" is a comparison, not a guess.
+                    source.stream(0, events // 2)
+                    tailer.wait_for(start_lines + events // 2, 120)
+                    rss_half = proc_status_kib(proc.pid, "VmRSS")
+                    source.stream(0, events - events // 2)
+                    complete = tailer.wait_for(start_lines + events, 120)
+                    rss_end = proc_status_kib(proc.pid, "VmRSS")
+                    done.set()
+                    sampler.join()
+                    text = _metrics(http_port)
+                finally:
+                    tailer.stop()
+                hwm = proc_status_kib(proc.pid, "VmHWM")
+        finally:
+            source.close()
+    return {"events": events, "complete": complete, "rss_before": rss_before, "rss_half": rss_half,
+            "rss_end": rss_end, "hwm": hwm, "peak_sampled": max(r for _, r in samples) if samples else None,
+            "queue_events": _metric(text, "amid_sink_queue_events", sink="hook"),
+            "queue_bytes": _metric(text, "amid_sink_queue_bytes", sink="hook"),
+            "dropped": _metric(text, "amid_sink_dropped_total", sink="hook", reason="queue_full"),
+            "max_events": max_events, "max_bytes": max_bytes}
+
+
+# ------------------------------------------------------------------------------ report
+
+def _phase_rows(phases: list[Phase]) -> list[list[str]]:
+    rows = []
+    for p in phases:
+        rows.append([p.name, f"{p.events:,}", f"{p.rate:,.0f}" + ("" if p.complete else f" ({p.extra}!)"),
+                     f"{p.core_share * 100:.0f}%", f"{p.cpu / p.events * 100_000:.2f}",
+                     f"{p.lat(50):.2f}", f"{p.lat(99):.2f}", f"{p.lat(100):.1f}"])
+    return rows
+
+
+HEADER = ["phase", "events", "events/s written", "amid CPU (of one core)", "CPU s / 100k events",
+          "p50 ms", "p99 ms", "max ms"]
+
+
+def run(quick: bool) -> tuple[str, dict]:
+    seconds = 1.0 if quick else 3.0
+    # Flat out, amid's queue absorbs what it cannot write yet: stay under the default queue
+    # bound (100,000 events), or drop_oldest drops and the phase shows it.
+    flat_out = 50_000 if quick else 80_000
+    out = []
+    file_only = run_scenario(all_sinks=False, rates=[1000, 10_000, 40_000], seconds=seconds,
+                             flat_out=flat_out)
+    out.append("**File sink only** (JSONL, `fsync: interval`, batch `max_wait: 0`); latency = line "
+               "seen written − `received_at`:\n\n" + markdown_table(HEADER, _phase_rows(file_only["phases"]))
+               + f"\n\nRSS after warm-up {file_only['rss_idle'] / 1024:.0f} MiB, after all phases "
+                 f"{file_only['rss_steady'] / 1024:.0f} MiB, peak (VmHWM) {file_only['hwm'] / 1024:.0f} MiB.")
+    every = run_scenario(all_sinks=True, rates=[10_000], seconds=seconds, flat_out=flat_out // 2)
+    total, hooks, syslog = every["delivered"]
+    out.append("**File + webhook (local aiohttp receiver) + syslog (UDP, local listener)**, same method "
+               "(latency is the file sink's):\n\n" + markdown_table(HEADER, _phase_rows(every["phases"]))
+               + f"\n\nDelivered: file {total:,} lines, webhook {hooks:,} records, syslog {syslog:,} "
+                 f"datagrams (UDP may drop under load; the sink counts what it sent). "
+                 f"Peak RSS (VmHWM) {every['hwm'] / 1024:.0f} MiB.")
+    outage_events = 100_000 if quick else 200_000
+    outage = run_outage(outage_events, max_events=20_000, max_bytes=16 * 1024 * 1024)
+    out.append(
+        f"**Sink outage**: webhook pointed at a port nobody listens on (queue bounds "
+        f"{outage['max_events']:,} events / {outage['max_bytes'] // 1024**2} MiB, `drop_oldest`), file "
+        f"sink working, {outage['events']:,} events flat out: VmRSS {outage['rss_before'] / 1024:.0f} MiB "
+        f"before, {outage['rss_half'] / 1024:.0f} MiB after half, {outage['rss_end'] / 1024:.0f} MiB "
+        f"at the end (growth in the second half: {(outage['rss_end'] - outage['rss_half']) / 1024:+.1f} MiB), "
+        f"peak {outage['hwm'] / 1024:.0f} MiB; webhook queue at the end "
+        f"{outage['queue_events'] or 0:,.0f} events / {(outage['queue_bytes'] or 0) / 1024**2:.1f} MiB, "
+        f"dropped (queue_full) {outage['dropped'] or 0:,.0f}.")
+    return "\n\n".join(out), {"file": file_only, "all": every, "outage": outage}
+
+
+if __name__ == "__main__":
+    text, _ = run(quick="--quick" in sys.argv)
+    print(text)

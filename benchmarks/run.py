@@ -1,0 +1,140 @@
+"""Run the amid benchmarks and print (and save) a markdown results table.
+
+    python -m benchmarks.run            # everything, about 1–2 minutes
+    python -m benchmarks.run --quick    # fewer repetitions and events, about 30 s
+    python -m benchmarks.run --only parse,receive --prototypes
+
+Results go to stdout and to benchmarks/results/latest.md (git-ignored). Method notes:
+benchmarks/README.md. Nothing here asserts; targets are reported as met or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python benchmarks/run.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import bench_e2e, bench_parse, bench_receive  # noqa: E402
+from benchmarks.common import RESULTS_DIR, machine_description  # noqa: E402
+
+ALL = ("parse", "receive", "e2e")
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("**met**" if ok else "**not met**")
+
+
+def verdicts(summary: dict) -> list[list[str]]:
+    """One row per target of issue 5, from the figures of this run."""
+    rows: list[list[str]] = []
+    parse = summary.get("parse")
+    if parse:
+        s = parse["streams"][0]
+        floor = s["floor"]
+        lazy = s["amid (a) framing + lazy messages"] / floor
+        full = s["amid (b) framing + all fields decoded"] / floor
+        rows.append(["Parse ≥ 2× floor (lossless)", f"(a) lazy {lazy:.2f}×, (b) all fields {full:.2f}×",
+                     _verdict(lazy >= 2) + " (a) / " + _verdict(full >= 2) + " (b)"])
+    receive = summary.get("receive")
+    if receive:
+        amid, lazy = receive.get("amid", {}), receive.get("amid-lazy", {})
+        for peer, target in (("panoramisk", 4), ("python-ami", 2)):
+            p = receive.get(peer, {})
+            if p.get("error") or not p.get("rate"):
+                rows.append([f"Receive ≥ {target}× {peer}", f"{peer} failed: {p.get('error')}", "n/a"])
+                continue
+            intact = amid.get("intact") == amid.get("checked") and amid.get("delivered") == amid.get("expect")
+            r_field, r_lazy = amid["rate"] / p["rate"], lazy["rate"] / p["rate"]
+            rows.append([f"Receive ≥ {target}× {peer}, every event intact",
+                         f"handler reads a field {r_field:.2f}×, name only {r_lazy:.2f}×; amid intact: "
+                         f"{'yes' if intact else 'NO'}",
+                         _verdict(r_field >= target and intact) + " (field) / "
+                         + _verdict(r_lazy >= target and intact) + " (name only)"])
+    e2e = summary.get("e2e")
+    if e2e:
+        phases = {p.name: p for p in e2e["file"]["phases"]}
+        flat = phases["flat out"]
+        if parse:
+            floor = parse["streams"][0]["floor"]
+            rows.append(["End to end (file) ≥ 1× floor parse rate", f"{flat.rate:,.0f} vs floor {floor:,.0f} "
+                         f"events/s = {flat.rate / floor:.2f}×", _verdict(flat.rate >= floor)])
+        p40 = phases.get("40,000/s paced")
+        if p40:
+            rows.append(["CPU at 40k events/s < 40% of one core", f"{p40.core_share * 100:.0f}%",
+                         _verdict(p40.core_share < 0.40 and p40.complete)])
+        p10 = phases.get("10,000/s paced")
+        if p10:
+            rows.append(["p99 receive→write < 5 ms at 10k events/s", f"{p10.lat(99):.2f} ms",
+                         _verdict(p10.lat(99) < 5)])
+        steady = e2e["file"]["rss_steady"] / 1024
+        idle = e2e["file"]["rss_idle"] / 1024
+        rows.append(["RSS < 80 MB steady", f"{idle:.0f} MiB after warm-up; {steady:.0f} MiB after the "
+                     f"flat-out burst", _verdict(steady < 80) + (" (after burst)" if steady >= 80 else "")])
+        out = e2e["outage"]
+        growth = (out["rss_end"] - out["rss_half"]) / 1024
+        rows.append(["RSS bounded by queue limits during a sink outage",
+                     f"second half of the outage {growth:+.1f} MiB; queue {out['queue_events'] or 0:,.0f} "
+                     f"≤ {out['max_events']:,} events", _verdict(growth < 8 and (out["queue_events"] or 0)
+                                                               <= out["max_events"])])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and events (~30 s)")
+    p.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    p.add_argument("--prototypes", action="store_true",
+                   help="also measure the hot-path prototypes in benchmarks/prototypes.py")
+    p.add_argument("--reps", type=int, default=None, help="repetitions (default 7, quick 3)")
+    p.add_argument("--receive-source", choices=("sim", "replay"), default="sim",
+                   help="receive benchmark source: amid's simulator or the s09a capture")
+    p.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.md")
+    args = p.parse_args(argv)
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = set(only) - set(ALL)
+    if unknown:
+        p.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    reps = args.reps or (3 if args.quick else 7)
+    from amid import __version__
+
+    started = time.perf_counter()
+    sections = [f"## amid {__version__} benchmarks\n\nMachine: {machine_description()}. "
+                f"Run: `python -m benchmarks.run{' --quick' if args.quick else ''}` on "
+                f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Ratios matter more than "
+                f"absolute figures (shared machine)."]
+    summary: dict = {}
+    if "parse" in only:
+        print("parse ...", file=sys.stderr, flush=True)
+        text, summary["parse"] = bench_parse.run(reps, with_prototypes=args.prototypes)
+        sections.append("### 1. Parse: bytes → messages\n\n" + text)
+    if "receive" in only:
+        print("receive ...", file=sys.stderr, flush=True)
+        events = 16_003 if args.receive_source == "replay" else (20_000 if args.quick else 40_000)
+        if args.receive_source == "replay" and not args.quick:
+            events = 48_009
+        text, summary["receive"] = bench_receive.run(reps, events, mode=args.receive_source,
+                                                     with_prototypes=args.prototypes)
+        sections.append("### 2. Receive: socket → event handler\n\n" + text)
+    if "e2e" in only:
+        print("end to end ...", file=sys.stderr, flush=True)
+        text, summary["e2e"] = bench_e2e.run(quick=args.quick)
+        sections.append("### 3. End to end: AMI source → `amid run` → sinks\n\n" + text)
+    from benchmarks.common import markdown_table
+    rows = verdicts(summary)
+    if rows:
+        sections.append("### Targets (issue 5)\n\n" + markdown_table(["target", "this run", "verdict"], rows))
+    sections.append(f"_Total benchmark time {time.perf_counter() - started:.0f} s._")
+    report = "\n\n".join(sections) + "\n"
+    print(report)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(report)
+    print(f"written to {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
