@@ -13,11 +13,10 @@ path through a dict and ``pydantic_core.to_json``. Both produce the same JSON (t
 from __future__ import annotations
 
 import base64
-import re
 import time
 from typing import Any
 
-from pydantic_core import PydanticSerializationError, to_json
+from pydantic_core import PydanticSerializationError, from_json, to_json
 
 from amid.ami.protocol import Event, recover_bytes
 
@@ -35,40 +34,52 @@ def format_iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros:06d}Z"
 
 
-def iso_cache():
-    """A small memo for format_iso: all events of one read share their receive time."""
-    last: list[Any] = [None, ""]
+class _IsoCache:
+    """format_iso with a memory of the last value: all events of one read share their receive
+    time, so most calls are a comparison."""
 
-    def fmt(ts: float) -> str:
-        if ts != last[0]:
-            last[0] = ts
-            last[1] = format_iso(ts)
-        return last[1]
-    return fmt
+    __slots__ = ("ts", "text", "raw")
+
+    def __init__(self) -> None:
+        self.ts: float | None = None
+        self.text = ""
+        self.raw = b""
+
+    def __call__(self, ts: float) -> str:
+        if ts != self.ts:
+            self.ts, self.text = ts, format_iso(ts)
+            self.raw = self.text.encode()
+        return self.text
+
+    def bytes(self, ts: float) -> bytes:
+        if ts != self.ts:
+            self(ts)
+        return self.raw
 
 
-_iso = iso_cache()
+_iso = _IsoCache()
+_iso_bytes = _iso.bytes
 
 
 def fields_json_fast(raw: bytes) -> bytes | None:
-    """The JSON object of a message's fields, or None when the general path is needed."""
-    lines = raw.count(b"\n") + 1
-    if (raw.count(b": ") != lines or raw.count(b"\r\n") != lines - 1
-            or raw.translate(None, _SAFE_BYTES)):
+    """The JSON object of a message's fields, or None when the general path is needed.
+
+    With no byte that JSON must escape, turning ``\r\n`` into ``","`` and ``": "`` into
+    ``":"`` yields valid JSON exactly when every line holds exactly one ``": "`` (keys and
+    values must alternate). The Rust JSON parser checks that, and UTF-8, in one call; its
+    dict then shows a repeated key (fewer entries than lines) or a colon inside a key (where
+    the general rule would cut the key at the first colon): both take the general path.
+    """
+    if raw.translate(None, _SAFE_BYTES):
         return None
-    if not raw.isascii():
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    # With a line break turned into ": \0" (NUL cannot occur: checked above), splitting on ": "
-    # gives key, value, key, value... with every later key marked by a leading NUL, all in C.
-    # A NUL anywhere but in a key means some line had no ": " and another had two.
-    parts = (b"\0" + raw).replace(b"\r\n", b": \0").split(b": ")
-    keys = parts[::2]
-    if b"".join(keys).count(b"\0") != lines or len(set(keys)) != lines:
-        return None  # an odd line, or a repeated key (which becomes an array): general path
-    return b'{"' + raw.replace(b"\r\n", b'","').replace(b": ", b'":"') + b'"}'
+    body = b'{"' + raw.replace(b"\r\n", b'","').replace(b": ", b'":"') + b'"}'
+    try:
+        keys = from_json(body)
+    except ValueError:
+        return None
+    if len(keys) != raw.count(b"\n") + 1 or ":" in "".join(keys):
+        return None
+    return body
 
 
 _RECORD = (b'{"id":"%s","server":"%s","epoch":%d,"seq":%d,"received_at":"%s","event":"%s",'
@@ -81,15 +92,12 @@ def event_json(event: Event, record_id: str) -> bytes:
     if fields is not None:
         ident = record_id.encode()
         server = event.server.encode()
-        # The name is the first field's value, already checked; id and server come from us
-        # but may hold anything a library user chose.
-        if ident.isascii() and server.isascii() and not _QUOTE_OR_BACKSLASH.search(ident + server):
-            return _RECORD % (ident, server, event.epoch, event.seq, _iso(event.received_at).encode(),
+        # The event name is the first field's value, checked above; the id and the server name
+        # come from amid's side but a library user may have chosen anything.
+        if not (ident + server).translate(None, _SAFE_BYTES) and b"\r" not in ident + server:
+            return _RECORD % (ident, server, event.epoch, event.seq, _iso_bytes(event.received_at),
                               event.name.encode(), fields)
     return encode_record(record_dict(event, record_id))
-
-
-_QUOTE_OR_BACKSLASH = re.compile(rb'["\\\x00-\x1f]')
 
 
 def record_dict(event: Event, record_id: str) -> dict[str, Any]:

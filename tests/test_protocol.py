@@ -368,6 +368,11 @@ def test_fast_record_json_property(fields):
     b"Value: say \"hi\"\\n",                 # JSON escaping needed
     b"Tab: a\tb",                           # control character
     b"Key:no-space\r\nOther: x",            # colon not followed by a space
+    b"K:ey: v",                             # a colon inside what looks like the key
+    b"K: a\rb",                             # a lone CR inside a value
+    b"A: x: y\r\nB",                        # two ": " on one line, none on the next
+    b"B\r\nA: x: y",
+    b"Latin: caf\xe9",                      # not UTF-8
     b"Uniqueid: 1.2\r\nUniqueID: 3.4",      # keys differ by case only: both kept
 ])
 def test_fast_record_json_declines_or_matches_on_tricky_messages(body):
