@@ -290,8 +290,10 @@ class ServerConfig(_Model):
     name: Name = "default"
     host: Annotated[str, Field(min_length=1)]
     port: Annotated[int, Field(ge=1, le=65535)] = 5038
-    username: Annotated[str, Field(min_length=1)]
-    secret: Annotated[str, Field(min_length=1, repr=False)]
+    username: Annotated[str, Field(min_length=1), AfterValidator(_check_single_line)]
+    # A line break would end the AMI header (a secret file with an extra blank line, a YAML
+    # block scalar): refused here, with the key and line, instead of failing every login.
+    secret: Annotated[str, Field(min_length=1, repr=False), AfterValidator(_check_single_line)]
     auth: Literal["md5", "plain"] = "md5"
     tls: Annotated[TlsConfig | None, BeforeValidator(_tls_setting)] = None
     ping_interval: PositiveDuration = 20.0

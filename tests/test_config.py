@@ -536,9 +536,9 @@ def test_secrets_never_appear_in_repr_str_or_errors(tmp_path):
 
 
 def test_secret_file_strips_one_trailing_newline(tmp_path):
-    (tmp_path / "s").write_text("line\n\n")
+    (tmp_path / "s").write_text("line\n")
     path = write(tmp_path, MINIMAL.replace("secret: amidsecret", f"secret_file: {tmp_path}/s"))
-    assert load(path, {}, sink_option_models=MODELS).servers[0].secret == "line\n"
+    assert load(path, {}, sink_option_models=MODELS).servers[0].secret == "line"
 
 
 def test_relative_secret_file_uses_credentials_directory(tmp_path, monkeypatch):
@@ -614,3 +614,14 @@ def test_sink_options_take_durations_and_sizes_like_the_rest_of_the_config(tmp_p
     assert file_opts.fsync_interval == 0.25 and file_opts.rotate_bytes == 4096
     assert syslog_opts.send_timeout == 2.0 and syslog_opts.udp_max_bytes == 4096
     assert webhook_opts.timeout == 60.0
+
+
+def test_a_secret_with_a_line_break_is_refused_without_showing_it(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("TOPSECRET\n\n")      # one trailing newline is stripped, the second is not
+    path = tmp_path / "c.yaml"
+    path.write_text(f"servers:\n  - host: pbx\n    username: amid\n    secret_file: {secret}\n")
+    with pytest.raises(ConfigError) as err:
+        load(path, {})
+    text = str(err.value)
+    assert "servers[0].secret" in text and "line break" in text and "TOPSECRET" not in text

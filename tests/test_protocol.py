@@ -178,7 +178,8 @@ def test_s06_command_output_lines_verbatim():
 
 
 def test_legacy_follows_command_output_with_blank_lines():
-    data = BANNER + (b"Response: Follows\r\nPrivilege: Command\r\nActionID: c1\r\n"
+    # Asterisk 13 (AMI 2.x) answered Command like this; AMI >= 3 never does (see below).
+    data = b"Asterisk Call Manager/2.10.4\r\n" + (b"Response: Follows\r\nPrivilege: Command\r\nActionID: c1\r\n"
                      b"line one\r\n\r\nUptime: 5 days\r\n--END COMMAND--\r\n\r\n"
                      b"Event: After\r\n\r\n")
     for feed in (parse_whole, parse_bytewise):
@@ -186,6 +187,32 @@ def test_legacy_follows_command_output_with_blank_lines():
         assert [m.name for m in msgs] == ["Follows", "After"]
         assert msgs[0].action_id == "c1"
         assert msgs[0].output == ["line one", "", "Uptime: 5 days"]
+
+
+def test_follows_framing_is_not_used_with_a_modern_banner():
+    """With AMI >= 3 a forged 'Response: Follows' line (dialplan data can forge messages)
+    must not make the parser wait for an --END COMMAND-- marker that never comes."""
+    data = BANNER + b"Response: Follows\r\nActionID: x\r\n\r\nEvent: A\r\n\r\nEvent: B\r\n\r\n"
+    assert [m.name for m in parse_whole(data)] == ["Follows", "A", "B"]
+
+
+def test_complete_messages_before_garbage_are_delivered_then_the_error_raised():
+    parser = Parser(max_message_bytes=100)
+    good = b"".join(b"Event: Good%d\r\nA: b\r\n\r\n" % i for i in range(5))
+    msgs = parser.feed(BANNER + good + b"Event: Big\r\nData: " + b"x" * 300)
+    assert [m.name for m in msgs] == [f"Good{i}" for i in range(5)]
+    assert parser.error is not None and parser.error.kind == "message_too_large"
+    with pytest.raises(RemoteProtocolError):
+        parser.feed(b"Event: More\r\n\r\n")
+    # the same with bare-LF framing (the general loop)
+    parser = Parser(max_message_bytes=100)
+    msgs = parser.feed(BANNER + b"Event: Good\nA: b\n\n" + b"Event: Big\nData: " + b"x" * 300 + b"\n\n")
+    assert [m.name for m in msgs] == ["Good"] and parser.error is not None
+
+
+def test_stray_blank_lines_give_no_empty_message():
+    msgs = parse_whole(BANNER + b"\r\n\r\nEvent: A\r\n\r\n\r\n\r\nEvent: B\r\n\r\n")
+    assert [m.name for m in msgs] == ["A", "B"]
 
 
 def test_non_utf8_bytes_are_recoverable_never_dropped():

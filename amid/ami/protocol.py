@@ -367,6 +367,12 @@ def _message_for(raw: bytes) -> Message:
     return cls(raw, name)
 
 
+def _ami_major(banner: str) -> int:
+    version = banner.rpartition("/")[2]
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
 class ParserState(enum.Enum):
     AWAITING_BANNER = "awaiting_banner"
     MESSAGES = "messages"
@@ -383,7 +389,7 @@ class Parser:
     """
 
     __slots__ = ("state", "banner", "max_message_bytes", "max_fields", "_buf", "_scan_from",
-                 "_error", "messages_total", "bytes_total")
+                 "_error", "messages_total", "bytes_total", "_legacy_follows")
 
     def __init__(self, *, expect_banner: bool = True,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -395,6 +401,9 @@ class Parser:
         self._buf = b""
         self._scan_from = 0
         self._error: RemoteProtocolError | None = None
+        # Asterisk < 14 (AMI < 3) answers Command with "Response: Follows" and raw text that
+        # may hold blank lines; later versions never do, so only their banner enables it.
+        self._legacy_follows = False
         self.messages_total = 0
         self.bytes_total = 0
 
@@ -416,6 +425,20 @@ class Parser:
         self._buf = b""
         return self._error
 
+    def _stop(self, out: list[Message], message: str, kind: str) -> list[Message]:
+        """Fail the stream, but hand over the messages completed before the bad one first."""
+        error = self._fail(message, kind)
+        self.messages_total += len(out)
+        if out:
+            return out
+        raise error
+
+    @property
+    def error(self) -> RemoteProtocolError | None:
+        """The protocol error that ended this stream, if any. ``feed`` returns the messages
+        completed before the error first and raises it on the next call."""
+        return self._error
+
     def feed(self, data: bytes) -> list[Message]:
         """Add received bytes; return every message they complete, in order."""
         if self._error is not None:
@@ -433,6 +456,7 @@ class Parser:
             if not line.startswith(BANNER_PREFIX):
                 raise self._fail(f"expected the AMI banner, got {line[:60]!r}", "bad_banner")
             self.banner = _decode(line)
+            self._legacy_follows = _ami_major(self.banner) < 3
             self.state = ParserState.MESSAGES
             buf = buf[nl + 1:]
             self._scan_from = 0
@@ -456,7 +480,8 @@ class Parser:
         # so a pure-CRLF stream pays one failed search per read, not one per message.
         lf_lf = find(b"\n\n", scan)
         while True:
-            if pos < size and buf[pos] in _R_OR_r and buf[pos:pos + 17].lower() == b"response: follows":
+            if (self._legacy_follows and pos < size and buf[pos] in _R_OR_r
+                    and buf[pos:pos + 17].lower() == b"response: follows"):
                 end = self._follows_end(buf, pos)
                 if end is None:
                     break
@@ -472,8 +497,8 @@ class Parser:
                 else:
                     stop, nxt = lf_lf, lf_lf + 2
             if stop - pos > max_bytes:
-                raise self._fail(f"message of {stop - pos} bytes exceeds the limit of {max_bytes}",
-                                 "message_too_large")
+                return self._stop(out, f"message of {stop - pos} bytes exceeds the limit of "
+                                       f"{max_bytes}", "message_too_large")
             raw = buf[pos:stop]
             if raw.endswith(b"\r"):
                 raw = raw[:-1]
@@ -483,12 +508,13 @@ class Parser:
                 if not raw:
                     continue
             if raw.count(b"\n") >= max_fields:
-                raise self._fail(f"message has more than {self.max_fields} lines", "too_many_fields")
+                return self._stop(out, f"message has more than {self.max_fields} lines",
+                                  "too_many_fields")
             out.append(_message_for(raw))
         rest = size - pos
         if rest > max_bytes:
-            raise self._fail(f"incomplete message of {rest} bytes exceeds the limit of {max_bytes}",
-                             "message_too_large")
+            return self._stop(out, f"incomplete message of {rest} bytes exceeds the limit of "
+                                   f"{max_bytes}", "message_too_large")
         self._buf = buf[pos:] if rest else b""
         # Resume the terminator search a little before the end of what we already scanned.
         self._scan_from = max(0, rest - 3)
@@ -499,16 +525,21 @@ class Parser:
         *complete, rest = buf.split(b"\r\n\r\n")
         max_bytes = self.max_message_bytes
         max_fields = self.max_fields
+        bad: tuple[str, str] | None = None
         if complete:
             # Bounds, checked in C over the whole read; a message of max_fields lines has at
             # least that many bytes, so only long ones are counted.
             longest = max(map(len, complete))
-            if longest > max_bytes:
-                raise self._fail(f"message of {longest} bytes exceeds the limit of {max_bytes}",
-                                 "message_too_large")
-            if longest >= max_fields and any(len(raw) >= max_fields and raw.count(b"\n") >= max_fields
-                                             for raw in complete):
-                raise self._fail(f"message has more than {max_fields} lines", "too_many_fields")
+            if longest > max_bytes or longest >= max_fields:
+                for i, raw in enumerate(complete):
+                    if len(raw) > max_bytes:
+                        bad = (f"message of {len(raw)} bytes exceeds the limit of {max_bytes}",
+                               "message_too_large")
+                    elif len(raw) >= max_fields and raw.count(b"\n") >= max_fields:
+                        bad = (f"message has more than {max_fields} lines", "too_many_fields")
+                    if bad is not None:
+                        del complete[i:]  # the messages before the bad one are still delivered
+                        break
         out: list[Message] = []
         append = out.append
         for i, raw in enumerate(complete):
@@ -516,20 +547,22 @@ class Parser:
                 end = raw.find(b"\r\n")
                 append(Event(raw, _decode(raw[7:end] if end >= 0 else raw[7:])))
                 continue
-            if raw[:1] in _CR_LF:
+            if not raw or raw[:1] in _CR_LF:
                 raw = raw.lstrip(b"\r\n")  # stray blank lines between messages
                 if not raw:
                     continue
-            if raw[:17].lower() == b"response: follows":
+            if self._legacy_follows and raw[:17].lower() == b"response: follows":
                 # Legacy Command output may hold blank lines: the general loop frames the rest.
                 remainder = b"\r\n\r\n".join(complete[i:] + [rest])
                 self._buf, self._scan_from = b"", 0
                 self.messages_total += len(out)
                 return out + self._feed_general(remainder)
             append(_message_for(raw))
+        if bad is not None:
+            return self._stop(out, *bad)
         if len(rest) > max_bytes:
-            raise self._fail(f"incomplete message of {len(rest)} bytes exceeds the limit of "
-                             f"{max_bytes}", "message_too_large")
+            return self._stop(out, f"incomplete message of {len(rest)} bytes exceeds the limit "
+                                   f"of {max_bytes}", "message_too_large")
         self._buf = rest
         self._scan_from = max(0, len(rest) - 3)
         self.messages_total += len(out)
@@ -556,7 +589,8 @@ class Parser:
 
 def _check(text: str, what: str) -> None:
     if "\r" in text or "\n" in text:
-        raise LocalProtocolError(f"{what} {text[:40]!r} contains CR or LF (header injection refused)")
+        # The value itself is not quoted: it may be a secret.
+        raise LocalProtocolError(f"{what} contains CR or LF (header injection refused)")
 
 
 def _encode_str(value: Any) -> str:

@@ -37,6 +37,11 @@ log = logging.getLogger("amid.ami")
 
 DEFAULT_PORT = 5038
 MAX_EVENT_NAMES = 1000
+MAX_HANDLER_CACHE = 1024
+
+# One generator for every client of the process, so ActionIDs never repeat across sessions
+# (Asterisk broadcasts OriginateResponse events, with their ActionID, to every session).
+_PROCESS_ACTION_IDS = ActionIdGenerator()
 
 EventHandler = Callable[[Event], Any]
 
@@ -170,6 +175,8 @@ class _Wire(asyncio.Protocol):
             self.banner.exception()  # mark retrieved
         if not self.lost.done():
             self.lost.set_result(self.close_reason)
+        # Whoever waits for an answer on this connection learns now, not at its timeout.
+        self.client._wire_lost(self)
 
     def abort(self, reason: str, detail: str) -> None:
         if self.close_reason is None:
@@ -200,7 +207,8 @@ class AMIClient:
                  reconnect_max_delay: float = 60.0, default_port: int = DEFAULT_PORT,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  handler_queue_size: int = 10_000, action_ids: ActionIdGenerator | None = None,
-                 stats: SessionStats | None = None, rng: Callable[[], float] = random.random) -> None:
+                 stats: SessionStats | None = None, rng: Callable[[], float] = random.random,
+                 initial_epoch: int = 0, outage_since: float | None = None) -> None:
         if port is None:
             self.host, self.port = parse_host(host, default_port)
         else:
@@ -227,10 +235,12 @@ class AMIClient:
         self.max_message_bytes = max_message_bytes
         self.stats = stats if stats is not None else SessionStats()
         self._rng = rng
-        self._action_ids = action_ids or ActionIdGenerator()
+        self._action_ids = action_ids or _PROCESS_ACTION_IDS
 
         self.state = ConnectionState.IDLE
-        self.epoch = 0
+        # A replacement client (config reload) continues its predecessor's epochs, so record
+        # ids (server:run:epoch:seq) never repeat, and reports the outage as a gap.
+        self.epoch = initial_epoch
         self.banner: str | None = None
         self._seq = 0
         self._wire: _Wire | None = None
@@ -252,7 +262,7 @@ class AMIClient:
         self._ping_task: asyncio.Task | None = None
         self._closing = asyncio.Event()
         self._connected = asyncio.Event()
-        self._disconnected_at: float | None = None
+        self._disconnected_at: float | None = outage_since
         self._last_shutdown_event = False
         self.last_error: str | None = None
 
@@ -295,11 +305,10 @@ class AMIClient:
 
     async def close(self, *, logoff_timeout: float = 2.0) -> None:
         """Log off cleanly (bounded wait), close the socket, stop every task. Idempotent."""
-        if self.state is ConnectionState.CLOSED:
-            return
         self._closing.set()
         wire = self._wire
-        if wire is not None and self.state is ConnectionState.CONNECTED:
+        if wire is not None and self.state is ConnectionState.CONNECTED and wire.transport is not None \
+                and not wire.lost.done():
             try:
                 await self.send_action("Logoff", timeout=logoff_timeout)
             except (AMIError, OSError):
@@ -320,6 +329,8 @@ class AMIClient:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
+        self.stats.up = False
+        self._connected.clear()
         if self.state is not ConnectionState.CLOSED:
             self._set_state(ConnectionState.CLOSED, reason="closed", detail="client closed the session")
         self._fail_pending(AMIConnectionError("session closed"))
@@ -596,6 +607,8 @@ class AMIClient:
                     self._connection_down("login_failed", f"login as {self.username!r} failed: {exc}")
                 except AMIConnectionError as exc:
                     self._connection_down("connect_error", str(exc))
+                except Exception as exc:  # e.g. LocalProtocolError: never let the supervisor die
+                    self._connection_down("error", f"{type(exc).__name__}: {exc}")
             if lost is not None:
                 closing = asyncio.ensure_future(self._closing.wait())
                 try:
@@ -611,6 +624,7 @@ class AMIClient:
                 self._connection_down(reason, detail)
             if self._closing.is_set() or not self.reconnect:
                 if not self._closing.is_set():
+                    self._closing.set()  # iterators and waiters end as on close()
                     self._set_state(ConnectionState.CLOSED, reason="closed", detail="reconnect disabled")
                 return
             failures += 1
@@ -645,6 +659,11 @@ class AMIClient:
         self._fail_pending(AMIConnectionError(f"connection to {self.name} lost: {detail}"))
         self._set_state(ConnectionState.DISCONNECTED, reason=reason, detail=detail)
 
+    def _wire_lost(self, wire: _Wire) -> None:
+        if wire is self._wire:
+            reason = wire.close_reason[1] if wire.close_reason else "connection lost"
+            self._fail_pending(AMIConnectionError(f"connection to {self.name} lost: {reason}"))
+
     def _fail_pending(self, exc: Exception) -> None:
         for pending in self._pending.values():
             pending.fail(exc)
@@ -674,17 +693,31 @@ class AMIClient:
 
     def _on_data(self, wire: _Wire, data: bytes) -> None:
         for raw_listener in self._raw_listeners:
-            raw_listener(data)
+            try:
+                raw_listener(data)
+            except Exception:
+                self.stats.handler_errors_total += 1
+                log.exception("raw listener failed", extra={"server": self.name})
         try:
             messages = wire.parser.feed(data)
         except RemoteProtocolError as exc:
-            self.stats.protocol_errors_total[exc.kind] += 1
-            wire.abort("protocol_error", str(exc))
+            self._protocol_error(wire, exc)
+            return
+        if wire.parser.error is not None:
+            # The messages completed before the garbage are delivered, then the link recycled.
+            self._dispatch_messages(messages)
+            self._protocol_error(wire, wire.parser.error)
             return
         if wire.parser.banner is not None and not wire.banner.done():
             wire.banner.set_result(wire.parser.banner)
-        if not messages:
-            return
+        if messages:
+            self._dispatch_messages(messages)
+
+    def _protocol_error(self, wire: _Wire, exc: RemoteProtocolError) -> None:
+        self.stats.protocol_errors_total[exc.kind] += 1
+        wire.abort("protocol_error", str(exc))
+
+    def _dispatch_messages(self, messages: list) -> None:
         now = time.time()
         stats = self.stats
         by_name = stats.events_by_name
@@ -700,6 +733,7 @@ class AMIClient:
                 msg.seq = self._seq
                 msg.received_at = now
                 stats.events_total += 1
+                stats.last_event_time = now
                 name = msg.name
                 if name in by_name:
                     by_name[name] += 1
@@ -723,7 +757,6 @@ class AMIClient:
                 stats.protocol_errors_total["malformed_message"] += 1
                 log.warning("AMI %s: ignoring a message that is neither response nor event: %r",
                             self.name, msg.raw[:80], extra={"server": self.name})
-        stats.last_event_time = now
 
     def _on_response(self, response: Response) -> None:
         action_id = response.get("ActionID")
@@ -775,6 +808,8 @@ class AMIClient:
             matched = list(self._handlers_exact.get(key, ()))
             matched += [h for pattern, h in self._handlers_glob if fnmatch.fnmatchcase(key, pattern)]
             found = tuple(matched) if matched else tuple(self._handlers_any)
+            if len(self._handler_cache) >= MAX_HANDLER_CACHE:  # names come from the wire
+                self._handler_cache.clear()
             self._handler_cache[key] = found
         return found
 
