@@ -73,7 +73,8 @@ def load_config(path: str | None, environ: Mapping[str, str], types: SinkTypes) 
     return load(path, environ, sink_option_models=types.option_models)
 
 
-def _client_for(server: ServerConfig, *, on_event, on_state, stats: SessionStats) -> AMIClient:
+def _client_for(server: ServerConfig, *, on_event, on_state, stats: SessionStats,
+                initial_epoch: int = 0, outage_since: float | None = None) -> AMIClient:
     tls = None
     if server.tls is not None:
         tls = make_ssl_context(ca_file=server.tls.ca_file, verify=server.tls.verify,
@@ -85,7 +86,7 @@ def _client_for(server: ServerConfig, *, on_event, on_state, stats: SessionStats
         ping_timeout=server.ping_timeout, connect_timeout=server.connect_timeout,
         action_timeout=server.action_timeout, reconnect_min_delay=server.reconnect.min_delay,
         reconnect_max_delay=server.reconnect.max_delay, max_message_bytes=server.max_message_bytes,
-        stats=stats)
+        stats=stats, initial_epoch=initial_epoch, outage_since=outage_since)
     client.add_listener(on_event)
     client.on_state_change(on_state)
     return client
@@ -112,6 +113,7 @@ class Daemon:
         self.notifier = notifier
         self.router = Router(run_id=secrets.token_hex(4))
         self.clients: dict[str, AMIClient] = {}
+        self._retired: dict[str, tuple[int, float]] = {}  # server -> (last epoch, closed at)
         self.server_stats: dict[str, SessionStats] = {}
         self.sinks: dict[str, _SinkSlot] = {}
         self.http = None
@@ -155,8 +157,9 @@ class Daemon:
 
     def _start_client(self, server: ServerConfig) -> AMIClient:
         stats = self.server_stats.setdefault(server.name, SessionStats())
+        epoch, outage_since = self._retired.pop(server.name, (0, None))
         client = _client_for(server, on_event=self.router.on_event, on_state=self._on_state,
-                             stats=stats)
+                             stats=stats, initial_epoch=epoch, outage_since=outage_since)
         self.clients[server.name] = client
         return client
 
@@ -264,12 +267,9 @@ class Daemon:
         for name, client in self.clients.items():
             if client.state is not ConnectionState.CONNECTED:
                 continue  # the supervisor is retrying; a restart would not help
-            stats = client.stats
+            last = client.stats.last_pong_time
             allowance = 2 * (client.ping_interval + client.ping_timeout) + 5
-            last = stats.last_pong_time or (now - 0)
-            if stats.last_pong_time is None:
-                continue
-            if now - last > allowance:
+            if last is not None and now - last > allowance:
                 return False
         return True
 
@@ -325,6 +325,10 @@ class Daemon:
         if self._stopping:
             return
         self._stopping = True
+        async with self._reload_lock:  # a reload in progress finishes first, then nothing starts
+            await self._shut_down()
+
+    async def _shut_down(self) -> None:
         if self.notifier is not None:
             self.notifier.stopping()
         deadline = time.monotonic() + self.config.shutdown_timeout
@@ -380,6 +384,8 @@ class Daemon:
                 self.notifier.reloading()
             try:
                 try:
+                    if self._stopping:
+                        return False
                     new = await asyncio.to_thread(load_config, self.config_path, self.environ, self.types)
                 except ConfigError as exc:
                     log.error("reload refused, keeping the running config:\n%s", exc)
@@ -393,52 +399,72 @@ class Daemon:
                 return True
             finally:
                 if self.notifier is not None:
-                    self.notifier.ready(self.status_line())
+                    if self.ready.is_set():
+                        self.notifier.ready(self.status_line())
+                    else:  # a SIGHUP before start-up finished must not announce READY early
+                        self.notifier.status(self.status_line())
 
     async def _apply(self, new: Config) -> None:
         old = self.config
         self.config = new
-        # Sinks: keep the unchanged ones (reopen files), replace changed ones, handing over
-        # whatever they still hold so no queued event is lost.
+        drain = min(RELOAD_DRAIN_TIMEOUT, new.shutdown_timeout)
+        # Sinks. New runners are routed to *before* the old ones are detached, so no event
+        # reaches a closed runner; what an old runner still holds is then handed to its
+        # successor (a spooled sink's events wait in the spool it reopens).
         new_sinks = {s.name: s for s in new.sinks}
-        for name in list(self.sinks):
-            slot = self.sinks[name]
+        replaced: list[tuple[_SinkSlot, _SinkSlot]] = []
+        removed: list[_SinkSlot] = []
+        added: list[_SinkSlot] = []
+        slots: dict[str, _SinkSlot] = {}
+        for name, slot in self.sinks.items():
             cfg = new_sinks.get(name)
-            if cfg is not None and cfg == slot.config:
+            if cfg is None:
+                removed.append(slot)
+            elif cfg == slot.config:
+                slots[name] = slot
                 reopen = getattr(slot.sink, "reopen", None)
                 if callable(reopen):
                     reopen()
-                continue
-            # Hand the queue over quickly: the new runner retries, so waiting long gains nothing.
-            leftovers = await slot.runner.detach(min(RELOAD_DRAIN_TIMEOUT, self.config.shutdown_timeout))
-            del self.sinks[name]
-            if cfg is None:
-                log.info("sink %s removed", name, extra={"sink": name})
-                if leftovers:
-                    log.warning("sink %s removed with %d undelivered events: dropped", name,
-                                len(leftovers), extra={"sink": name})
-                continue
-            fresh = self._build_sink(cfg)
-            self.sinks[name] = fresh
-            await fresh.runner.start()
-            for record in leftovers:
-                fresh.runner.offer(record)
+            else:
+                fresh = self._build_sink(cfg)
+                replaced.append((slot, fresh))
+                slots[name] = fresh
+        for name, cfg in new_sinks.items():
+            if name not in slots:
+                fresh = self._build_sink(cfg)
+                added.append(fresh)
+                slots[name] = fresh
+        self.sinks = slots
+        self._update_routes()
+        for old_slot, fresh in replaced:
+            name = old_slot.config.name
+            leftovers = await old_slot.runner.detach(drain)
+            try:
+                await fresh.runner.start()
+            finally:
+                fresh.runner.adopt(leftovers)
             log.info("sink %s reconfigured (%d queued events handed over)", name, len(leftovers),
                      extra={"sink": name})
-        for name, cfg in new_sinks.items():
-            if name not in self.sinks:
-                slot = self._build_sink(cfg)
-                self.sinks[name] = slot
-                await slot.runner.start()
-                log.info("sink %s added", name, extra={"sink": name})
-        self._update_routes()
-        # Servers: reconnect only those whose settings changed.
+        for slot in removed:
+            name = slot.config.name
+            leftovers = await slot.runner.detach(drain)
+            if leftovers:
+                log.warning("sink %s removed with %d undelivered events: dropped", name,
+                            len(leftovers), extra={"sink": name})
+            else:
+                log.info("sink %s removed", name, extra={"sink": name})
+        for slot in added:
+            await slot.runner.start()
+            log.info("sink %s added", slot.config.name, extra={"sink": slot.config.name})
+        # Servers: reconnect only those whose settings changed. A replacement continues the
+        # epochs of its predecessor (record ids stay unique) and reports the switch as a gap.
         old_servers = {s.name: s for s in old.servers}
         new_servers = {s.name: s for s in new.servers}
         for name, server in old_servers.items():
             if new_servers.get(name) != server:
                 client = self.clients.pop(name)
                 await client.close()
+                self._retired[name] = (client.epoch, time.time())
                 if name not in new_servers:
                     self.server_stats.pop(name, None)
         for name, server in new_servers.items():

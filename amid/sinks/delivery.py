@@ -202,6 +202,21 @@ class SinkRunner:
             self._enforce_queue_bounds(policy, "queue_full")
         self._wakeup.set()
 
+    def adopt(self, records: Sequence[Record]) -> None:
+        """Put records a predecessor handed over (config reload, see :meth:`detach`) at the head
+        of the queue, so they leave before anything offered since. Never blocks; the queue
+        bounds and the overflow policy apply as for :meth:`offer`."""
+        if not records:
+            return
+        self.stats.received_total += len(records)
+        for record in reversed(records):
+            self._queue.appendleft(record)
+            self.stats.queue_events += 1
+            self.stats.queue_bytes += record.size
+        policy = self._spool_fallback if self._overflow == "spool" else self._overflow
+        self._enforce_queue_bounds(policy, "queue_full")
+        self._wakeup.set()
+
     def _queue_fits(self, size: int) -> bool:
         return (self.stats.queue_events < self._max_queue_events
                 and self.stats.queue_bytes + size <= self._max_queue_bytes)
