@@ -264,12 +264,66 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return _run_loop(main())
 
 
+class _StdoutWriter:
+    """Writes to stdout from a thread, fed by a queue: a slow pager or a full pipe must not
+    stall the event loop (Asterisk drops a client that stops reading for ~100 ms), and a reader
+    that went away (``amid tail | head``) ends the command quietly."""
+
+    def __init__(self, limit_bytes: int = 256 << 20) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._limit = limit_bytes
+        self._wakeup = asyncio.Event()
+        self.closed = asyncio.Event()   # stdout is gone, or the writer gave up
+        self.error: str | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.closed.is_set():
+            return
+        if self._size + len(data) > self._limit:
+            self.error = "stdout is not keeping up (more than 256 MiB waiting)"
+            self.closed.set()
+            return
+        self._chunks.append(data)
+        self._size += len(data)
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        out = sys.stdout.buffer
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            data, self._chunks, self._size = b"".join(self._chunks), [], 0
+            if not data:
+                continue
+            try:
+                await asyncio.to_thread(_write_all, out, data)
+            except OSError:  # BrokenPipeError included: the reader went away
+                self.closed.set()
+                return
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        self._wakeup.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self._chunks and not self.closed.is_set():
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0)
+
+
+def _write_all(out, data: bytes) -> None:
+    out.write(data)
+    out.flush()
+
+
 async def _tail(args: argparse.Namespace) -> int:
     from amid.records import Record
-    out = sys.stdout.buffer
+    writer = _StdoutWriter()
+    writer_task = asyncio.create_task(writer.run())
     done = asyncio.Event()
     seen = 0
-    client = _client_from_args(args, ping_interval=args.ping_interval, ping_timeout=max(2.0, args.ping_interval))
+    client = _client_from_args(args, ping_interval=args.ping_interval,
+                               ping_timeout=max(2.0, args.ping_interval))
 
     def on_event(event) -> None:
         nonlocal seen
@@ -279,26 +333,38 @@ async def _tail(args: argparse.Namespace) -> int:
         if not args.raw:
             record = Record(id=f"{event.server}:tail:{event.epoch}:{event.seq}", name=event.name,
                             server=event.server, received_at=event.received_at, event=event)
-            out.write(record.json + b"\n")
-            out.flush()
+            writer.write(record.json + b"\n")
         if args.count is not None and seen >= args.count:
             done.set()
 
     if args.raw:
-        client.add_raw_listener(lambda data: (out.write(data), out.flush()))
+        client.add_raw_listener(writer.write)
     client.add_listener(on_event)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, done.set)
     try:
-        await client.connect()
-    except Exception as exc:  # connection or login problems: one clear line, no traceback
-        print(f"amid tail: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    try:
-        await done.wait()
-    finally:
+        try:
+            await client.connect()
+        except Exception as exc:  # connection or login problems: one clear line, no traceback
+            print(f"amid tail: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        stopped = asyncio.ensure_future(writer.closed.wait())
+        finished = asyncio.ensure_future(done.wait())
+        try:
+            await asyncio.wait((stopped, finished), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            finished.cancel()
         await client.close()
+        await writer.flush()
+    finally:
+        writer_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer_task
+    if writer.error:
+        print(f"amid tail: {writer.error}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 

@@ -303,3 +303,30 @@ async def test_sigterm_under_load_loses_nothing(sim, tmp_path):
     lines = events_file.read_bytes().count(b"\n")
     assert 20_000 < sent < 200_000 + 10
     assert lines == sent
+
+
+async def test_tail_into_a_reader_that_goes_away_exits_quietly(sim):
+    """`amid tail | head -1`: the pipe closes; tail must end at once without tracebacks."""
+    sim.call_rate = 0
+    read_fd, write_fd = os.pipe()
+    proc = await asyncio.create_subprocess_exec(
+        *AMID, "tail", *conn_args(sim), stdout=write_fd, stderr=subprocess.PIPE, cwd=ROOT,
+        env=env(AMID_SECRET="amidsecret"))
+    os.close(write_fd)
+    try:
+        await sim.wait_for_sessions(1, timeout=20)
+        sim.originate("Local/200@test", exten="100")
+        reader = os.fdopen(read_fd, "rb")
+        first = await asyncio.to_thread(reader.readline)
+        assert first.startswith(b'{"id":')
+        reader.close()                                  # the reader goes away
+        for _ in range(3):
+            sim.originate("Local/200@test", exten="100")  # more output to write into the pipe
+        async with asyncio.timeout(20):
+            _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    assert b"Traceback" not in err and b"Broken pipe" not in err
