@@ -276,6 +276,7 @@ class _StdoutWriter:
         self._wakeup = asyncio.Event()
         self.closed = asyncio.Event()   # stdout is gone, or the writer gave up
         self.error: str | None = None
+        self._finishing = False
 
     def write(self, data: bytes) -> None:
         if self.closed.is_set():
@@ -294,21 +295,24 @@ class _StdoutWriter:
             await self._wakeup.wait()
             self._wakeup.clear()
             data, self._chunks, self._size = b"".join(self._chunks), [], 0
-            if not data:
-                continue
-            try:
-                await asyncio.to_thread(_write_all, out, data)
-            except OSError:  # BrokenPipeError included: the reader went away
-                self.closed.set()
+            if data:
+                try:
+                    await asyncio.to_thread(_write_all, out, data)
+                except OSError:  # BrokenPipeError included: the reader went away
+                    self.closed.set()
+                    return
+            if self._finishing and not self._chunks:
                 return
 
-    async def flush(self, timeout: float = 10.0) -> None:
+    async def finish(self, task: asyncio.Task, timeout: float = 10.0) -> None:
+        """Write out everything queued, then end ``task`` (the :meth:`run` task)."""
+        self._finishing = True
         self._wakeup.set()
-        with contextlib.suppress(TimeoutError):
+        try:
             async with asyncio.timeout(timeout):
-                while self._chunks and not self.closed.is_set():
-                    await asyncio.sleep(0.01)
-                await asyncio.sleep(0)
+                await asyncio.shield(task)
+        except TimeoutError:
+            task.cancel()
 
 
 def _write_all(out, data: bytes) -> None:
@@ -357,7 +361,7 @@ async def _tail(args: argparse.Namespace) -> int:
             stopped.cancel()
             finished.cancel()
         await client.close()
-        await writer.flush()
+        await writer.finish(writer_task)
     finally:
         writer_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
