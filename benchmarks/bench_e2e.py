@@ -121,6 +121,9 @@ class Tailer(threading.Thread):
 
 # ------------------------------------------------------------------------------ processes
 
+
+SETTLE_SECONDS = 6.0  # longer than the daemon's 5 s status tick, which releases freed memory
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -334,6 +337,9 @@ def run_scenario(*, all_sinks: bool, rates: list[int], seconds: float, flat_out:
                     phases.append(_run_phase("flat out", source, tailer, proc.pid, 0, flat_out, 120))
                     rss_steady = proc_status_kib(proc.pid, "VmRSS")
                     hwm = proc_status_kib(proc.pid, "VmHWM")
+                    # amid gives memory back once its queues are empty (checked every 5 s).
+                    time.sleep(SETTLE_SECONDS)
+                    rss_settled = proc_status_kib(proc.pid, "VmRSS")
                     delivered = None
                     if peers is not None:
                         time.sleep(0.5)  # webhook batches wait up to max_wait before they leave
@@ -347,7 +353,7 @@ def run_scenario(*, all_sinks: bool, rates: list[int], seconds: float, flat_out:
             if peers is not None:
                 peers.close()
     return {"phases": phases, "rss_idle": rss_idle, "rss_steady": rss_steady, "hwm": hwm,
-            "delivered": delivered}
+            "rss_settled": rss_settled, "delivered": delivered}
 
 
 def run_outage(events: int, max_events: int, max_bytes: int) -> dict:
@@ -430,7 +436,8 @@ def run(quick: bool) -> tuple[str, dict]:
     out.append("**File sink only** (JSONL, `fsync: interval`, batch `max_wait: 0`); latency = line "
                "seen written − `received_at`:\n\n" + markdown_table(HEADER, _phase_rows(file_only["phases"]))
                + f"\n\nRSS after warm-up {file_only['rss_idle'] / 1024:.0f} MiB, after all phases "
-                 f"{file_only['rss_steady'] / 1024:.0f} MiB, peak (VmHWM) {file_only['hwm'] / 1024:.0f} MiB.")
+                 f"{file_only['rss_steady'] / 1024:.0f} MiB, {SETTLE_SECONDS:.0f} s later (queues empty) "
+                 f"{file_only['rss_settled'] / 1024:.0f} MiB, peak (VmHWM) {file_only['hwm'] / 1024:.0f} MiB.")
     every = run_scenario(all_sinks=True, rates=[10_000], seconds=seconds, flat_out=flat_out // 2)
     total, hooks, syslog = every["delivered"]
     out.append("**File + webhook (local aiohttp receiver) + syslog (UDP, local listener)**, same method "

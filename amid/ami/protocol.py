@@ -121,6 +121,21 @@ def _parse_fields(raw: bytes) -> list[tuple[str, str]]:
     return fields
 
 
+_NEEDLES: dict[str, bytes] = {}
+
+
+def _needle(key: str) -> bytes:
+    """``b"uniqueid:"`` for ``"Uniqueid"``, or b"" for a key the byte scan cannot look up
+    exactly as the decoded fields would (non-ASCII, empty, or holding ':' or a line break)."""
+    if key and key.isascii() and ":" not in key and "\n" not in key and "\r" not in key:
+        needle = key.lower().encode() + b":"
+    else:
+        needle = b""
+    if len(_NEEDLES) < 4096:  # keys come from callers, but stay bounded anyway
+        _NEEDLES[key] = needle
+    return needle
+
+
 class Message:
     """One AMI message: ordered ``(key, value)`` pairs, looked up case-insensitively.
 
@@ -168,17 +183,19 @@ class Message:
 
     def get(self, key: str, default: Any = None) -> Any:
         """The first value of ``key`` (case-insensitive), or ``default``."""
-        if (self._index is None and self._fields is None and key.isascii() and self.raw.isascii()
-                and key and ":" not in key and "\n" not in key and "\r" not in key):
-            # One lookup need not decode every field: find the line in the bytes (routing and
-            # handlers typically read one or two fields of an event).
-            return self._scan(key, default)
+        if self._index is None and self._fields is None:
+            needle = _NEEDLES.get(key)
+            if needle is None:
+                needle = _needle(key)
+            if needle and self.raw.isascii():
+                # One lookup need not decode every field: find the line in the bytes (routing
+                # and handlers typically read one or two fields of an event).
+                return self._scan(needle, default)
         return self._lookup().get(key.lower(), default)
 
-    def _scan(self, key: str, default: Any) -> Any:
+    def _scan(self, needle: bytes, default: Any) -> Any:
         raw = self.raw
         low = raw.lower()
-        needle = key.lower().encode() + b":"
         if low.startswith(needle):
             start = len(needle)
         else:
