@@ -250,27 +250,34 @@ async def test_run_talks_to_systemd_reloads_and_stops_without_losing_events(sim,
 
 
 async def test_second_sigterm_exits_at_once(sim, tmp_path):
-    events_file = tmp_path / "events.jsonl"
-    config = daemon_config(tmp_path, sim, events_file)
-    notify = NotifySocket(tmp_path / "notify.sock")
-    proc = await asyncio.create_subprocess_exec(
-        *AMID, "run", "--config", str(config), stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, cwd=ROOT, env=env(NOTIFY_SOCKET=str(notify.path)))
-    try:
-        await notify.wait_for("READY", "1")
-        sim.set_faults(stall=True)  # Logoff will hang: the first SIGTERM cannot finish quickly
-        proc.send_signal(signal.SIGTERM)
-        await notify.wait_for("STOPPING", "1")
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(10):
-            await proc.wait()
-        assert proc.returncode != 0 and time.monotonic() - started < 10
-    finally:
-        sim.set_faults(stall=False)
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    from http_receiver import HttpReceiver
+    async with HttpReceiver() as receiver:
+        receiver.stall()  # the drain after the first SIGTERM waits for this receiver
+        config = daemon_config(tmp_path, sim, tmp_path / "events.jsonl", shutdown_timeout="20s")
+        data = yaml.safe_load(config.read_text())
+        data["sinks"].append({"name": "hook", "type": "webhook", "url": receiver.url, "timeout": 60})
+        config.write_text(yaml.safe_dump(data))
+        notify = NotifySocket(tmp_path / "notify.sock")
+        proc = await asyncio.create_subprocess_exec(
+            *AMID, "run", "--config", str(config), stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, cwd=ROOT, env=env(NOTIFY_SOCKET=str(notify.path)))
+        try:
+            await notify.wait_for("READY", "1")
+            sim.originate("Local/200@test", exten="100")
+            await receiver.wait_for_requests(1)      # a batch is stuck in flight
+            proc.send_signal(signal.SIGTERM)
+            await notify.wait_for("STOPPING", "1")
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(10):
+                await proc.wait()
+            assert proc.returncode == 128 + signal.SIGTERM
+            assert time.monotonic() - started < 10   # not the 20 s drain
+        finally:
+            receiver.release()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
 
 
 async def test_sigterm_under_load_loses_nothing(sim, tmp_path):
