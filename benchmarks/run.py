@@ -77,11 +77,11 @@ def verdicts(summary: dict) -> list[list[str]]:
                      f"flat-out burst, {settled:.0f} MiB once its queue drained",
                      _verdict(idle < 80 and settled < 80)])
         out = e2e["outage"]
-        growth = (out["rss_end"] - out["rss_half"]) / 1024
+        growth = (out["peak_second"] - out["peak_first"]) / 1024
         rows.append(["RSS bounded by queue limits during a sink outage",
-                     f"second half of the outage {growth:+.1f} MiB; queue {out['queue_events'] or 0:,.0f} "
-                     f"≤ {out['max_events']:,} events", _verdict(growth < 8 and (out["queue_events"] or 0)
-                                                               <= out["max_events"])])
+                     f"peak RSS, second half vs first half of the outage {growth:+.1f} MiB; queue "
+                     f"{out['queue_events'] or 0:,.0f} ≤ {out['max_events']:,} events",
+                     _verdict(growth < 8 and (out["queue_events"] or 0) <= out["max_events"])])
     return rows
 
 
