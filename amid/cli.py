@@ -335,8 +335,7 @@ async def _tail(args: argparse.Namespace) -> int:
             return
         seen += 1
         if not args.raw:
-            record = Record(id=f"{event.server}:tail:{event.epoch}:{event.seq}", name=event.name,
-                            server=event.server, received_at=event.received_at, event=event)
+            record = Record.of_event(event, "tail")
             writer.write(record.json + b"\n")
         if args.count is not None and seen >= args.count:
             done.set()

@@ -30,12 +30,13 @@ __all__ = ["Record", "format_iso"]
 class Record:
     """An event as sinks see it. Cheap to create; JSON is built once, on first use."""
 
-    __slots__ = ("id", "name", "server", "received_at", "_json", "_data", "_event", "_size")
+    __slots__ = ("_id", "name", "server", "received_at", "_json", "_data", "_event", "_size", "_run")
 
     def __init__(self, *, id: str, name: str, server: str, received_at: float,
                  json_bytes: bytes | None = None, data: dict[str, Any] | None = None,
                  event: Any = None) -> None:
-        self.id = id
+        self._id: str | None = id
+        self._run = ""
         self.name = name
         self.server = server
         self.received_at = received_at
@@ -43,6 +44,34 @@ class Record:
         self._data = data
         self._event = event
         self._size: int | None = None
+
+    @classmethod
+    def of_event(cls, event: Any, run: str) -> "Record":
+        """The record of an event from the wire; its id is ``server:run:epoch:seq``.
+
+        This runs for every event on the AMI read path, so nothing is formatted here: the id
+        and the JSON are built when a sink first asks for them.
+        """
+        record = cls.__new__(cls)
+        record._id = None
+        record._run = run
+        record.name = event.name
+        record.server = event.server
+        record.received_at = event.received_at
+        record._json = None
+        record._data = None
+        record._event = event
+        record._size = None
+        return record
+
+    @property
+    def id(self) -> str:
+        """Unique and stable: receivers drop a record whose id they have seen."""
+        ident = self._id
+        if ident is None:
+            event = self._event
+            ident = self._id = f"{event.server}:{self._run}:{event.epoch}:{event.seq}"
+        return ident
 
     @property
     def json(self) -> bytes:

@@ -96,9 +96,7 @@ class Router:
         for flt, runner in self._routes:
             if flt.accepts(event):
                 if record is None:
-                    record = Record(id=f"{event.server}:{self.run_id}:{event.epoch}:{event.seq}",
-                                    name=event.name, server=event.server,
-                                    received_at=event.received_at, event=event)
+                    record = Record.of_event(event, self.run_id)
                 runner.offer(record)
 
     def emit(self, record: Record) -> None:

@@ -24,10 +24,11 @@ class Histogram:
         self.sum = 0.0
         self.count = 0
 
-    def observe(self, value: float) -> None:
-        self._counts[bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
+    def observe(self, value: float, count: int = 1) -> None:
+        """Record ``count`` observations of ``value``."""
+        self._counts[bisect_left(self.buckets, value)] += count
+        self.sum += value * count
+        self.count += count
 
     def cumulative(self) -> list[tuple[float, int]]:
         """[(upper_bound, cumulative_count), ...] ending with (inf, count)."""

@@ -490,8 +490,7 @@ class SinkRunner:
                 self.stats.in_flight_events = 0
                 if outcome is _Outcome.SENT:
                     now = self._wall_clock()
-                    for record in batch.records:
-                        self.stats.delivery_latency.observe(max(0.0, now - record.received_at))
+                    _observe_latencies(self.stats.delivery_latency, now, batch.records)
                     self.stats.sent_total += count
                     self.stats.last_success_time = now
                     self.stats.state = "ok"
@@ -743,6 +742,22 @@ class SinkRunner:
                 log.info("sink %s: spool writes work again", self.name, extra=self._log_extra)
             failing = False
             self.stats.spool_bytes = self._spool.bytes_used
+
+
+def _observe_latencies(histogram: Histogram, now: float, records: Sequence[Record]) -> None:
+    # Events of one AMI read share their receive time: observe each run of them once.
+    last: float | None = None
+    run = 0
+    for record in records:
+        received = record.received_at
+        if received == last:
+            run += 1
+            continue
+        if run:
+            histogram.observe(max(0.0, now - last), run)  # type: ignore[operator]
+        last, run = received, 1
+    if run:
+        histogram.observe(max(0.0, now - last), run)  # type: ignore[operator]
 
 
 def _read_records(spool: Spool, max_events: int, max_bytes: int
