@@ -352,7 +352,12 @@ class Daemon:
                 await task
         if self.http is not None:
             await self.http.close()
-        log.info("stopped")
+        received = ", ".join(f"{name} {stats.events_total}" for name, stats in self.server_stats.items())
+        delivered = ", ".join(
+            f"{name} sent {slot.runner.stats.sent_total}, spooled {slot.runner.stats.spool_events}, "
+            f"dropped {sum(slot.runner.stats.dropped_total.values())}"
+            for name, slot in self.sinks.items())
+        log.info("stopped; events received: %s; sinks: %s", received or "none", delivered or "none")
 
     # ------------------------------------------------------------------ signals and reload
 

@@ -309,7 +309,7 @@ async def test_sigterm_under_load_loses_nothing(sim, tmp_path):
     sent = sim.stats.events_sent  # FullyBooted and SuccessfulAuth included
     lines = events_file.read_bytes().count(b"\n")
     assert 20_000 < sent < 200_000 + 10
-    assert lines == sent
+    assert lines == sent, err.decode()[-5000:]
 
 
 async def test_tail_into_a_reader_that_goes_away_exits_quietly(sim):

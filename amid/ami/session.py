@@ -306,18 +306,24 @@ class AMIClient:
     async def close(self, *, logoff_timeout: float = 2.0) -> None:
         """Log off cleanly (bounded wait), close the socket, stop every task. Idempotent."""
         self._closing.set()
+        # Nothing may follow the Logoff: Asterisk closes the socket after its Goodbye, and bytes
+        # arriving then (a keepalive Ping) make the kernel answer with a reset, which throws
+        # away whatever events were still unread on our side.
+        if self._ping_task is not None:
+            self._ping_task.cancel()
         wire = self._wire
         if wire is not None and self.state is ConnectionState.CONNECTED and wire.transport is not None \
                 and not wire.lost.done():
             try:
                 await self.send_action("Logoff", timeout=logoff_timeout)
-            except (AMIError, OSError):
-                pass
+            except (AMIError, OSError) as exc:
+                log.info("AMI %s: no Goodbye to Logoff: %s", self.name, exc, extra={"server": self.name})
             try:
                 async with asyncio.timeout(logoff_timeout):
                     await asyncio.shield(wire.lost)
             except TimeoutError:
-                pass
+                log.info("AMI %s: server did not close %ss after Logoff", self.name, logoff_timeout,
+                         extra={"server": self.name})
         if wire is not None:
             wire.abort("closed", "client closed the session")
         for task in (self._ping_task, self._supervisor, self._dispatcher):
