@@ -203,14 +203,17 @@ def _run_loop(coro) -> int:
 async def _demo(args: argparse.Namespace) -> int:
     """Simulator + the daemon's pipeline in one process; events as JSON lines on stdout."""
     import tempfile
+    with tempfile.TemporaryDirectory(prefix="amid-demo-") as state_dir:
+        return await _demo_in(args, Path(state_dir))
 
+
+async def _demo_in(args: argparse.Namespace, state: Path) -> int:
     import yaml
 
     from amid.config import load
     from amid.service import Daemon, SinkTypes
     from amid.simulator import AMISimulator
     async with AMISimulator(call_rate=args.call_rate) as sim:
-        state = Path(tempfile.mkdtemp(prefix="amid-demo-"))
         demo_config = {
             "servers": [{"name": "demo", "host": "127.0.0.1", "port": sim.port, "username": "amid",
                          "secret": "amidsecret"}],
