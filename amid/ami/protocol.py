@@ -345,18 +345,24 @@ class Action(Message):
 _KINDS: dict[bytes, type[Message]] = {b"event": Event, b"response": Response, b"action": Action}
 
 
-def _first_value(raw: bytes) -> str:
+def _first_line(raw: bytes) -> tuple[bytes | None, str]:
+    """The first line's key (None when it has no colon) and its value, one space after the
+    colon removed (the whole line when there is no colon)."""
     end = raw.find(b"\n")
     first = raw if end < 0 else raw[:end]
     if first.endswith(b"\r"):
         first = first[:-1]
     colon = first.find(b":")
     if colon < 0:
-        return _decode(first)
+        return None, _decode(first)
     value = first[colon + 1:]
     if value[:1] == b" ":
         value = value[1:]
-    return _decode(value)
+    return first[:colon], _decode(value)
+
+
+def _first_value(raw: bytes) -> str:
+    return _first_line(raw)[1]
 
 
 def _message_for(raw: bytes) -> Message:
@@ -366,22 +372,10 @@ def _message_for(raw: bytes) -> Message:
         name = raw[7:] if end < 0 else raw[7:end - 1] if raw[end - 1] == 13 else raw[7:end]
         if name.isascii() and name[:1] != b" ":
             return Event(raw, name.decode("ascii"))
-    end = raw.find(b"\n")
-    first = raw if end < 0 else raw[:end]
-    if first.endswith(b"\r"):
-        first = first[:-1]
-    colon = first.find(b":")
-    if colon < 0:
-        return Message(raw, _decode(first))
-    cls = _KINDS.get(first[:colon].strip().lower(), Message)
-    value = first[colon + 1:]
-    if value[:1] == b" ":
-        value = value[1:]
-    try:
-        name = value.decode("utf-8")
-    except UnicodeDecodeError:
-        name = value.decode("utf-8", "surrogateescape")
-    return cls(raw, name)
+    key, name = _first_line(raw)
+    if key is None:
+        return Message(raw, name)
+    return _KINDS.get(key.strip().lower(), Message)(raw, name)
 
 
 def _ami_major(banner: str) -> int:
