@@ -23,6 +23,7 @@ from amid.ami.protocol import Event, recover_bytes
 # Every byte that may stand in a JSON string as it is: not a control character (CR and LF are
 # the line separators and are checked by counting), not '"', not '\\', not DEL.
 _SAFE_BYTES = bytes(b for b in range(256) if not (b < 0x20 or b in b'"\\\x7f')) + b"\r\n"
+_SAFE_BYTES_NO_CRLF = _SAFE_BYTES[:-2]
 
 
 def format_iso(ts: float) -> str:
@@ -89,14 +90,17 @@ _RECORD = (b'{"id":"%s","server":"%s","epoch":%d,"seq":%d,"received_at":"%s","ev
 def event_json(event: Event, record_id: str) -> bytes:
     """The record JSON of an event (fast path when the message allows it)."""
     fields = fields_json_fast(event.raw)
-    if fields is not None:
-        ident = record_id.encode()
-        server = event.server.encode()
+    if fields is not None and type(event.epoch) is int and type(event.seq) is int:
         # The event name is the first field's value, checked above; the id and the server name
-        # come from amid's side but a library user may have chosen anything.
-        if not (ident + server).translate(None, _SAFE_BYTES) and b"\r" not in ident + server:
-            return _RECORD % (ident, server, event.epoch, event.seq, _iso_bytes(event.received_at),
-                              event.name.encode(), fields)
+        # come from amid's side but a library user may have chosen anything (quotes, line
+        # breaks, lone surrogates): those take the general path.
+        try:
+            outside = (record_id + event.server).encode()
+        except UnicodeEncodeError:
+            outside = b"\n"
+        if not outside.translate(None, _SAFE_BYTES_NO_CRLF):
+            return _RECORD % (record_id.encode(), event.server.encode(), event.epoch, event.seq,
+                              _iso_bytes(event.received_at), event.name.encode(), fields)
     return encode_record(record_dict(event, record_id))
 
 
@@ -127,17 +131,34 @@ def _replace(text: str) -> str:
     return recover_bytes(text).decode("utf-8", "replace")
 
 
+def _shown_key(key: str) -> str:
+    """A key holding undecodable bytes, shown with each such byte as ``\\xNN``: unlike U+FFFD,
+    two keys that differ only in those bytes stay two keys."""
+    return recover_bytes(key).decode("utf-8", "backslashreplace")
+
+
+def _put(target: dict[str, Any], key: str, value: Any) -> None:
+    """Add a field; a key already there (only possible when a shown key equals a real one)
+    gathers its values into one array, as a repeated key does: nothing is overwritten."""
+    if key not in target:
+        target[key] = value
+        return
+    before = target[key] if isinstance(target[key], list) else [target[key]]
+    target[key] = before + (value if isinstance(value, list) else [value])
+
+
 def _clean_invalid_utf8(data: dict[str, Any]) -> dict[str, Any]:
     fields = data.get("fields", {})
     clean: dict[str, Any] = {}
     raw: dict[str, Any] = {}
     for key, value in fields.items():
         values = value if isinstance(value, list) else [value]
-        if _has_surrogates(key) or any(_has_surrogates(v) for v in values):
-            raw[_replace(key)] = ([base64.b64encode(recover_bytes(v)).decode() for v in values]
-                                  if isinstance(value, list) else base64.b64encode(recover_bytes(value)).decode())
+        shown = _shown_key(key) if _has_surrogates(key) else key
+        if shown is not key or any(_has_surrogates(v) for v in values):
+            _put(raw, shown, [base64.b64encode(recover_bytes(v)).decode() for v in values]
+                 if isinstance(value, list) else base64.b64encode(recover_bytes(value)).decode())
             value = [_replace(v) for v in values] if isinstance(value, list) else _replace(value)
-        clean[_replace(key) if _has_surrogates(key) else key] = value
+        _put(clean, shown, value)
     out = {k: (_replace(v) if isinstance(v, str) and _has_surrogates(v) else v)
            for k, v in data.items() if k != "fields"}
     out["fields"] = clean

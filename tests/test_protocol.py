@@ -455,3 +455,138 @@ def test_field_decoding_fast_path_matches_the_general_rule(path):
 def test_field_decoding_property(body, sep):
     raw = sep.join(["Event: X", *body]).encode()
     assert Event(raw).fields == _reference_fields(raw)
+
+
+# ------------------------------------------------- framing edge cases (found by fuzzing)
+
+LEGACY_BANNER = b"Asterisk Call Manager/2.10.4\r\n"
+
+
+def _outcome(data: bytes, points: list[int], **kw):
+    """Messages (kind, raw, fields) and whether the stream failed, feeding ``data`` cut at
+    ``points``."""
+    parser = Parser(**kw)
+    got: list[Message] = []
+    failed = False
+    prev = 0
+    for p in sorted(set(points)) + [len(data)]:
+        try:
+            got += parser.feed(data[prev:p])
+        except RemoteProtocolError:
+            failed = True
+            break
+        prev = p
+    failed = failed or parser.error is not None
+    return [(m.kind, m.raw, m.fields, m.name) for m in got], failed
+
+
+_TOKENS = [b"Event: A\r\n", b"K: v\r\n", b"Response: Follows\r\n", b"--END COMMAND--", b"\r\n",
+           b"\n", b"\r", b"x", b"Event: B\r", b"Response: Success\r\n", b"\xff", b"Data: " + b"y" * 30]
+
+
+@settings(max_examples=400, deadline=None)
+@given(tokens=st.lists(st.sampled_from(_TOKENS), max_size=40), legacy=st.booleans(),
+       cuts=st.lists(st.integers(min_value=0, max_value=600), max_size=10))
+def test_read_boundaries_never_change_the_outcome_even_at_the_bounds(tokens, legacy, cuts):
+    """Whole, byte by byte and cut anywhere: the same messages, and a failure (message too
+    large, too many lines) either way or neither, with tight bounds, bare LFs, stray blank
+    lines and legacy Follows framing mixed."""
+    data = (LEGACY_BANNER if legacy else BANNER) + b"".join(tokens)
+    kw = dict(max_message_bytes=48, max_fields=4)
+    whole = _outcome(data, [], **kw)
+    assert _outcome(data, list(range(len(data))), **kw) == whole
+    assert _outcome(data, [c % (len(data) + 1) for c in cuts], **kw) == whole
+
+
+@pytest.mark.parametrize("body", [b"\r\n\r\n\r\n", b"\r\n\n\r\n", b"\n\n\n\n", b"\r\n\r\n\r\n\r\n\n\n"])
+def test_runs_of_blank_lines_never_make_an_empty_message(body):
+    data = BANNER + b"Event: A\n\n" + body + b"Event: B\r\n\r\n"
+    for msgs in (parse_whole(data), parse_bytewise(data)):
+        assert [m.name for m in msgs] == ["A", "B"]
+
+
+@pytest.mark.parametrize("terminator", [b"\r\n\r\n", b"\n\n", b"\r\n\n"])
+def test_the_size_bound_is_the_same_whatever_the_line_endings(terminator):
+    body = b"Event: X\r\nData: " + b"y" * 30          # 46 bytes without its terminator
+    ok = BANNER + b"\r\n" + body + terminator + b"Event: After\r\n\r\n"
+    assert [m.name for m in parse_whole(ok, max_message_bytes=46)] == ["X", "After"]
+    assert [m.name for m in parse_bytewise(ok, max_message_bytes=46)] == ["X", "After"]
+    parser = Parser(max_message_bytes=45)
+    with pytest.raises(RemoteProtocolError) as failure:
+        parser.feed(ok)
+    assert failure.value.kind == "message_too_large"
+
+
+def test_a_message_at_the_bound_is_accepted_whatever_the_read_split():
+    body = b"Event: X\r\nData: " + b"y" * 30
+    data = BANNER + body + b"\r\n\r\nEvent: After\r\n\r\n"
+    for cut in range(len(BANNER), len(data)):
+        parser = Parser(max_message_bytes=len(body))
+        msgs = parser.feed(data[:cut]) + parser.feed(data[cut:])
+        assert [m.name for m in msgs] == ["X", "After"], cut
+
+
+def test_legacy_follows_output_is_framed_whole_even_near_the_size_bound():
+    follows = (b"Response: Follows\r\nActionID: c1\r\n" + b"line\r\n\r\n" * 4
+               + b"--END COMMAND--\r\n\r\n")
+    data = LEGACY_BANNER + b"Event: Big\r\nData: " + b"z" * 20 + b"\r\n\r\n" + follows \
+        + b"Event: After\r\n\r\n"
+    # Every piece between blank lines is small; the Follows message as a whole is not.
+    parser = Parser(max_message_bytes=len(follows))
+    msgs = parser.feed(data)
+    assert [m.name for m in msgs] == ["Big", "Follows", "After"]
+    assert msgs[1].output == ["line", ""] * 4
+    parser = Parser(max_message_bytes=len(follows) - 20)
+    msgs = parser.feed(data)
+    assert [m.name for m in msgs] == ["Big"]
+    assert parser.error is not None and parser.error.kind == "message_too_large"
+
+
+def test_a_trailing_cr_in_a_one_line_message_is_data_in_the_name_and_the_fields():
+    for data in (BANNER + b"Event: X\r\r\n\r\n", BANNER + b"Event: X\r\n\n",
+                 BANNER + b"Response: Success\r\r\n\r\n"):
+        msgs = parse_whole(data)
+        first_value = msgs[0].fields[0][1]
+        assert msgs[0].name == first_value
+    (msg,) = parse_whole(BANNER + b"Event: X\r\r\n\r\n")
+    assert msg.name == "X\r" and msg.fields == [("Event", "X\r")]
+
+
+def test_bare_lf_lines_keep_a_cr_at_the_end_of_the_last_value():
+    (msg,) = parse_whole(BANNER + b"Event: A\nB: x\r\r\n\r\n")
+    assert msg.fields == [("Event", "A"), ("B", "x\r")]
+    (same,) = parse_whole(BANNER + b"Event: A\r\nB: x\r\r\n\r\n")
+    assert same.fields == msg.fields
+
+
+# ------------------------------------------------------- record JSON edge cases
+
+@pytest.mark.parametrize("server,record_id", [
+    ("pbx\n1", "pbx\n1:r:1:1"), ("pbx\r1", "id"), ('pbx"1', "id"), ("pbx\udcff", "id"),
+    ("pbx1", "id\x00"),
+])
+def test_record_json_is_valid_whatever_the_server_name_or_id(server, record_id):
+    from pydantic_core import from_json
+
+    from amid._encode import event_json
+    (msg,) = Parser(expect_banner=False).feed(b"Event: X\r\nA: b\r\n\r\n")
+    msg.server, msg.received_at, msg.epoch, msg.seq = server, 1.5, 1, 1
+    record = from_json(event_json(msg, record_id))
+    assert record["fields"] == {"Event": "X", "A": "b"}
+    if "\udcff" not in server:
+        assert record["server"] == server and record["id"] == record_id
+
+
+def test_keys_with_invalid_utf8_stay_distinct_and_recoverable():
+    import base64
+
+    from pydantic_core import from_json
+
+    from amid._encode import event_json
+    (msg,) = Parser(expect_banner=False).feed(b"Event: X\r\nK\xff: one\r\nK\xfe: two\r\n"
+                                              b"K\\xff: three\r\n\r\n")
+    msg.server, msg.received_at, msg.epoch, msg.seq = "s", 1.5, 1, 1
+    record = from_json(event_json(msg, "id"))
+    assert record["fields"] == {"Event": "X", "K\\xff": ["one", "three"], "K\\xfe": "two"}
+    assert {k: base64.b64decode(v) for k, v in record["fields_b64"].items()} == \
+        {"K\\xff": b"one", "K\\xfe": b"two"}

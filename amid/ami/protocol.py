@@ -49,6 +49,7 @@ _MAX_BANNER_BYTES = 256
 _FOLLOWS_END = b"--END COMMAND--"
 _R_OR_r = (ord("R"), ord("r"))
 _CR_LF = (b"\r", b"\n")
+_CR_LF_BYTES = (13, 10)
 
 
 class ProtocolError(Exception):
@@ -86,8 +87,12 @@ def _decode(raw: bytes) -> str:
 def _split_lines(text: str) -> list[str]:
     lines = text.split("\r\n")
     if "\n" in text and text.count("\n") != len(lines) - 1:
-        # Bare LF somewhere (tolerated from peers): split on LF, drop each line's own CR.
-        lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+        # Bare LF somewhere (tolerated from peers): split on LF, drop each line's own CR. The
+        # last line has no terminator left (framing removed it): a CR there is data, kept as
+        # the CRLF split above keeps it.
+        *head, last = text.split("\n")
+        lines = [line[:-1] if line.endswith("\r") else line for line in head]
+        lines.append(last)
     return lines
 
 
@@ -349,9 +354,10 @@ def _first_line(raw: bytes) -> tuple[bytes | None, str]:
     """The first line's key (None when it has no colon) and its value, one space after the
     colon removed (the whole line when there is no colon)."""
     end = raw.find(b"\n")
-    first = raw if end < 0 else raw[:end]
-    if first.endswith(b"\r"):
-        first = first[:-1]
+    if end < 0:
+        first = raw  # a one-line message: framing removed its terminator, a CR left is data
+    else:
+        first = raw[:end - 1] if end and raw[end - 1] == 13 else raw[:end]
     colon = first.find(b":")
     if colon < 0:
         return None, _decode(first)
@@ -471,7 +477,7 @@ class Parser:
             self.state = ParserState.MESSAGES
             buf = buf[nl + 1:]
             self._scan_from = 0
-        if buf.count(b"\n") == buf.count(b"\r\n"):
+        if not self._legacy_follows and buf.count(b"\n") == buf.count(b"\r\n"):
             # No bare LF anywhere: the only terminator is CRLF CRLF (the stream as Asterisk
             # writes it). One C-level split frames every message of the read.
             return self._feed_crlf(buf)
@@ -479,7 +485,11 @@ class Parser:
 
     def _feed_general(self, buf: bytes) -> list[Message]:
         """Frame ``buf`` (everything unframed so far) allowing bare-LF terminators, stray blank
-        lines and legacy ``Response: Follows`` output."""
+        lines and legacy ``Response: Follows`` output. This is the reference framing: the CRLF
+        fast path hands anything unusual (a bound reached) over to it.
+
+        A message's size is that of its bytes without the blank line that ends it and without
+        the stray blank lines before it: the same whatever the read boundaries were."""
         out: list[Message] = []
         pos = 0
         scan = self._scan_from
@@ -491,6 +501,12 @@ class Parser:
         # so a pure-CRLF stream pays one failed search per read, not one per message.
         lf_lf = find(b"\n\n", scan)
         while True:
+            if pos < size and buf[pos] in _CR_LF_BYTES:
+                # Stray blank lines between messages (also halves of one split by a read).
+                while pos < size and buf[pos] in _CR_LF_BYTES:
+                    pos += 1
+                if scan < pos:
+                    scan = pos
             if (self._legacy_follows and pos < size and buf[pos] in _R_OR_r
                     and buf[pos:pos + 17].lower() == b"response: follows"):
                 end = self._follows_end(buf, pos)
@@ -507,25 +523,23 @@ class Parser:
                     stop, nxt = crlf, crlf + 3
                 else:
                     stop, nxt = lf_lf, lf_lf + 2
+            if stop > pos and buf[stop - 1] == 13:
+                stop -= 1
             if stop - pos > max_bytes:
                 return self._stop(out, f"message of {stop - pos} bytes exceeds the limit of "
                                        f"{max_bytes}", "message_too_large")
             raw = buf[pos:stop]
-            if raw.endswith(b"\r"):
-                raw = raw[:-1]
             pos = scan = nxt
-            if raw[:1] in _CR_LF:
-                raw = raw.lstrip(b"\r\n")  # stray blank lines between messages
-                if not raw:
-                    continue
             if raw.count(b"\n") >= max_fields:
                 return self._stop(out, f"message has more than {self.max_fields} lines",
                                   "too_many_fields")
             out.append(_message_for(raw))
         rest = size - pos
-        if rest > max_bytes:
-            return self._stop(out, f"incomplete message of {rest} bytes exceeds the limit of "
-                                   f"{max_bytes}", "message_too_large")
+        # The unfinished message can still end in a partial terminator (up to 3 bytes of
+        # "\r\n\r\n"): only a tail longer than the limit by more than that is over it for sure.
+        if rest > max_bytes + 3:
+            return self._stop(out, f"incomplete message of over {max_bytes} bytes exceeds the "
+                                   f"limit of {max_bytes}", "message_too_large")
         self._buf = buf[pos:] if rest else b""
         # Resume the terminator search a little before the end of what we already scanned.
         self._scan_from = max(0, rest - 3)
@@ -534,26 +548,18 @@ class Parser:
 
     def _feed_crlf(self, buf: bytes) -> list[Message]:
         *complete, rest = buf.split(b"\r\n\r\n")
-        max_bytes = self.max_message_bytes
-        max_fields = self.max_fields
-        bad: tuple[str, str] | None = None
         if complete:
             # Bounds, checked in C over the whole read; a message of max_fields lines has at
-            # least that many bytes, so only long ones are counted.
+            # least that many bytes, so only long ones are counted. Near a bound, the general
+            # loop frames the read and applies the exact rules.
             longest = max(map(len, complete))
-            if longest > max_bytes or longest >= max_fields:
-                for i, raw in enumerate(complete):
-                    if len(raw) > max_bytes:
-                        bad = (f"message of {len(raw)} bytes exceeds the limit of {max_bytes}",
-                               "message_too_large")
-                    elif len(raw) >= max_fields and raw.count(b"\n") >= max_fields:
-                        bad = (f"message has more than {max_fields} lines", "too_many_fields")
-                    if bad is not None:
-                        del complete[i:]  # the messages before the bad one are still delivered
-                        break
+            if longest > self.max_message_bytes or longest >= self.max_fields:
+                return self._feed_general(buf)
+        if len(rest) > self.max_message_bytes:
+            return self._feed_general(buf)
         out: list[Message] = []
         append = out.append
-        for i, raw in enumerate(complete):
+        for raw in complete:
             if raw[:7] == b"Event: ":  # the common case, built inline
                 end = raw.find(b"\r\n")
                 append(Event(raw, _decode(raw[7:end] if end >= 0 else raw[7:])))
@@ -562,18 +568,7 @@ class Parser:
                 raw = raw.lstrip(b"\r\n")  # stray blank lines between messages
                 if not raw:
                     continue
-            if self._legacy_follows and raw[:17].lower() == b"response: follows":
-                # Legacy Command output may hold blank lines: the general loop frames the rest.
-                remainder = b"\r\n\r\n".join(complete[i:] + [rest])
-                self._buf, self._scan_from = b"", 0
-                self.messages_total += len(out)
-                return out + self._feed_general(remainder)
             append(_message_for(raw))
-        if bad is not None:
-            return self._stop(out, *bad)
-        if len(rest) > max_bytes:
-            return self._stop(out, f"incomplete message of {len(rest)} bytes exceeds the limit "
-                                   f"of {max_bytes}", "message_too_large")
         self._buf = rest
         self._scan_from = max(0, len(rest) - 3)
         self.messages_total += len(out)
