@@ -123,6 +123,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
+        # The settings each running session was started with (reload compares against these).
+        self._server_configs: dict[str, ServerConfig] = {}
         self._reload_lock = asyncio.Lock()
         self._signals: list[int] = []
         self.ready = asyncio.Event()
@@ -162,6 +164,7 @@ class Daemon:
         client = _client_for(server, on_event=self.router.on_event, on_state=self._on_state,
                              stats=stats, initial_epoch=epoch, outage_since=outage_since)
         self.clients[server.name] = client
+        self._server_configs[server.name] = server
         return client
 
     def _on_state(self, change: StateChange) -> None:
@@ -399,10 +402,9 @@ class Daemon:
                 except ConfigError as exc:
                     log.error("reload refused, keeping the running config:\n%s", exc)
                     return False
-                try:
-                    await self._apply(new)
-                except OSError as exc:
-                    log.error("reload only partly applied: %s", exc)
+                problems = await self._apply(new)
+                if problems:
+                    log.error("reload only partly applied:\n%s", "\n".join(problems))
                     return False
                 log.info("configuration reloaded")
                 return True
@@ -413,9 +415,19 @@ class Daemon:
                     else:  # a SIGHUP before start-up finished must not announce READY early
                         self.notifier.status(self.status_line())
 
-    async def _apply(self, new: Config) -> None:
+    async def _apply(self, new: Config) -> list[str]:
+        """Apply a valid config; return what could not be applied (empty when all was).
+
+        A step that fails never stops the others: each sink and each server is compared with
+        what actually runs (its own config), not with the previous file, so a later reload
+        retries what failed. A sink that cannot be built keeps its previous settings; one whose
+        runner cannot start (its spool) is routed to anyway, within its queue bounds, reported
+        not ready, and started again in the background."""
+        problems: list[str] = []
         old = self.config
         self.config = new
+        if new.http != old.http:
+            log.warning("http: the new metrics/health settings take effect at the next restart")
         drain = min(RELOAD_DRAIN_TIMEOUT, new.shutdown_timeout)
         # Sinks. New runners are routed to *before* the old ones are detached, so no event
         # reaches a closed runner; what an old runner still holds is then handed to its
@@ -429,27 +441,35 @@ class Daemon:
             cfg = new_sinks.get(name)
             if cfg is None:
                 removed.append(slot)
-            elif cfg == slot.config:
+                continue
+            if cfg == slot.config:
                 slots[name] = slot
                 reopen = getattr(slot.sink, "reopen", None)
                 if callable(reopen):
-                    reopen()
+                    try:
+                        reopen()
+                    except OSError as exc:
+                        problems.append(f"sink {name}: reopen failed: {exc}")
+                continue
+            fresh = self._try_build_sink(cfg, problems, "keeping its previous settings")
+            if fresh is None:
+                slots[name] = slot
             else:
-                fresh = self._build_sink(cfg)
                 replaced.append((slot, fresh))
                 slots[name] = fresh
         for name, cfg in new_sinks.items():
             if name not in slots:
-                fresh = self._build_sink(cfg)
-                added.append(fresh)
-                slots[name] = fresh
+                fresh = self._try_build_sink(cfg, problems, "not added")
+                if fresh is not None:
+                    added.append(fresh)
+                    slots[name] = fresh
         self.sinks = slots
         self._update_routes()
         for old_slot, fresh in replaced:
             name = old_slot.config.name
             leftovers = await old_slot.runner.detach(drain)
             try:
-                await fresh.runner.start()
+                await self._start_runner(fresh, problems)
             finally:
                 fresh.runner.adopt(leftovers)
             log.info("sink %s reconfigured (%d queued events handed over)", name, len(leftovers),
@@ -463,22 +483,67 @@ class Daemon:
             else:
                 log.info("sink %s removed", name, extra={"sink": name})
         for slot in added:
-            await slot.runner.start()
-            log.info("sink %s added", slot.config.name, extra={"sink": slot.config.name})
+            if await self._start_runner(slot, problems):
+                log.info("sink %s added", slot.config.name, extra={"sink": slot.config.name})
         # Servers: reconnect only those whose settings changed. A replacement continues the
         # epochs of its predecessor (record ids stay unique) and reports the switch as a gap.
-        old_servers = {s.name: s for s in old.servers}
         new_servers = {s.name: s for s in new.servers}
-        for name, server in old_servers.items():
-            if new_servers.get(name) != server:
-                client = self.clients.pop(name)
+        for name, running in list(self._server_configs.items()):
+            if new_servers.get(name) == running:
+                continue
+            client = self.clients.pop(name)
+            del self._server_configs[name]
+            try:
                 await client.close()
-                self._retired[name] = (client.epoch, time.time())
-                if name not in new_servers:
-                    self.server_stats.pop(name, None)
+            except Exception as exc:  # noqa: BLE001 - one server must not stop the reload
+                problems.append(f"server {name}: closing the old session failed: {exc}")
+            self._retired[name] = (client.epoch, time.time())
+            if name not in new_servers:
+                self.server_stats.pop(name, None)
         for name, server in new_servers.items():
             if name not in self.clients:
-                await self._start_client(server).start()
+                try:
+                    await self._start_client(server).start()
+                except Exception as exc:  # noqa: BLE001
+                    problems.append(f"server {name}: {exc}")
+        return problems
+
+    def _try_build_sink(self, cfg: SinkConfig, problems: list[str], outcome: str) -> _SinkSlot | None:
+        try:
+            return self._build_sink(cfg)
+        except Exception as exc:  # noqa: BLE001 - a plugin's factory may raise anything
+            problems.append(f"sink {cfg.name}: {exc}; {outcome}")
+            return None
+
+    async def _start_runner(self, slot: _SinkSlot, problems: list[str]) -> bool:
+        try:
+            await slot.runner.start()
+            return True
+        except OSError as exc:
+            problems.append(f"sink {slot.config.name}: cannot start ({exc}); retrying in the "
+                            f"background, events are queued meanwhile")
+            self._spawn(self._keep_starting(slot), f"start-{slot.config.name}")
+            return False
+
+    async def _keep_starting(self, slot: _SinkSlot) -> None:
+        """Start a runner that failed to start on reload, with capped backoff, for as long as it
+        is the sink's current runner."""
+        delay = 1.0
+        name = slot.config.name
+        while True:
+            await asyncio.sleep(delay)
+            if self._stopping or self.sinks.get(name) is not slot:
+                return
+            try:
+                await slot.runner.start()
+            except OSError as exc:
+                log.warning("sink %s still cannot start: %s", name, exc, extra={"sink": name})
+                delay = min(delay * 2, 60.0)
+                continue
+            except RuntimeError:  # closed meanwhile
+                return
+            log.info("sink %s started", name, extra={"sink": name})
+            return
 
 
 def _tune_gc() -> None:

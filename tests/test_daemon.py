@@ -347,3 +347,55 @@ async def test_events_keep_flowing_to_unchanged_and_changed_sinks_during_a_reloa
     finally:
         feeder.cancel()
         await stop_daemon(daemon, task)
+
+
+async def test_a_reload_that_partly_fails_applies_the_rest_and_retries_the_failed_sink(
+        tmp_path, sim, caplog, monkeypatch):
+    a_file, b_file = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    path = write_config(tmp_path, sim, [{"name": "a", "type": "file", "path": str(a_file)},
+                                        {"name": "c", "type": "file", "path": str(tmp_path / "c.jsonl")}])
+    daemon, task = await start_daemon(path)
+    try:
+        client = daemon.clients["pbx1"]
+        slot_c = daemon.sinks["c"]
+        # Sink b's spool cannot be opened (a file stands where its directory goes), sink c's
+        # new settings cannot be built, and the server changed: all in one reload.
+        (tmp_path / "state" / "spool").mkdir(parents=True, exist_ok=True)
+        blocker = tmp_path / "state" / "spool" / "b"
+        blocker.write_text("not a directory")
+        config = yaml.safe_load(path.read_text())
+        config["sinks"].append({"name": "b", "type": "file", "path": str(b_file), "overflow": "spool"})
+        config["sinks"][1]["batch"] = {"max_events": 7}
+        config["servers"][0]["ping_interval"] = "2s"
+        path.write_text(yaml.safe_dump(config))
+        build = daemon._build_sink
+
+        def build_but_not_c(cfg):
+            if cfg.name == "c":
+                raise ValueError("plugin exploded")
+            return build(cfg)
+        monkeypatch.setattr(daemon, "_build_sink", build_but_not_c)
+        assert not await daemon.reload()
+        assert "sink b: cannot start" in caplog.text and "sink c: plugin exploded" in caplog.text
+        assert daemon.sinks["c"] is slot_c                       # kept its previous settings
+        assert daemon.clients["pbx1"] is not client             # the server change still applied
+        assert await daemon.clients["pbx1"].wait_connected(10)
+        ok, checks = daemon.readiness()
+        assert not ok and checks["sink:b"].startswith("not accepting")
+        # b is routed to: events queue for it while its spool is unusable...
+        sim.originate("Local/200@test", exten="100")
+        stats = daemon.server_stats["pbx1"]
+        await wait_until(lambda: stats.events_by_name["OriginateResponse"] == 1)
+        assert daemon.sinks["b"].runner.stats.queue_events > 0
+        # ...and delivered once the background retry can open the spool.
+        blocker.unlink()
+        await wait_until(lambda: daemon.sinks["b"].runner.accepting, timeout=10)
+        await wait_until(lambda: sum(r["event"] == "OriginateResponse" for r in read_jsonl(b_file)) == 1)
+        assert {r["id"] for r in read_jsonl(b_file)} <= {r["id"] for r in read_jsonl(a_file)}
+        # What failed is compared with what runs, not with the file: a later reload retries c.
+        monkeypatch.setattr(daemon, "_build_sink", build)
+        assert await daemon.reload()
+        assert daemon.sinks["c"] is not slot_c and daemon.sinks["c"].config.batch.max_events == 7
+        assert daemon.readiness()[0]
+    finally:
+        await stop_daemon(daemon, task)
