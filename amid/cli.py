@@ -227,17 +227,23 @@ async def _demo_in(args: argparse.Namespace, state: Path) -> int:
         daemon = Daemon(config, config_path=str(config_path), environ={}, types=types)
         print(f"amid demo: simulator on 127.0.0.1:{sim.port}, {args.call_rate:g} calls/s; "
               "events follow as JSON lines (Ctrl-C to stop)", file=sys.stderr)
-        if args.count:
-            async def stop_after() -> None:
-                while sum(s.events_total for s in daemon.server_stats.values()) < args.count:
-                    await asyncio.sleep(0.05)
-                daemon.request_stop()
-            stopper = asyncio.create_task(stop_after())
+        async def stop_when_done() -> None:
+            # --count reached, or the reader of our stdout went away (`amid demo | head`):
+            # stop as `yes | head` does, without draining into a pipe nobody reads.
+            while True:
+                await asyncio.sleep(0.05)
+                if args.count and sum(s.events_total for s in daemon.server_stats.values()) >= args.count:
+                    break
+                slot = daemon.sinks.get("stdout")
+                if slot is not None and "EPIPE" in (slot.runner.stats.last_error or ""):
+                    daemon.config = daemon.config.model_copy(update={"shutdown_timeout": 0.2})
+                    break
+            daemon.request_stop()
+        stopper = asyncio.create_task(stop_when_done())
         try:
             return await daemon.run()
         finally:
-            if args.count:
-                stopper.cancel()
+            stopper.cancel()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

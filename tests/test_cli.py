@@ -145,6 +145,26 @@ async def test_demo_shows_events_within_seconds():
     assert {"Newchannel", "OriginateResponse"} <= {line["event"] for line in lines}
 
 
+async def test_demo_stops_quietly_when_its_reader_goes_away():
+    """`amid demo | head -1`: once the pipe is closed the demo exits 0 by itself (before, it
+    ran on, retrying writes into a pipe nobody reads, until interrupted)."""
+    proc = await asyncio.create_subprocess_exec(
+        *AMID, "demo", "--call-rate", "20", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL, env=env(), cwd=ROOT)
+    try:
+        async with asyncio.timeout(30):
+            first = await proc.stdout.readline()
+            assert json.loads(first)["server"] == "demo"
+            proc.stdout.feed_eof()
+            proc._transport.get_pipe_transport(1).close()   # the reader goes away
+            err = await proc.stderr.read()             # the demo ends by itself
+            assert await proc.wait() == 0, err.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 # ---------------------------------------------------------------- run under "systemd"
 
 class NotifySocket:
