@@ -159,10 +159,15 @@ class Daemon:
         self.router.set_routes([(slot.filter, slot.runner) for slot in self.sinks.values()])
 
     def _start_client(self, server: ServerConfig) -> AMIClient:
-        stats = self.server_stats.setdefault(server.name, SessionStats())
-        epoch, outage_since = self._retired.pop(server.name, (0, None))
+        # Nothing is consumed before the client exists: a client that cannot be built (a
+        # missing CA file) must leave the retired epoch for the next attempt, or record ids
+        # (server:run:epoch:seq) would repeat.
+        epoch, outage_since = self._retired.get(server.name, (0, None))
+        stats = self.server_stats.get(server.name) or SessionStats()
         client = _client_for(server, on_event=self.router.on_event, on_state=self._on_state,
                              stats=stats, initial_epoch=epoch, outage_since=outage_since)
+        self._retired.pop(server.name, None)
+        self.server_stats[server.name] = stats
         self.clients[server.name] = client
         self._server_configs[server.name] = server
         return client
@@ -402,6 +407,8 @@ class Daemon:
                 except ConfigError as exc:
                     log.error("reload refused, keeping the running config:\n%s", exc)
                     return False
+                if self._stopping:  # a stop arrived while the file was read
+                    return False
                 problems = await self._apply(new)
                 if problems:
                     log.error("reload only partly applied:\n%s", "\n".join(problems))
@@ -442,18 +449,12 @@ class Daemon:
             if cfg is None:
                 removed.append(slot)
                 continue
-            if cfg == slot.config:
+            fresh = None
+            if cfg != slot.config:
+                fresh = self._try_build_sink(cfg, problems, "keeping its previous settings")
+            if fresh is None:  # kept as it runs: SIGHUP reopens its file (logrotate)
                 slots[name] = slot
-                reopen = getattr(slot.sink, "reopen", None)
-                if callable(reopen):
-                    try:
-                        reopen()
-                    except OSError as exc:
-                        problems.append(f"sink {name}: reopen failed: {exc}")
-                continue
-            fresh = self._try_build_sink(cfg, problems, "keeping its previous settings")
-            if fresh is None:
-                slots[name] = slot
+                self._reopen(slot, problems)
             else:
                 replaced.append((slot, fresh))
                 slots[name] = fresh
@@ -508,6 +509,15 @@ class Daemon:
                     problems.append(f"server {name}: {exc}")
         return problems
 
+    @staticmethod
+    def _reopen(slot: _SinkSlot, problems: list[str]) -> None:
+        reopen = getattr(slot.sink, "reopen", None)
+        if callable(reopen):
+            try:
+                reopen()
+            except Exception as exc:  # noqa: BLE001 - a plugin's reopen may raise anything
+                problems.append(f"sink {slot.config.name}: reopen failed: {exc}")
+
     def _try_build_sink(self, cfg: SinkConfig, problems: list[str], outcome: str) -> _SinkSlot | None:
         try:
             return self._build_sink(cfg)
@@ -532,10 +542,13 @@ class Daemon:
         name = slot.config.name
         while True:
             await asyncio.sleep(delay)
-            if self._stopping or self.sinks.get(name) is not slot:
-                return
             try:
-                await slot.runner.start()
+                # Under the reload lock: a reload cannot replace (and detach) this runner
+                # while it is half-way through opening its spool.
+                async with self._reload_lock:
+                    if self._stopping or self.sinks.get(name) is not slot:
+                        return
+                    await slot.runner.start()
             except OSError as exc:
                 log.warning("sink %s still cannot start: %s", name, exc, extra={"sink": name})
                 delay = min(delay * 2, 60.0)

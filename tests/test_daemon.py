@@ -399,3 +399,109 @@ async def test_a_reload_that_partly_fails_applies_the_rest_and_retries_the_faile
         assert daemon.readiness()[0]
     finally:
         await stop_daemon(daemon, task)
+
+
+async def test_a_server_whose_new_session_cannot_be_built_keeps_its_epochs_for_the_retry(tmp_path, sim):
+    path = write_config(tmp_path, sim, [{"name": "a", "type": "file", "path": str(tmp_path / "a.jsonl")}])
+    daemon, task = await start_daemon(path)
+    try:
+        first = daemon.clients["pbx1"]
+        assert await first.wait_connected(10)
+        epoch_before = first.epoch
+        good = yaml.safe_load(path.read_text())
+        bad = yaml.safe_load(path.read_text())
+        bad["servers"][0]["tls"] = {"ca_file": str(tmp_path / "missing-ca.pem")}
+        path.write_text(yaml.safe_dump(bad))
+        assert not await daemon.reload()  # the new session cannot be built: no CA file
+        assert "pbx1" not in daemon.clients
+        path.write_text(yaml.safe_dump(good))
+        assert await daemon.reload()
+        second = daemon.clients["pbx1"]
+        assert await second.wait_connected(10)
+        # Record ids are server:run:epoch:seq: the epochs must continue, never restart.
+        assert second.epoch > epoch_before
+    finally:
+        await stop_daemon(daemon, task)
+
+
+async def test_a_reload_waits_for_a_background_sink_start_and_its_successor_gets_the_spool(
+        tmp_path, sim, monkeypatch):
+    import threading
+
+    import amid.sinks.delivery as delivery
+    path = write_config(tmp_path, sim, [{"name": "a", "type": "file", "path": str(tmp_path / "a.jsonl")}])
+    daemon, task = await start_daemon(path)
+    release = threading.Event()
+    try:
+        (tmp_path / "state" / "spool").mkdir(parents=True, exist_ok=True)
+        blocker = tmp_path / "state" / "spool" / "b"
+        blocker.write_text("not a directory")
+        config = yaml.safe_load(path.read_text())
+        config["sinks"].append({"name": "b", "type": "file", "path": str(tmp_path / "b.jsonl"),
+                                "overflow": "spool"})
+        path.write_text(yaml.safe_dump(config))
+        assert not await daemon.reload()  # b's spool cannot open: started in the background
+        first_b = daemon.sinks["b"]
+        real_spool = delivery.Spool
+        entered = threading.Event()
+
+        def gated_spool(*args, **kw):  # the background start holds the spool, then waits
+            spool = real_spool(*args, **kw)
+            entered.set()
+            release.wait(10)
+            return spool
+        monkeypatch.setattr(delivery, "Spool", gated_spool)
+        blocker.unlink()
+        await wait_until(entered.is_set)
+        monkeypatch.setattr(delivery, "Spool", real_spool)
+        config["sinks"][1]["batch"] = {"max_events": 7}
+        path.write_text(yaml.safe_dump(config))
+        reload = asyncio.create_task(daemon.reload())  # would detach b mid-start
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert daemon.sinks["b"] is first_b  # the reload waits for the start to finish
+        release.set()
+        assert await reload
+        assert daemon.sinks["b"] is not first_b
+        assert first_b.runner._closed and first_b.runner._spool._closed
+        await wait_until(lambda: daemon.sinks["b"].runner.accepting)
+    finally:
+        release.set()
+        await stop_daemon(daemon, task)
+
+
+async def test_a_sink_whose_reopen_raises_anything_does_not_stop_the_reload(tmp_path, sim):
+    path = write_config(tmp_path, sim, [{"name": "a", "type": "file", "path": str(tmp_path / "a.jsonl")}])
+    daemon, task = await start_daemon(path)
+    try:
+        client = daemon.clients["pbx1"]
+
+        def reopen():
+            raise ValueError("plugin reopen bug")
+        daemon.sinks["a"].sink.reopen = reopen  # e.g. a plugin sink's reopen()
+        config = yaml.safe_load(path.read_text())
+        config["servers"][0]["ping_interval"] = "2s"
+        path.write_text(yaml.safe_dump(config))
+        assert not await daemon.reload()
+        assert daemon.clients["pbx1"] is not client  # the server change still applied
+    finally:
+        await stop_daemon(daemon, task)
+
+
+async def test_a_changed_sink_that_cannot_be_rebuilt_is_still_reopened(tmp_path, sim, monkeypatch):
+    path = write_config(tmp_path, sim, [{"name": "a", "type": "file", "path": str(tmp_path / "a.jsonl")}])
+    daemon, task = await start_daemon(path)
+    try:
+        reopened = []
+        daemon.sinks["a"].sink.reopen = lambda: reopened.append(True)
+
+        def cannot_build(cfg):
+            raise ValueError("cannot build")
+        monkeypatch.setattr(daemon, "_build_sink", cannot_build)
+        config = yaml.safe_load(path.read_text())
+        config["sinks"][0]["batch"] = {"max_events": 7}
+        path.write_text(yaml.safe_dump(config))
+        assert not await daemon.reload()
+        assert reopened  # SIGHUP after logrotate reopens the kept file sink as always
+    finally:
+        await stop_daemon(daemon, task)

@@ -335,6 +335,9 @@ class SinkRunner:
         if self._overflow == "spool":
             assert self._spool_dir is not None
             spool = await asyncio.to_thread(Spool, self._spool_dir, max_bytes=self._spool_max_bytes)
+            if self._closing:  # detached while the spool opened: release it for the successor
+                await asyncio.to_thread(spool.close)
+                raise RuntimeError(f"sink {self.name} is closed")
             self._spool = spool
             recovered = spool.events_pending
             self.stats.received_total += recovered
