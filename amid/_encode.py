@@ -91,11 +91,11 @@ def event_json(event: Event, record_id: str) -> bytes:
     """The record JSON of an event (fast path when the message allows it)."""
     fields = fields_json_fast(event.raw)
     if fields is not None and type(event.epoch) is int and type(event.seq) is int:
-        # The event name is the first field's value, checked above; the id and the server name
-        # come from amid's side but a library user may have chosen anything (quotes, line
-        # breaks, lone surrogates): those take the general path.
+        # The id, the server name and the event name (normally the first field's value) may
+        # have been set by a library user to anything (quotes, line breaks, lone surrogates):
+        # those take the general path.
         try:
-            outside = (record_id + event.server).encode()
+            outside = (record_id + event.server + event.name).encode()
         except UnicodeEncodeError:
             outside = b"\n"
         if not outside.translate(None, _SAFE_BYTES_NO_CRLF):
@@ -127,38 +127,53 @@ def _has_surrogates(text: str) -> bool:
         return True
 
 
+def _bytes_of(text: str) -> bytes:
+    """The bytes a string stands for: exact for what the parser decoded (undecodable bytes
+    kept as surrogate escapes); a lone surrogate set by other code becomes replaceable bytes
+    instead of an exception."""
+    try:
+        return recover_bytes(text)
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
 def _replace(text: str) -> str:
-    return recover_bytes(text).decode("utf-8", "replace")
+    return _bytes_of(text).decode("utf-8", "replace")
 
 
-def _shown_key(key: str) -> str:
-    """A key holding undecodable bytes, shown with each such byte as ``\\xNN``: unlike U+FFFD,
-    two keys that differ only in those bytes stay two keys."""
-    return recover_bytes(key).decode("utf-8", "backslashreplace")
-
-
-def _put(target: dict[str, Any], key: str, value: Any) -> None:
-    """Add a field; a key already there (only possible when a shown key equals a real one)
-    gathers its values into one array, as a repeated key does: nothing is overwritten."""
-    if key not in target:
-        target[key] = value
-        return
-    before = target[key] if isinstance(target[key], list) else [target[key]]
-    target[key] = before + (value if isinstance(value, list) else [value])
+def _shown_keys(keys: list[str]) -> dict[str, str]:
+    """How each key is shown. A key holding undecodable bytes is shown with each such byte as
+    ``\\xNN`` (unlike U+FFFD, two keys that differ only in those bytes stay two keys); in the
+    rare case that this equals another key of the message, ``#2``, ``#3``… is appended, so
+    every key keeps its own entry, its values in order and its ``fields_b64`` beside it."""
+    taken = {key for key in keys if not _has_surrogates(key)}
+    shown: dict[str, str] = {}
+    for key in keys:
+        if key in taken and key not in shown:
+            shown[key] = key
+            continue
+        base = _bytes_of(key).decode("utf-8", "backslashreplace")
+        candidate, n = base, 2
+        while candidate in taken:
+            candidate, n = f"{base}#{n}", n + 1
+        taken.add(candidate)
+        shown[key] = candidate
+    return shown
 
 
 def _clean_invalid_utf8(data: dict[str, Any]) -> dict[str, Any]:
     fields = data.get("fields", {})
+    shown_keys = _shown_keys(list(fields))
     clean: dict[str, Any] = {}
     raw: dict[str, Any] = {}
     for key, value in fields.items():
         values = value if isinstance(value, list) else [value]
-        shown = _shown_key(key) if _has_surrogates(key) else key
-        if shown is not key or any(_has_surrogates(v) for v in values):
-            _put(raw, shown, [base64.b64encode(recover_bytes(v)).decode() for v in values]
-                 if isinstance(value, list) else base64.b64encode(recover_bytes(value)).decode())
+        shown = shown_keys[key]
+        if shown != key or any(_has_surrogates(v) for v in values):
+            raw[shown] = ([base64.b64encode(_bytes_of(v)).decode() for v in values]
+                          if isinstance(value, list) else base64.b64encode(_bytes_of(value)).decode())
             value = [_replace(v) for v in values] if isinstance(value, list) else _replace(value)
-        _put(clean, shown, value)
+        clean[shown] = value
     out = {k: (_replace(v) if isinstance(v, str) and _has_surrogates(v) else v)
            for k, v in data.items() if k != "fields"}
     out["fields"] = clean

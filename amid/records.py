@@ -11,7 +11,8 @@ A record is an AMI event plus its envelope::
   JSON array of its values in order.
 * A value that was not valid UTF-8 on the wire is shown with U+FFFD in ``fields`` and its exact
   bytes are kept, base64-encoded, in ``fields_b64`` (present only when needed): nothing is lost.
-  A key that is not UTF-8 is shown with each bad byte as ``\\xNN`` (distinct keys stay distinct).
+  A key that is not UTF-8 is shown with each bad byte as ``\\xNN`` (distinct keys stay distinct;
+  should that spelling equal another key of the event, ``#2`` is appended).
 * ``id`` is unique and stable: ``server:run:epoch:seq`` (``run`` is random per daemon start). A
   receiver that sees an id twice (at-least-once delivery) can drop the copy.
 """

@@ -431,12 +431,14 @@ def test_single_field_lookup_property(lines, key):
 
 
 def _reference_fields(raw: bytes) -> list[tuple[str, str]]:
-    """The general rule, written plainly: lines split on LF (one CR dropped), key before the
-    first colon, one space after it removed, colon-less lines under the empty key."""
+    """The general rule, written plainly: lines split on LF (one CR before each LF dropped;
+    the last line, which had none, keeps its CR), key before the first colon, one space after
+    it removed, colon-less lines under the empty key."""
     text = raw.decode("utf-8", "surrogateescape")
     out = []
-    for line in text.split("\n"):
-        line = line[:-1] if line.endswith("\r") else line
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        line = line[:-1] if line.endswith("\r") and i < len(lines) - 1 else line
         key, sep, value = line.partition(":")
         out.append((key, value[1:] if value[:1] == " " else value) if sep else ("", line))
     return out
@@ -450,7 +452,7 @@ def test_field_decoding_fast_path_matches_the_general_rule(path):
 
 @settings(max_examples=300, deadline=None)
 @given(body=st.lists(st.sampled_from(["K: v", "K:v", "K:", "K: ", "a: b: c", "no colon", "K:  two",
-                                      ": empty key", "Zoë: ☎", "x\ry: z"]), min_size=1, max_size=6),
+                                      ": empty key", "Zoë: ☎", "x\ry: z", "K: v\r"]), min_size=1, max_size=6),
        sep=st.sampled_from(["\r\n", "\n"]))
 def test_field_decoding_property(body, sep):
     raw = sep.join(["Event: X", *body]).encode()
@@ -563,7 +565,7 @@ def test_bare_lf_lines_keep_a_cr_at_the_end_of_the_last_value():
 
 @pytest.mark.parametrize("server,record_id", [
     ("pbx\n1", "pbx\n1:r:1:1"), ("pbx\r1", "id"), ('pbx"1', "id"), ("pbx\udcff", "id"),
-    ("pbx1", "id\x00"),
+    ("pbx1", "id\x00"), ("\ud800", "id"), ("pbx1", "\ud800x"),
 ])
 def test_record_json_is_valid_whatever_the_server_name_or_id(server, record_id):
     from pydantic_core import from_json
@@ -573,8 +575,18 @@ def test_record_json_is_valid_whatever_the_server_name_or_id(server, record_id):
     msg.server, msg.received_at, msg.epoch, msg.seq = server, 1.5, 1, 1
     record = from_json(event_json(msg, record_id))
     assert record["fields"] == {"Event": "X", "A": "b"}
-    if "\udcff" not in server:
+    if not any("\ud800" <= c <= "\udfff" for c in server + record_id):
         assert record["server"] == server and record["id"] == record_id
+
+
+def test_record_json_is_valid_whatever_the_event_name_was_set_to():
+    from pydantic_core import from_json
+
+    from amid._encode import event_json
+    (msg,) = Parser(expect_banner=False).feed(b"Event: X\r\nA: b\r\n\r\n")
+    msg.name = 'Na"me\n'
+    msg.server, msg.received_at, msg.epoch, msg.seq = "s", 1.5, 1, 1
+    assert from_json(event_json(msg, "id"))["event"] == 'Na"me\n'
 
 
 def test_keys_with_invalid_utf8_stay_distinct_and_recoverable():
@@ -587,6 +599,27 @@ def test_keys_with_invalid_utf8_stay_distinct_and_recoverable():
                                               b"K\\xff: three\r\n\r\n")
     msg.server, msg.received_at, msg.epoch, msg.seq = "s", 1.5, 1, 1
     record = from_json(event_json(msg, "id"))
-    assert record["fields"] == {"Event": "X", "K\\xff": ["one", "three"], "K\\xfe": "two"}
+    # The undecodable K\xff is shown as the text K\\xff, which the message also has: it takes
+    # a suffix rather than merging, so each key keeps its own values, in order.
+    assert record["fields"] == {"Event": "X", "K\\xff#2": "one", "K\\xfe": "two", "K\\xff": "three"}
     assert {k: base64.b64decode(v) for k, v in record["fields_b64"].items()} == \
-        {"K\\xff": b"one", "K\\xfe": b"two"}
+        {"K\\xff#2": b"one", "K\\xfe": b"two"}
+    (msg,) = Parser(expect_banner=False).feed(b"Event: X\r\nK\\xff: 1\r\nK\xff: 2\r\nK\\xff: 3\r\n"
+                                              b"K\xff: 4\r\n\r\n")
+    msg.server, msg.received_at, msg.epoch, msg.seq = "s", 1.5, 1, 1
+    record = from_json(event_json(msg, "id"))
+    assert record["fields"] == {"Event": "X", "K\\xff": ["1", "3"], "K\\xff#2": ["2", "4"]}
+    assert record["fields_b64"] == {"K\\xff#2": ["Mg==", "NA=="]}
+
+
+def test_an_overlong_banner_fails_the_same_whatever_the_read_split():
+    data = b"Asterisk Call Manager/" + b"1" * 300 + b"\r\nEvent: A\r\n\r\n"
+    with pytest.raises(RemoteProtocolError) as whole:
+        Parser().feed(data)
+    parser = Parser()
+    with pytest.raises(RemoteProtocolError) as bytewise:
+        for i in range(len(data)):
+            parser.feed(data[i:i + 1])
+    assert whole.value.kind == bytewise.value.kind == "bad_banner"
+    limit = b"Asterisk Call Manager/" + b"1" * (256 - 22 - 1) + b"\r\n" + b"Event: A\r\n\r\n"
+    assert [m.name for m in Parser().feed(limit)] == ["A"]  # a 256-byte line (with its CR) is fine

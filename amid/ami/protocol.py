@@ -470,7 +470,8 @@ class Parser:
                 self._buf = buf
                 return []
             line = buf[:nl].rstrip(b"\r")
-            if not line.startswith(BANNER_PREFIX):
+            # The same bound as above, so the verdict never depends on where reads split.
+            if nl > _MAX_BANNER_BYTES or not line.startswith(BANNER_PREFIX):
                 raise self._fail(f"expected the AMI banner, got {line[:60]!r}", "bad_banner")
             self.banner = _decode(line)
             self._legacy_follows = _ami_major(self.banner) < 3
