@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic_core import from_json as _from_json
 
-from amid._encode import encode_record, event_json, format_iso, record_dict
+from amid._encode import encode_record, event_json, format_iso, record_dict, record_json
 
 __all__ = ["Record", "format_iso"]
 
@@ -80,7 +80,10 @@ class Record:
         """Compact UTF-8 JSON of the record, without a trailing newline."""
         if self._json is None:
             if self._event is not None and self._data is None:
-                self._json = event_json(self._event, self.id)
+                if self._id is None:  # the usual case: no one needed the id string yet
+                    self._json = record_json(self._event, self._run)
+                else:
+                    self._json = event_json(self._event, self._id)
             else:
                 self._json = encode_record(self.data)
         return self._json

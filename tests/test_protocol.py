@@ -360,7 +360,7 @@ def test_arbitrary_bytes_give_messages_or_remote_protocol_error_only(blob, banne
 def test_fast_record_json_equals_the_general_encoding(path):
     """The byte-level fast path and the dict + to_json path give the same JSON, byte for byte,
     for every event Asterisk sent in the captures (odd values, forged messages, non-UTF-8)."""
-    from amid._encode import encode_record, event_json, fields_json_fast, record_dict
+    from amid._encode import encode_record, event_json, fields_json_fast, record_dict, record_json
     fast_hits = 0
     for i, msg in enumerate(parse_whole(path.read_bytes())[:3000]):
         if not isinstance(msg, Event):
@@ -368,6 +368,7 @@ def test_fast_record_json_equals_the_general_encoding(path):
         msg.server, msg.epoch, msg.seq, msg.received_at = "pbx-1", 2, i, 1795836091.348712
         general = encode_record(record_dict(msg, f"pbx-1:r:2:{i}"))
         assert event_json(msg, f"pbx-1:r:2:{i}") == general
+        assert record_json(msg, "r") == general
         fast_hits += fields_json_fast(msg.raw) is not None
     assert fast_hits or path.stem.startswith(("s01c", "s02b", "s02c", "s02d", "s02f", "s03", "s07d",
                                              "s07e_driver", "s08_", "s08"))
@@ -378,15 +379,16 @@ def test_fast_record_json_equals_the_general_encoding(path):
                                  st.text(st.characters(blacklist_characters="\r\n"), max_size=12)),
                        min_size=1, max_size=6))
 def test_fast_record_json_property(fields):
-    from amid._encode import encode_record, event_json, record_dict
+    from amid._encode import encode_record, event_json, record_dict, record_json
     raw = b"\r\n".join(f"{k}: {v}".encode("utf-8", "surrogatepass") for k, v in fields)
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError:
         return
     msg = Parser(expect_banner=False).feed(b"Event: X\r\n" + raw + b"\r\n\r\n")[0]
-    msg.server, msg.received_at = "s", 1.5
+    msg.server, msg.received_at, msg.epoch, msg.seq = "s", 1.5, 3, 7
     assert event_json(msg, "id") == encode_record(record_dict(msg, "id"))
+    assert record_json(msg, "run") == encode_record(record_dict(msg, "s:run:3:7"))
 
 
 @pytest.mark.parametrize("body", [
@@ -401,12 +403,15 @@ def test_fast_record_json_property(fields):
     b"B\r\nA: x: y",
     b"Latin: caf\xe9",                      # not UTF-8
     b"Uniqueid: 1.2\r\nUniqueID: 3.4",      # keys differ by case only: both kept
+    b"AppData: a:b\r\nK: v",                # colons in values only
+    b"K:ey: v\r\nNone",                     # a key colon balanced by a line without one
 ])
 def test_fast_record_json_declines_or_matches_on_tricky_messages(body):
-    from amid._encode import encode_record, event_json, record_dict
+    from amid._encode import encode_record, event_json, record_dict, record_json
     msg = Parser(expect_banner=False).feed(b"Event: X\r\n" + body + b"\r\n\r\n")[0]
-    msg.server, msg.received_at = "s", 1.5
+    msg.server, msg.received_at, msg.epoch, msg.seq = "s", 1.5, 3, 7
     assert event_json(msg, "id") == encode_record(record_dict(msg, "id"))
+    assert record_json(msg, "run") == encode_record(record_dict(msg, "s:run:3:7"))
 
 
 @pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.raw")), ids=lambda p: p.stem)
@@ -570,11 +575,12 @@ def test_bare_lf_lines_keep_a_cr_at_the_end_of_the_last_value():
 def test_record_json_is_valid_whatever_the_server_name_or_id(server, record_id):
     from pydantic_core import from_json
 
-    from amid._encode import event_json
+    from amid._encode import event_json, record_json
     (msg,) = Parser(expect_banner=False).feed(b"Event: X\r\nA: b\r\n\r\n")
     msg.server, msg.received_at, msg.epoch, msg.seq = server, 1.5, 1, 1
     record = from_json(event_json(msg, record_id))
     assert record["fields"] == {"Event": "X", "A": "b"}
+    assert from_json(record_json(msg, record_id))["fields"] == record["fields"]  # as a run id
     if not any("\ud800" <= c <= "\udfff" for c in server + record_id):
         assert record["server"] == server and record["id"] == record_id
 
@@ -623,3 +629,12 @@ def test_an_overlong_banner_fails_the_same_whatever_the_read_split():
     assert whole.value.kind == bytewise.value.kind == "bad_banner"
     limit = b"Asterisk Call Manager/" + b"1" * (256 - 22 - 1) + b"\r\n" + b"Event: A\r\n\r\n"
     assert [m.name for m in Parser().feed(limit)] == ["A"]  # a 256-byte line (with its CR) is fine
+
+
+@settings(max_examples=200, deadline=None)
+@given(server=st.text(max_size=6), run=st.text(max_size=6), name=st.text(max_size=6))
+def test_record_json_equals_the_general_encoding_for_any_server_run_and_name(server, run, name):
+    from amid._encode import encode_record, record_dict, record_json
+    (msg,) = Parser(expect_banner=False).feed(b"Event: X\r\nA: b\r\n\r\n")
+    msg.server, msg.received_at, msg.epoch, msg.seq, msg.name = server, 1.5, 2, 9, name
+    assert record_json(msg, run) == encode_record(record_dict(msg, f"{server}:{run}:2:9"))

@@ -577,7 +577,15 @@ class SinkRunner:
                 return
 
     def _take_from_queue(self) -> _Batch:
-        records: list[Record] = []
+        stats = self.stats
+        if stats.queue_events <= self._batch_max_events and stats.queue_bytes <= self._batch_max_bytes:
+            # The usual case, a queue that never backs up: it is the batch, taken at once.
+            records = list(self._queue)
+            self._queue.clear()
+            stats.queue_events = 0
+            stats.queue_bytes = 0
+            return self._set_in_flight(records)
+        records = []
         size = 0
         while self._queue and len(records) < self._batch_max_events:
             next_size = self._queue[0].size
@@ -585,6 +593,9 @@ class SinkRunner:
                 break
             records.append(self._popleft())
             size += next_size
+        return self._set_in_flight(records)
+
+    def _set_in_flight(self, records: list[Record]) -> _Batch:
         batch = _Batch(records)
         self._in_flight = batch
         self.stats.in_flight_events = len(records)
