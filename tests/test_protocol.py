@@ -405,6 +405,9 @@ def test_fast_record_json_property(fields):
     b"Uniqueid: 1.2\r\nUniqueID: 3.4",      # keys differ by case only: both kept
     b"AppData: a:b\r\nK: v",                # colons in values only
     b"K:ey: v\r\nNone",                     # a key colon balanced by a line without one
+    b'CallerID: "" <>\r\nName: "Alice"',     # quotes only: escaped on the fast path
+    b'Ke"y: v\r\nA": b\r\nQ: "',            # quotes next to the separators
+    b'Q: "a\\"',                            # a quote and a backslash
 ])
 def test_fast_record_json_declines_or_matches_on_tricky_messages(body):
     from amid._encode import encode_record, event_json, record_dict, record_json
