@@ -4,8 +4,9 @@ This is the daemon's hot path (event -> JSON bytes), kept in one place that benc
 
 Fast path: most AMI messages are plain ``Key: Value`` lines of UTF-8 without backslashes or
 control characters (quotes get a backslash), with no repeated key and exactly one ``": "`` per
-line. For those, the JSON object of the fields is the message bytes with ``\\r\\n`` turned into ``","`` and ``": "``
-into ``":"``: a handful of C-level byte operations instead of a Python loop over the fields.
+line. For those, the JSON object of the fields is the message bytes with ``\\r\\n`` turned
+into ``","`` and ``": "`` into ``":"``: a handful of C-level byte operations instead of a
+Python loop over the fields.
 Everything else (escaping needed, repeated keys, odd lines, invalid UTF-8) takes the general
 path through a dict and ``pydantic_core.to_json``. Both produce the same JSON (tested).
 """
