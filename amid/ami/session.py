@@ -729,14 +729,15 @@ class AMIClient:
         by_name = stats.events_by_name
         listeners = self._listeners
         want_handlers = bool(self._handlers_exact or self._handlers_glob or self._handlers_any)
+        server, epoch = self.name, self.epoch
         for msg in messages:
             if type(msg) is Event:
                 if self._lists and self._collect_list_event(msg):
                     continue
-                self._seq += 1
-                msg.server = self.name
-                msg.epoch = self.epoch
-                msg.seq = self._seq
+                seq = self._seq = self._seq + 1
+                msg.server = server
+                msg.epoch = epoch
+                msg.seq = seq
                 msg.received_at = now
                 stats.events_total += 1
                 stats.last_event_time = now
@@ -747,7 +748,7 @@ class AMIClient:
                     by_name[name] = 1
                 else:  # names come from the wire (UserEvent, forged AppData): bound the set
                     by_name["other"] += 1
-                if msg.name == "Shutdown":
+                if name == "Shutdown":
                     self._last_shutdown_event = True
                 for listener in listeners:
                     try:
