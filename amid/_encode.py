@@ -38,29 +38,31 @@ def format_iso(ts: float) -> str:
 
 class _IsoCache:
     """format_iso with a memory of the last value: all events of one read share their receive
-    time, so most calls are a comparison."""
+    time, so most calls are a comparison. The memory is one tuple, replaced whole."""
 
-    __slots__ = ("ts", "text", "raw")
+    __slots__ = ("last",)
 
     def __init__(self) -> None:
-        self.ts: float | None = None
-        self.text = ""
-        self.raw = b""
+        self.last: tuple[float | None, str, bytes] = (None, "", b"")
 
     def __call__(self, ts: float) -> str:
-        if ts != self.ts:
-            self.ts, self.text = ts, format_iso(ts)
-            self.raw = self.text.encode()
-        return self.text
+        last = self.last
+        if ts != last[0]:
+            text = format_iso(ts)
+            last = self.last = (ts, text, text.encode())
+        return last[1]
 
     def bytes(self, ts: float) -> bytes:
-        if ts != self.ts:
+        last = self.last
+        if ts != last[0]:
             self(ts)
-        return self.raw
+            last = self.last
+        return last[2]
 
 
 _iso = _IsoCache()
 _iso_bytes = _iso.bytes
+format_iso_cached = _iso  # for other hot paths (syslog headers)
 
 
 def fields_json_fast(raw: bytes) -> bytes | None:

@@ -79,7 +79,7 @@ class Record:
     def json(self) -> bytes:
         """Compact UTF-8 JSON of the record, without a trailing newline."""
         if self._json is None:
-            if self._event is not None and self._data is None:
+            if self._event is not None:  # the fast path, even if a sink already read .data
                 if self._id is None:  # the usual case: no one needed the id string yet
                     self._json = record_json(self._event, self._run)
                 else:
@@ -87,6 +87,13 @@ class Record:
             else:
                 self._json = encode_record(self.data)
         return self._json
+
+    @property
+    def seq(self) -> int | None:
+        """The per-connection sequence number (without building :attr:`data`)."""
+        if self._event is not None:
+            return self._event.seq
+        return self.data.get("seq")
 
     @property
     def data(self) -> dict[str, Any]:

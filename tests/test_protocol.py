@@ -641,3 +641,15 @@ def test_record_json_equals_the_general_encoding_for_any_server_run_and_name(ser
     (msg,) = Parser(expect_banner=False).feed(b"Event: X\r\nA: b\r\n\r\n")
     msg.server, msg.received_at, msg.epoch, msg.seq, msg.name = server, 1.5, 2, 9, name
     assert record_json(msg, run) == encode_record(record_dict(msg, f"{server}:{run}:2:9"))
+
+
+def test_a_record_json_is_the_same_bytes_whether_or_not_a_sink_read_its_data_first():
+    from amid.records import Record
+    (msg,) = Parser(expect_banner=False).feed(b"Event: Hangup\r\nCallerIDName: \"A\" <1>\r\n"
+                                              b"Variable: a=1\r\nVariable: b=2\r\n\r\n")
+    msg.server, msg.received_at, msg.epoch, msg.seq = "pbx1", 1.5, 1, 3
+    fresh = Record.of_event(msg, "run")
+    touched = Record.of_event(msg, "run")
+    assert touched.data["fields"]["Variable"] == ["a=1", "b=2"] and touched.seq == 3
+    assert touched.json == fresh.json
+    assert Record.from_json(fresh.json).seq == 3

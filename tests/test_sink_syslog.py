@@ -51,6 +51,20 @@ def json_part(message: bytes) -> dict:
 
 # -- formatting: exact bytes ----------------------------------------------------------------------
 
+def test_a_sink_formatter_remembers_per_name_and_server_but_stays_bounded_and_exact():
+    from amid.sinks.syslog import Formatter
+    for fmt in ("rfc5424", "rfc3164"):
+        o = opts(format=fmt, severity_map={"Hangup": "notice"}, msgid="{server}-{event}")
+        formatter = Formatter(o, hostname="host1", procid=7)
+        one_off = format_rfc5424 if fmt == "rfc5424" else format_rfc3164
+        records = [rec(name=f"User{n % 5000}", server=f"pbx{n % 3}", seq=n) for n in range(6000)]
+        records += [rec(name="Hangup", server='p"b]x\\', seq=1, received_at=T0 + 86400 * 40)]
+        for record in records:
+            assert formatter.format(record) == one_off(record, o, hostname="host1", procid=7)
+        assert len(formatter._parts) <= 4096  # names come from the wire
+
+
+
 def test_rfc5424_exact_bytes():
     record = rec()
     got = format_rfc5424(record, opts(), hostname="host1", procid=123)

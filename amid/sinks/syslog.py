@@ -45,7 +45,8 @@ from typing import Annotated, Any, Literal
 
 import pydantic
 
-from amid.records import Record, format_iso
+from amid._encode import format_iso_cached
+from amid.records import Record
 from amid.sinks.base import SinkError
 from amid.units import PositiveDuration, Size
 
@@ -58,6 +59,7 @@ __all__ = [
     "SyslogSink",
     "SyslogStats",
     "create",
+    "Formatter",
     "format_rfc3164",
     "format_rfc5424",
     "frame_octet_counting",
@@ -265,8 +267,8 @@ def severity_for(event: str, opts: Options) -> int:
     return int(opts.severity)
 
 
-def _priority(record: Record, opts: Options) -> int:
-    return int(opts.facility) * 8 + severity_for(record.name, opts)
+def _priority(name: str, opts: Options) -> int:
+    return int(opts.facility) * 8 + severity_for(name, opts)
 
 
 def _header_field(value: str | None, max_len: int) -> str:
@@ -286,41 +288,6 @@ def _sd_param_value(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
 
 
-def _structured_data(record: Record) -> str:
-    params = [("server", record.server)]
-    seq = record.data.get("seq")
-    if seq is not None:
-        params.append(("seq", str(seq)))
-    params.append(("id", record.id))
-    body = " ".join(f'{name}="{_sd_param_value(value)}"' for name, value in params)
-    return f"[{SD_ID} {body}]"
-
-
-def _msgid(record: Record, opts: Options) -> str:
-    return opts.msgid.format_map({"event": record.name, "server": record.server})
-
-
-def format_rfc5424(record: Record, opts: Options, *, hostname: str,
-                   procid: int | str | None = None) -> bytes:
-    """One RFC 5424 message (without transport framing) for ``record``.
-
-    ``<PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID [amid@32473 …] JSON``. The timestamp is the
-    record's receive time in UTC with microseconds. Header fields are PRINTUSASCII, cut to the RFC
-    limits, and ``-`` when empty. The MSG is the record JSON without a BOM: RFC 5424 allows
-    MSG-ANY, and consumers that parse the JSON would trip over one.
-    """
-    header = " ".join((
-        f"<{_priority(record, opts)}>1",
-        format_iso(record.received_at),
-        _header_field(hostname, HOSTNAME_MAX),
-        _header_field(opts.app_name, APP_NAME_MAX),
-        _header_field(None if procid is None else str(procid), PROCID_MAX),
-        _header_field(_msgid(record, opts), MSGID_MAX),
-        _structured_data(record) if opts.structured_data else NILVALUE,
-    ))
-    return header.encode("utf-8") + b" " + record.json
-
-
 def _rfc3164_timestamp(ts: float) -> str:
     """``Mmm dd hh:mm:ss`` in UTC, the day padded with a space (RFC 3164 section 4.1.2).
 
@@ -336,6 +303,74 @@ def _tag(app_name: str) -> str:
     return tag or "amid"
 
 
+_MAX_CACHED_PAIRS = 4096  # event names come from the wire: bound what is remembered
+
+
+class Formatter:
+    """Formats the records of one sink as syslog messages (without transport framing).
+
+    Everything but the timestamp, the sequence number and the id depends only on the options,
+    the event name and the server, so it is built once per (event name, server) pair and
+    remembered (a bounded cache): a message then costs a few string joins.
+    """
+
+    def __init__(self, opts: Options, *, hostname: str, procid: int | str | None = None) -> None:
+        self.opts = opts
+        self._host = _header_field(hostname, HOSTNAME_MAX)
+        self._procid = _header_field(None if procid is None else str(procid), PROCID_MAX)
+        self._app = _header_field(opts.app_name, APP_NAME_MAX)
+        self._pid_3164 = f"[{self._procid}]" if procid is not None else ""
+        self._tag = _tag(opts.app_name)
+        self._parts: dict[tuple[str, str], tuple[str, str, str]] = {}
+        self.format = self._rfc5424 if opts.format == "rfc5424" else self._rfc3164
+
+    def _parts_for(self, name: str, server: str) -> tuple[str, str, str]:
+        key = (name, server)
+        parts = self._parts.get(key)
+        if parts is None:
+            opts = self.opts
+            pri = _priority(name, opts)
+            if opts.format == "rfc5424":
+                msgid = _header_field(opts.msgid.format_map({"event": name, "server": server}),
+                                      MSGID_MAX)
+                parts = (f"<{pri}>1 ", f" {self._host} {self._app} {self._procid} {msgid} ",
+                         f'[{SD_ID} server="{_sd_param_value(server)}"')
+            else:
+                parts = (f"<{pri}>", f" {self._host} {self._tag}{self._pid_3164}: ", "")
+            if len(self._parts) < _MAX_CACHED_PAIRS:
+                self._parts[key] = parts
+        return parts
+
+    def _rfc5424(self, record: Record) -> bytes:
+        pri, middle, sd_start = self._parts_for(record.name, record.server)
+        if self.opts.structured_data:
+            seq = record.seq
+            seq_param = f' seq="{seq}"' if seq is not None else ""
+            sd = f'{sd_start}{seq_param} id="{_sd_param_value(record.id)}"]'
+        else:
+            sd = NILVALUE
+        header = f"{pri}{format_iso_cached(record.received_at)}{middle}{sd} "
+        return header.encode("utf-8") + record.json
+
+    def _rfc3164(self, record: Record) -> bytes:
+        pri, rest, _ = self._parts_for(record.name, record.server)
+        head = f"{pri}{_rfc3164_timestamp(record.received_at)}{rest}"
+        return head.encode("ascii") + record.json
+
+
+def format_rfc5424(record: Record, opts: Options, *, hostname: str,
+                   procid: int | str | None = None) -> bytes:
+    """One RFC 5424 message (without transport framing) for ``record``.
+
+    ``<PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID [amid@32473 …] JSON``. The timestamp is the
+    record's receive time in UTC with microseconds. Header fields are PRINTUSASCII, cut to the RFC
+    limits, and ``-`` when empty. The MSG is the record JSON without a BOM: RFC 5424 allows
+    MSG-ANY, and consumers that parse the JSON would trip over one.
+    """
+    return Formatter(opts.model_copy(update={"format": "rfc5424"}), hostname=hostname,
+                     procid=procid).format(record)
+
+
 def format_rfc3164(record: Record, opts: Options, *, hostname: str,
                    procid: int | str | None = None) -> bytes:
     """One RFC 3164 (BSD syslog) message: ``<PRI>Mmm dd hh:mm:ss HOSTNAME TAG[PID]: JSON``.
@@ -343,11 +378,8 @@ def format_rfc3164(record: Record, opts: Options, *, hostname: str,
     TAG is the app name reduced to at most 32 ASCII alphanumerics; ``[PID]`` is the conventional
     start of CONTENT that receivers (rsyslog, syslog-ng) parse as the process id.
     """
-    host = _header_field(hostname, HOSTNAME_MAX)
-    pid = f"[{_header_field(str(procid), PROCID_MAX)}]" if procid is not None else ""
-    head = (f"<{_priority(record, opts)}>{_rfc3164_timestamp(record.received_at)} "
-            f"{host} {_tag(opts.app_name)}{pid}: ")
-    return head.encode("ascii") + record.json
+    return Formatter(opts.model_copy(update={"format": "rfc3164"}), hostname=hostname,
+                     procid=procid).format(record)
 
 
 def truncate_utf8(data: bytes, limit: int) -> bytes:
@@ -524,7 +556,7 @@ class SyslogSink:
         self._endpoint = options.endpoint
         self._hostname = hostname or options.hostname or socket.gethostname()
         self._procid = os.getpid() if procid is None else procid
-        self._format = format_rfc5424 if options.format == "rfc5424" else format_rfc3164
+        self._format = Formatter(options, hostname=self._hostname, procid=self._procid).format
         self._ssl = _client_ssl_context(options) if self._endpoint.transport == "tls" else None
         self._channel: _DatagramChannel | _StreamChannel | None = None
         self._connected_once = False
@@ -584,8 +616,7 @@ class SyslogSink:
             raise SinkError(f"syslog sink {self.name!r} is closed")
 
     def _encode(self, record: Record) -> bytes:
-        message = self._format(record, self.options, hostname=self._hostname,
-                               procid=self._procid)
+        message = self._format(record)
         if self._endpoint.transport in ("udp", "unix"):
             cut = truncate_utf8(message, self.options.udp_max_bytes)
             if len(cut) != len(message):
