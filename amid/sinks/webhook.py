@@ -187,11 +187,8 @@ def webhook_id(batch: Sequence[Record]) -> str:
     different batch never shares the id. Hex only: the id must not contain ``.`` (it is a field
     of the signed content).
     """
-    digest = hashlib.sha256()
-    for record in batch:
-        digest.update(record.id.encode("utf-8"))
-        digest.update(b"\n")
-    return f"msg_{digest.hexdigest()[:32]}"
+    ids = "".join([record.id + "\n" for record in batch]).encode("utf-8", "surrogatepass")
+    return f"msg_{hashlib.sha256(ids).hexdigest()[:32]}"
 
 
 def sign(keys: Sequence[bytes], message_id: str, timestamp: int, body: bytes) -> str:
