@@ -42,7 +42,7 @@ __all__ = [
 # stats objects report beyond these are exposed too.
 DISCONNECT_REASONS = ("eof", "ping_timeout", "protocol_error", "connect_error", "login_failed",
                       "server_shutdown", "error", "closed")
-DROP_REASONS = ("queue_full", "spool_full", "spool_corrupt", "disabled", "shutdown")
+DROP_REASONS = ("queue_full", "spool_full", "spool_corrupt", "spool_io", "disabled", "shutdown")
 SINK_STATES = ("starting", "ok", "retrying", "disabled", "closed")
 
 # Event names beyond the per-server budget are summed under this label value.

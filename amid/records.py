@@ -108,8 +108,9 @@ class Record:
     @property
     def size(self) -> int:
         """Bytes this record accounts for in queue bounds: its JSON length once that is built,
-        else (a record straight from the wire) an upper estimate from the AMI message, so that
-        queueing an event on the read path never has to encode it. Fixed once read."""
+        else (a record straight from the wire) an estimate from the AMI message, so that
+        queueing an event on the read path never has to encode it (an event whose values need
+        many JSON escapes can be larger; the spool sizes by the real JSON). Fixed once read."""
         size = self._size
         if size is None:
             if self._json is None and self._event is not None:

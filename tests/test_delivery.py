@@ -600,3 +600,59 @@ async def test_a_record_bigger_than_the_queue_does_not_evict_it() -> None:
     assert await runner.drain(5)
     assert sink.delivered() == [0, 1]
     await runner.close(1)
+
+
+async def test_records_the_spool_cannot_write_at_shutdown_are_counted_dropped(tmp_path, monkeypatch):
+    import errno
+
+    import amid.sinks.spool as spool_module
+    sink = ScriptedSink()
+    sink.gate = asyncio.Event()  # the peer is down: everything waits
+    runner = make_runner(sink, overflow="spool", spool_dir=tmp_path / "sp", max_queue_events=2,
+                         spool_fsync_interval=10.0)
+    await runner.start()
+    for n in range(10):
+        runner.offer(make_record(n))
+
+    def disk_full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(spool_module.os, "write", disk_full)
+    await runner.close(0.01)
+    monkeypatch.undo()
+    stats = runner.stats
+    assert_invariant(stats)
+    lost = stats.dropped_total["spool_io"]
+    assert lost > 0 and stats.spool_events + lost + stats.in_flight_events <= 10
+    again = make_runner(ScriptedSink(), overflow="spool", spool_dir=tmp_path / "sp")
+    await again.start()
+    assert again.stats.recovered_total == stats.spool_events  # what it counted as spooled is there
+    await again.close(1.0)
+
+
+async def test_a_small_spool_uses_segments_that_keep_its_disk_use_near_the_cap(tmp_path):
+    runner = make_runner(ScriptedSink(), overflow="spool", spool_dir=tmp_path / "sp",
+                         spool_max_bytes=1 << 20)
+    await runner.start()
+    assert runner._spool.segment_bytes == (1 << 20) // 8
+    await runner.close(1.0)
+
+
+async def test_spilling_sizes_records_by_their_json_not_the_estimate(tmp_path):
+    from amid.ami.protocol import Event
+    sink = ScriptedSink()
+    sink.gate = asyncio.Event()
+    runner = make_runner(sink, overflow="spool", spool_dir=tmp_path / "sp", max_queue_events=2,
+                         spool_max_bytes=30_000, spool_fallback="drop_newest")
+    await runner.start()
+    for n in range(12):  # control characters: the JSON is about 4x the estimate
+        event = Event(b"Event: UserEvent\r\nData: " + b"\x01" * 2000)
+        event.server, event.epoch, event.seq, event.received_at = "pbx1", 1, n, BASE_TIME
+        runner.offer(Record.of_event(event, "run"))
+        await asyncio.sleep(0)
+    stats = runner.stats
+    # 12 KB each: two fit in 30 KB. Sized by the estimate (2.8 KB), the spool refused the
+    # whole spill and every record went to the fallback while the spool stayed empty.
+    assert stats.spool_events >= 1 and 0 < stats.spool_bytes <= 30_000
+    assert_invariant(stats)
+    sink.gate.set()
+    await runner.close(1.0)

@@ -300,3 +300,50 @@ async def test_kill_9_while_appending_loses_no_fsynced_record(tmp_path: Path) ->
 
 def test_position_is_ordered() -> None:
     assert SpoolPosition(1, 500) < SpoolPosition(2, 0)
+
+
+# -- I/O failures while running (disk full for a moment, no file descriptors left) -----------------
+
+def test_an_ack_whose_cursor_write_fails_is_done_whole_by_its_retry(tmp_path, monkeypatch):
+    import errno
+    spool = Spool(tmp_path / "sp", max_bytes=10_000)
+    spool.append([b"x" * 100] * 5)
+    spool.sync()
+    items = spool.read_batch(10, 1 << 30)
+    real = spool._write_cursor_file
+
+    def disk_full_once(position):
+        monkeypatch.setattr(spool, "_write_cursor_file", real)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(spool, "_write_cursor_file", disk_full_once)
+    with pytest.raises(OSError):
+        spool.ack(items[-1][0])
+    spool.ack(items[-1][0])  # the runner retries the same call
+    assert (spool.events_pending, spool.bytes_used, spool.free_bytes) == (0, 0, 10_000)
+    spool.close()
+
+
+def test_a_segment_that_cannot_be_opened_leaves_the_spool_usable(tmp_path, monkeypatch):
+    import errno
+
+    import amid.sinks.spool as spool_module
+    spool = Spool(tmp_path / "sp", max_bytes=1_000_000, segment_bytes=1000)
+    spool.append([b"a" * 400] * 2)
+    spool.sync()
+    real_open = os.open
+
+    def no_descriptors(path, flags, mode=0o777, **kw):
+        if str(path).endswith(".seg"):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, flags, mode, **kw)
+    monkeypatch.setattr(spool_module.os, "open", no_descriptors)
+    spool.append([b"b" * 400])  # needs the next segment
+    with pytest.raises(OSError):
+        spool.sync()
+    monkeypatch.setattr(spool_module.os, "open", real_open)
+    spool.sync()  # the cause is gone: it works again
+    assert [p for _, p in spool.read_batch(10, 1 << 30)] == [b"a" * 400] * 2 + [b"b" * 400]
+    spool.close()
+    reopened = Spool(tmp_path / "sp", max_bytes=1_000_000, segment_bytes=1000)
+    assert reopened.events_pending == 3
+    reopened.close()

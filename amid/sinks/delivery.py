@@ -45,7 +45,7 @@ from typing import Any, Literal, TypeVar
 from amid.ami.stats import Histogram
 from amid.records import Record
 from amid.sinks.base import Sink, SinkDisabled, SinkError, SinkRejected
-from amid.sinks.spool import HEADER_SIZE, Spool, SpoolFull, SpoolPosition
+from amid.sinks.spool import DEFAULT_SEGMENT_BYTES, HEADER_SIZE, Spool, SpoolFull, SpoolPosition
 
 __all__ = ["DELIVERY_LATENCY_BUCKETS", "DROP_REASONS", "SinkRunner", "SinkStats"]
 
@@ -56,8 +56,9 @@ Overflow = Literal["drop_oldest", "drop_newest", "spool"]
 SpoolFallback = Literal["drop_oldest", "drop_newest"]
 
 DELIVERY_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-# "spool_corrupt" only happens if spool files are damaged while the daemon runs.
-DROP_REASONS = ("queue_full", "spool_full", "disabled", "shutdown", "spool_corrupt")
+# "spool_corrupt" only happens if spool files are damaged while the daemon runs; "spool_io"
+# if the spool's last write at shutdown fails (disk full, I/O error).
+DROP_REASONS = ("queue_full", "spool_full", "disabled", "shutdown", "spool_corrupt", "spool_io")
 DROP_WARNING_INTERVAL = 10.0
 # A peer's Retry-After is honoured, but an absurd value must not park a sink for days.
 RETRY_AFTER_CAP = 3600.0
@@ -272,7 +273,7 @@ class SinkRunner:
         free = spool.free_bytes
         payloads: list[bytes] = []
         for record in self._queue:
-            need = HEADER_SIZE + record.size
+            need = HEADER_SIZE + len(record.json)  # exact: record.size is only an estimate
             if need > free:
                 break
             free -= need
@@ -334,7 +335,11 @@ class SinkRunner:
             raise RuntimeError(f"sink {self.name} is closed")
         if self._overflow == "spool":
             assert self._spool_dir is not None
-            spool = await asyncio.to_thread(Spool, self._spool_dir, max_bytes=self._spool_max_bytes)
+            # Confirmed records stay on disk until their segment is left behind: segments of
+            # an eighth of the cap keep the disk used within 1.125 x max_bytes.
+            segment = min(DEFAULT_SEGMENT_BYTES, max(64 << 10, self._spool_max_bytes // 8))
+            spool = await asyncio.to_thread(Spool, self._spool_dir, max_bytes=self._spool_max_bytes,
+                                            segment_bytes=segment)
             if self._closing:  # detached while the spool opened: release it for the successor
                 await asyncio.to_thread(spool.close)
                 raise RuntimeError(f"sink {self.name} is closed")
@@ -420,8 +425,12 @@ class SinkRunner:
                 try:
                     await asyncio.to_thread(self._spool.close)
                 except OSError as exc:
-                    log.error("sink %s: closing the spool failed: %s", self.name, exc,
-                              extra=self._log_extra)
+                    lost = self._spool.lost_on_close
+                    log.error("sink %s: closing the spool failed (%d events could not be "
+                              "written): %s", self.name, lost, exc, extra=self._log_extra)
+                    if lost:
+                        self.stats.spool_events -= lost
+                        self._drop(lost, "spool_io")
                 self.stats.spool_bytes = self._spool.bytes_used
             if self._queue and hand_over:
                 leftovers = list(self._queue)

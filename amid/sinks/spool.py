@@ -162,6 +162,7 @@ class Spool:
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.corrupt_records_total = 0   # damaged spans skipped or truncated (each counts once)
+        self.lost_on_close = 0           # records close() could not write (its sync failed)
         self.corrupt_bytes_total = 0
 
         self._buf_lock = threading.Lock()   # _pending and the counters; held only briefly
@@ -307,9 +308,11 @@ class Spool:
         if self._unsynced:
             os.fsync(self._write_fd)
             self._unsynced = False
-        os.close(self._write_fd)
-        self._write_fd = -1
+        # The next segment opens before the old one closes: if it cannot (EMFILE, ENOSPC),
+        # the spool keeps a usable write segment and a later sync simply tries again.
+        old_fd = self._write_fd
         self._open_write_segment(old + 1)
+        os.close(old_fd)
         if self._cursor == SpoolPosition(old, self._sizes[old]):
             self._move_cursor(SpoolPosition(old + 1, 0))
 
@@ -385,14 +388,18 @@ class Spool:
         # A cursor at the very end of a finished segment means the start of the next one.
         while position.segment != self._write_segment and position.offset >= self._sizes[position.segment]:
             position = SpoolPosition(min(n for n in self._sizes if n > position.segment), 0)
+        # The file first: if writing it fails (disk full), nothing has moved and the caller's
+        # retry of the same ack does the whole of it.
+        self._write_cursor_file(position)
         self._cursor = position
         self._read_marks = None
-        self._write_cursor_file(position)
         for number in [n for n in self._sizes if n < position.segment]:
             try:
                 (self.directory / _segment_name(number)).unlink()
             except FileNotFoundError:
                 pass
+            except OSError:
+                continue  # behind the cursor: the next move (or the next open) removes it
             del self._sizes[number]
 
     def _write_cursor_file(self, position: SpoolPosition) -> None:
@@ -509,6 +516,13 @@ class Spool:
                 return
             try:
                 self.sync()
+            except OSError:
+                # What could not be written is lost with the process: say how much, so the
+                # owner counts it as dropped instead of spooled.
+                with self._buf_lock:
+                    self.lost_on_close = len(self._pending)
+                    self._events -= self.lost_on_close
+                raise
             finally:
                 self._closed = True
                 self._release()
