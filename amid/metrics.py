@@ -211,6 +211,13 @@ class AmidCollector(Collector):
         dead_lettered = counter(
             "amid_sink_dead_lettered", "Events the peer rejected for good, written to the dead-letter file."
         )
+        truncated = counter(
+            "amid_sink_truncated", "Events delivered shortened to the transport's size limit (syslog udp/unix)."
+        )
+        spool_corrupt = counter(
+            "amid_sink_spool_corrupt_records",
+            "Damaged spool records skipped when the spool was opened (torn or corrupted writes).",
+        )
         queue_events = gauge("amid_sink_queue_events", "Events waiting in the sink's in-memory queue.")
         queue_bytes = gauge("amid_sink_queue_bytes", "Bytes of events waiting in the sink's in-memory queue.")
         in_flight = gauge("amid_sink_in_flight_events", "Events in the batch being delivered right now.")
@@ -237,6 +244,8 @@ class AmidCollector(Collector):
             for reason, count in _with_zeros(stats.dropped_total, DROP_REASONS):
                 dropped.add_metric([sink, sink_type, reason], count)
             dead_lettered.add_metric(labels, stats.dead_lettered_total)
+            truncated.add_metric(labels, stats.truncated_total)
+            spool_corrupt.add_metric(labels, stats.spool_corrupt_records_total)
             queue_events.add_metric(labels, stats.queue_events)
             queue_bytes.add_metric(labels, stats.queue_bytes)
             in_flight.add_metric(labels, stats.in_flight_events)
@@ -246,7 +255,8 @@ class AmidCollector(Collector):
             _add_histogram(latency, labels, stats.delivery_latency)
 
         yield from (
-            state, received, sent, failed, retried, dropped, dead_lettered, queue_events, queue_bytes,
+            state, received, sent, failed, retried, dropped, dead_lettered, truncated, spool_corrupt,
+            queue_events, queue_bytes,
             in_flight, spool_events, spool_bytes, last_success, latency,
         )
 

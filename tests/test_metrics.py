@@ -6,41 +6,17 @@ import asyncio
 import os
 import platform
 import shutil
-from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from amid.ami.stats import Histogram, SessionStats
+from amid.ami.stats import SessionStats
 from amid.http import HealthServer
 from amid.metrics import DISCONNECT_REASONS, DROP_REASONS, SINK_STATES, AmidCollector, build_registry
+from amid.sinks.delivery import SinkStats
 from promparse import Samples, key, parse, scrape, scrape_text, total
-
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-@dataclass
-class FakeSinkStats:
-    """Stand-in for amid.sinks.delivery.SinkStats: the attributes the collector reads."""
-
-    state: str = "starting"
-    received_total: int = 0
-    sent_total: int = 0
-    failed_attempts_total: int = 0
-    retried_total: int = 0
-    dropped_total: Counter = field(default_factory=Counter)
-    dead_lettered_total: int = 0
-    queue_events: int = 0
-    queue_bytes: int = 0
-    spool_events: int = 0
-    spool_bytes: int = 0
-    in_flight_events: int = 0
-    last_success_time: float | None = None
-    delivery_latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
-    last_error: str | None = None
 
 
 class World:
@@ -48,7 +24,7 @@ class World:
 
     def __init__(self) -> None:
         self.servers: dict[str, SessionStats] = {"pbx1": SessionStats()}
-        self.sinks: dict[str, tuple[str, FakeSinkStats]] = {"hook": ("webhook", FakeSinkStats())}
+        self.sinks: dict[str, tuple[str, SinkStats]] = {"hook": ("webhook", SinkStats())}
 
     def collector(self, max_event_names: int = 300) -> AmidCollector:
         return AmidCollector(
@@ -157,6 +133,8 @@ async def test_sink_values_follow_stats(world: World, http: HealthServer) -> Non
     stats.retried_total = 2
     stats.dropped_total.update({"queue_full": 10, "spool_full": 5})
     stats.dead_lettered_total = 4
+    stats.truncated_total = 6
+    stats.spool_corrupt_records_total = 7
     stats.queue_events, stats.queue_bytes = 15, 4096
     stats.spool_events, stats.spool_bytes = 8, 2048
     stats.in_flight_events = 2
@@ -175,6 +153,8 @@ async def test_sink_values_follow_stats(world: World, http: HealthServer) -> Non
     assert samples[key("amid_sink_dropped_total", reason="spool_full", **sink)] == 5
     assert samples[key("amid_sink_dropped_total", reason="shutdown", **sink)] == 0
     assert samples[key("amid_sink_dead_lettered_total", **sink)] == 4
+    assert samples[key("amid_sink_truncated_total", **sink)] == 6
+    assert samples[key("amid_sink_spool_corrupt_records_total", **sink)] == 7
     assert samples[key("amid_sink_queue_events", **sink)] == 15
     assert samples[key("amid_sink_queue_bytes", **sink)] == 4096
     assert samples[key("amid_sink_spool_events", **sink)] == 8
@@ -233,7 +213,7 @@ async def test_event_name_label_is_bounded(world: World) -> None:
 
 async def test_servers_and_sinks_are_read_at_each_scrape(world: World, http: HealthServer) -> None:
     world.servers["pbx2"] = SessionStats(up=True)
-    world.sinks["log"] = ("file", FakeSinkStats(state="ok"))
+    world.sinks["log"] = ("file", SinkStats(state="ok"))
     samples = await scrape(http.port)
     assert samples[key("amid_ami_up", server="pbx2")] == 1
     assert samples[key("amid_sink_state", sink="log", type="file", state="ok")] == 1
@@ -281,7 +261,7 @@ async def test_promtool_check_metrics_is_clean(world: World, http: HealthServer)
     stats.protocol_errors_total["bad_line"] += 1
     stats.events_by_name.update({"Newchannel": 3, "Hangup": 3, 'Odd"Name\\x': 1})
     stats.ping_rtt.observe(0.004)
-    world.sinks["log"] = ("file", FakeSinkStats(state="ok", sent_total=5, received_total=5))
+    world.sinks["log"] = ("file", SinkStats(state="ok", sent_total=5, received_total=5))
     world.sinks["hook"][1].delivery_latency.observe(1.5)
     text = await scrape_text(http.port)
     assert parse(text)  # sanity: parses

@@ -553,6 +553,88 @@ async def test_unix_datagram_truncates_on_a_character_boundary_and_counts_it(tmp
         await peer.stop()
 
 
+async def test_unix_datagram_batch_counts_as_sent_only_once_the_kernel_took_every_message(tmp_path):
+    await slow_receiver_gets_every_message(tmp_path)
+
+
+def test_unix_datagram_under_uvloop_gets_every_message(tmp_path):
+    # `amid run` uses uvloop when installed; its datagram transport differs from asyncio's.
+    import uvloop
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(slow_receiver_gets_every_message(tmp_path))
+
+
+async def slow_receiver_gets_every_message(tmp_path: Path) -> None:
+    # A receiver that falls behind (journald under load): the kernel's queue fills, asyncio keeps
+    # the rest in the process. Neither send nor close may return while any of it is still there,
+    # or a sink that is closed (shutdown, reload) loses messages the runner counted as sent.
+    path = tmp_path / "slow-log"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    receiver.setblocking(False)
+    loop = asyncio.get_running_loop()
+    got: list[bytes] = []
+
+    def read_waiting() -> None:  # synchronous: nothing read can be lost to a cancellation
+        while True:
+            try:
+                got.append(receiver.recv(65536))
+            except BlockingIOError:
+                return
+
+    sink = syslog.create("s", Options(address=f"unix://{path}"))
+    batch = [rec(f"r{n}", fields={"Note": "x" * 900}) for n in range(1000)]
+    try:
+        await sink.start()
+        sending = asyncio.create_task(sink.send(batch))
+        await asyncio.sleep(0)  # sendto runs until the kernel's queue is full, then waits
+        assert not sending.done()
+        loop.add_reader(receiver.fileno(), read_waiting)
+        try:
+            await waited(sending)
+            await waited(sink.close())
+        finally:
+            loop.remove_reader(receiver.fileno())
+    finally:
+        await waited(sink.close())
+    read_waiting()  # what the kernel still holds for the receiver
+    receiver.close()
+    assert [json_part(m)["id"] for m in got] == [f"r{n}" for n in range(1000)]
+
+
+async def test_truncation_is_counted_once_per_delivered_message_and_reaches_the_metrics(tmp_path):
+    from amid.sinks.delivery import SinkRunner
+    peer = DatagramPeer(tmp_path / "dev-log")
+    sink = syslog.create("s", Options(address=f"unix://{peer.path}", udp_max_bytes=600))
+    big = rec("big", fields={"Note": "é" * 1000})
+    with pytest.raises(SinkError):  # nobody listens yet: this attempt fails
+        await send(sink, [big])
+    assert sink.stats.truncated_total == 0
+    await peer.start()
+    runner = SinkRunner(
+        sink, name="s", max_queue_events=100, max_queue_bytes=1 << 20, overflow="drop_newest",
+        spool_dir=None, spool_max_bytes=1 << 20, spool_fallback="drop_newest",
+        spool_fsync_interval=0.1, batch_max_events=10, batch_max_bytes=1 << 20,
+        batch_max_wait=0.0, retry_min_delay=0.001, retry_max_delay=0.01, dead_letter_path=None)
+    try:
+        await waited(runner.start())
+        for record in (big, rec("small"), big):
+            runner.offer(record)
+        assert await waited(runner.drain(WAIT))
+        assert sink.stats.truncated_total == 2
+        assert runner.stats.truncated_total == 2  # what amid_sink_truncated_total shows
+    finally:
+        await waited(runner.close(WAIT))
+        await peer.stop()
+
+
+def test_udp_max_bytes_defaults_to_the_formats_limit():
+    assert Options(address="udp://127.0.0.1:514").udp_max_bytes == 2048
+    assert Options(address="udp://127.0.0.1:514", format="rfc3164").udp_max_bytes == 1024
+    assert Options(address="udp://127.0.0.1:514", format="rfc3164",
+                   udp_max_bytes=1500).udp_max_bytes == 1500
+
+
 # -- udp ------------------------------------------------------------------------------------------
 
 async def test_udp_reports_a_receiver_that_is_not_there():

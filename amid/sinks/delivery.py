@@ -85,6 +85,7 @@ class SinkStats:
     recovered_total: int = 0   # found in the spool when the runner started
     handed_over_total: int = 0  # given to a replacement runner by detach() (config reload)
     spool_corrupt_records_total: int = 0  # damaged spans skipped when the spool was opened
+    truncated_total: int = 0   # messages the sink shortened to fit its transport (syslog udp)
     last_success_time: float | None = None  # unix time of the last confirmed send
     delivery_latency: Histogram = field(default_factory=lambda: Histogram(DELIVERY_LATENCY_BUCKETS))
     last_error: str | None = None
@@ -133,6 +134,7 @@ class SinkRunner:
         if min(max_queue_events, max_queue_bytes, batch_max_events, batch_max_bytes) <= 0:
             raise ValueError("queue and batch limits must be positive")
         self._sink = sink
+        self._sink_truncated_seen = 0  # the sink's own truncated_total at the last look
         self.name = name
         self._max_queue_events = max_queue_events
         self._max_queue_bytes = max_queue_bytes
@@ -670,6 +672,7 @@ class SinkRunner:
         while True:
             try:
                 await self._sink.send(records)
+                self._note_truncated()
                 if attempt:
                     log.info("sink %s: delivered after %d failed attempts", self.name, attempt,
                              extra=self._log_extra)
@@ -692,6 +695,14 @@ class SinkRunner:
             await self._sleep(self._backoff(attempt, retry_after))
             attempt += 1
             self.stats.retried_total += 1
+
+    def _note_truncated(self) -> None:
+        # A sink that shortens messages to fit its transport (syslog over udp or unix) counts
+        # them in its own ``stats.truncated_total``; the runner carries that over for metrics.
+        total = getattr(getattr(self._sink, "stats", None), "truncated_total", None)
+        if type(total) is int and total > self._sink_truncated_seen:
+            self.stats.truncated_total += total - self._sink_truncated_seen
+            self._sink_truncated_seen = total
 
     def _note_failure(self, exc: BaseException, attempt: int, what: str, *,
                       unexpected: bool = False) -> None:

@@ -190,8 +190,9 @@ class Options(pydantic.BaseModel, extra="forbid", frozen=True, validate_default=
     msgid: str = "{event}"
     message: Literal["json"] = "json"
     structured_data: bool = True
-    # RFC 5426: receivers must take 480 bytes and should take 2048. Applies to unix datagrams too.
-    udp_max_bytes: Annotated[Size, pydantic.Field(ge=480, le=UDP_PAYLOAD_MAX)] = 2048
+    # RFC 5426: receivers must take 480 bytes and should take 2048; RFC 3164 allows 1024 at most.
+    # Unset: 2048, or 1024 for rfc3164. Applies to unix datagrams too.
+    udp_max_bytes: Annotated[Size, pydantic.Field(ge=480, le=UDP_PAYLOAD_MAX)] | None = None
     tcp_framing: Literal["octet-counting", "lf"] = "octet-counting"
     tls_ca_file: str | None = None
     tls_verify: bool = True
@@ -248,6 +249,9 @@ class Options(pydantic.BaseModel, extra="forbid", frozen=True, validate_default=
             raise ValueError("tcp_framing only applies to a tcp:// or tls:// address")
         if self.tls_key_file and not self.tls_cert_file:
             raise ValueError("tls_key_file needs tls_cert_file")
+        if self.udp_max_bytes is None:
+            default = 1024 if self.format == "rfc3164" else 2048
+            object.__setattr__(self, "udp_max_bytes", default)  # frozen: set once, here
         return self
 
     @property
@@ -441,6 +445,12 @@ class _DatagramErrors(asyncio.DatagramProtocol):
         self.error: Exception | None = None
         self.writable = asyncio.Event()
         self.writable.set()
+        self.closed = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Paused as soon as anything waits in the process's own buffer (the kernel's was full):
+        # a batch counts as sent only once the kernel has taken every datagram of it.
+        transport.set_write_buffer_limits(high=0)  # type: ignore[attr-defined]
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable (udp) or ECONNREFUSED (unix socket gone) arrives here, sometimes
@@ -452,6 +462,7 @@ class _DatagramErrors(asyncio.DatagramProtocol):
         if exc is not None and self.error is None:
             self.error = exc
         self.writable.set()
+        self.closed.set()
 
     def pause_writing(self) -> None:
         self.writable.clear()
@@ -481,6 +492,8 @@ class _DatagramChannel:
         # The transport buffers only when the kernel's send buffer is full; wait for it to drain.
         await self._protocol.writable.wait()
         self._raise_pending_error()
+        if self._transport.get_write_buffer_size():  # closed with datagrams still buffered
+            raise ConnectionResetError("datagram socket closed before the kernel took the batch")
 
     def _raise_pending_error(self) -> None:
         error = self._protocol.error
@@ -488,7 +501,8 @@ class _DatagramChannel:
             raise error
 
     async def close(self) -> None:
-        self._transport.close()
+        self._transport.close()  # sends what is buffered first
+        await self._protocol.closed.wait()  # the caller bounds this wait
 
     def abort(self) -> None:
         self._transport.abort()
@@ -561,6 +575,8 @@ class SyslogSink:
         self._channel: _DatagramChannel | _StreamChannel | None = None
         self._connected_once = False
         self._closed = False
+        self._udp_max_bytes: int = options.udp_max_bytes or 2048  # always set once validated
+        self._truncated = 0  # messages of the batch being sent that were cut to udp_max_bytes
         # One batch at a time on the wire: frames of two batches must never interleave.
         self._lock = asyncio.Lock()
 
@@ -583,6 +599,7 @@ class SyslogSink:
             return
         async with self._lock:
             self._check_open()
+            self._truncated = 0
             payloads = [self._encode(record) for record in batch]
             channel = await self._ensure_channel()
             try:
@@ -596,6 +613,7 @@ class SyslogSink:
                                 f"failed: {what}") from exc
             self.stats.messages_total += len(payloads)
             self.stats.bytes_total += sum(map(len, payloads))
+            self.stats.truncated_total += self._truncated  # once per message, not per attempt
 
     async def close(self) -> None:
         """Close the connection (flushing what the kernel holds). Idempotent; safe before start."""
@@ -618,9 +636,9 @@ class SyslogSink:
     def _encode(self, record: Record) -> bytes:
         message = self._format(record)
         if self._endpoint.transport in ("udp", "unix"):
-            cut = truncate_utf8(message, self.options.udp_max_bytes)
+            cut = truncate_utf8(message, self._udp_max_bytes)
             if len(cut) != len(message):
-                self.stats.truncated_total += 1
+                self._truncated += 1
             return cut
         if self.options.tcp_framing == "lf":
             return frame_lf(message)
@@ -651,8 +669,16 @@ class SyslogSink:
         ep = self._endpoint
         if ep.transport in ("udp", "unix"):
             if ep.transport == "unix":
+                # A socket of our own: uvloop's create_datagram_endpoint takes no unix remote_addr.
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                try:
+                    sock.setblocking(False)
+                    sock.connect(ep.path)  # immediate for unix sockets; ENOENT/ECONNREFUSED now
+                except BaseException:
+                    sock.close()
+                    raise
                 transport, protocol = await loop.create_datagram_endpoint(
-                    _DatagramErrors, remote_addr=ep.path, family=socket.AF_UNIX)
+                    _DatagramErrors, sock=sock)
             else:
                 transport, protocol = await loop.create_datagram_endpoint(
                     _DatagramErrors, remote_addr=(ep.host, ep.port))
