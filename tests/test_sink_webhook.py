@@ -241,6 +241,9 @@ def test_parse_retry_after_forms_and_bounds():
     assert parse("Sun, 06 Nov 1994 08:49:37 GMT", now=now) == 0.0          # in the past
     assert parse(email.utils.formatdate(now + 86400 * 7, usegmt=True), now=now) == 3600.0
     assert parse("99999999999999999999", now=now) == webhook.RETRY_AFTER_CAP
+    assert parse("9" * 400, now=now) == webhook.RETRY_AFTER_CAP        # past float's range
+    assert parse("1" + "0" * 5000, now=now) == webhook.RETRY_AFTER_CAP  # past int()'s digits
+    assert parse("0" * 5000 + "30", now=now) == 30.0
     for garbage in (None, "", "soon", "-5", "1.5", "²"):
         assert parse(garbage, now=now) is None
 

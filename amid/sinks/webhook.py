@@ -215,7 +215,9 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         return None
     value = value.strip()
     if re.fullmatch(r"[0-9]+", value):
-        seconds = float(int(value))
+        digits = value.lstrip("0") or "0"
+        # A longer number is far past the cap (and could overflow a float, or int()'s limit).
+        seconds = float(int(digits)) if len(digits) <= 12 else RETRY_AFTER_CAP
     else:
         try:
             when = email.utils.parsedate_to_datetime(value)
