@@ -246,11 +246,17 @@ class Daemon:
 
     async def _announce_ready(self) -> None:
         timeout = self.config.start_timeout
-        waits = [client.wait_connected(timeout) for client in self.clients.values()]
-        results = await asyncio.gather(*waits)
-        if not all(results):
+        logins = [client.wait_connected(timeout) for client in self.clients.values()]
+        sinks = list(self.sinks.items())  # a reload may change the dict while this waits
+        opens = [slot.runner.wait_opened(timeout) for _, slot in sinks]
+        results = await asyncio.gather(*logins, *opens)
+        if not all(results[:len(logins)]):
             log.warning("not every server logged in within start_timeout (%ss); reporting ready anyway",
                         timeout)
+        unopened = [name for (name, _), ok in zip(sinks, results[len(logins):]) if not ok]
+        if unopened:
+            log.warning("sinks not opened within start_timeout (%ss): %s; their events queue "
+                        "until they open; reporting ready anyway", timeout, ", ".join(unopened))
         self.ready.set()
         if self.notifier is not None:
             self.notifier.ready(self.status_line())
@@ -322,12 +328,19 @@ class Daemon:
                 ok = False
                 checks[f"server:{name}"] = f"{client.state.value}: {client.last_error or 'connecting'}"
         for name, slot in self.sinks.items():
-            if slot.runner.accepting:
-                checks[f"sink:{name}"] = slot.runner.stats.state
-            else:
+            stats = slot.runner.stats
+            if not slot.runner.accepting:
                 ok = False
-                checks[f"sink:{name}"] = f"not accepting ({slot.runner.stats.state}: " \
-                                         f"{slot.runner.stats.last_error or 'queue full'})"
+                checks[f"sink:{name}"] = f"not accepting ({stats.state}: " \
+                                         f"{stats.last_error or 'queue full'})"
+            elif not slot.runner.sink_opened:
+                # Never opened since it was (re)built: most often a wrong path, address or
+                # permission, not an outage that the queue is there to ride out.
+                ok = False
+                checks[f"sink:{name}"] = f"not opened yet ({stats.state}: " \
+                                         f"{stats.last_error or 'opening'})"
+            else:
+                checks[f"sink:{name}"] = stats.state
         if self._stopping:
             ok = False
             checks["daemon"] = "shutting down"

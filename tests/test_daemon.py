@@ -129,6 +129,29 @@ async def test_every_event_reaches_file_syslog_and_webhook(tmp_path, sim, rsyslo
             await stop_daemon(daemon, task)
 
 
+async def test_a_sink_that_never_opened_keeps_the_daemon_unready_until_it_opens(tmp_path, sim, caplog):
+    blocker = tmp_path / "logs"
+    blocker.write_text("")  # a file where the sink's directory should be: open fails
+    events_file = blocker / "events.jsonl"
+    path = write_config(tmp_path, sim, [{"name": "file", "type": "file", "path": str(events_file),
+                                         "batch": {"max_wait": "10ms"}}], start_timeout="300ms")
+    daemon, task = await start_daemon(path)  # ready (systemd READY=1) once start_timeout passed
+    try:
+        assert "sinks not opened within start_timeout (0.3s): file" in caplog.text
+        ok, checks = daemon.readiness()
+        assert not ok and checks["sink:file"].startswith("not opened yet (retrying: start: ")
+        assert checks["server:pbx1"] == "logged in"
+        sim.originate("Local/200@test", exten="100")
+        stats = daemon.server_stats["pbx1"]
+        await wait_until(lambda: stats.events_by_name["OriginateResponse"] == 1)
+        blocker.unlink()
+        blocker.mkdir()  # the operator fixes it: the retrying sink opens and delivers the backlog
+        await wait_until(lambda: daemon.readiness()[0], timeout=10)
+        await wait_until(lambda: len(read_jsonl(events_file)) == stats.events_total)
+    finally:
+        await stop_daemon(daemon, task)
+
+
 async def test_reconnect_emits_a_gap_event(tmp_path, sim):
     events_file = tmp_path / "events.jsonl"
     path = write_config(tmp_path, sim, [{"name": "file", "type": "file", "path": str(events_file),
@@ -396,7 +419,7 @@ async def test_a_reload_that_partly_fails_applies_the_rest_and_retries_the_faile
         monkeypatch.setattr(daemon, "_build_sink", build)
         assert await daemon.reload()
         assert daemon.sinks["c"] is not slot_c and daemon.sinks["c"].config.batch.max_events == 7
-        assert daemon.readiness()[0]
+        await wait_until(lambda: daemon.readiness()[0])  # once the new c opened its file
     finally:
         await stop_daemon(daemon, task)
 

@@ -161,6 +161,8 @@ class SinkRunner:
         self._spool_skip = 0            # delivered shadow copies at the spool head
         self._in_flight: _Batch | None = None
         self._started = False
+        self.sink_opened = False  # sink.start() has succeeded (readiness: a sink that never opened is not)
+        self._start_settled = asyncio.Event()  # the sink opened, or the worker gave up
         self._disabled = False
         self._draining = False
         self._closing = False           # close() has begun
@@ -493,6 +495,8 @@ class SinkRunner:
         try:
             if not await self._start_sink():
                 return
+            self.sink_opened = True
+            self._start_settled.set()
             self.stats.state = "ok"
             while True:
                 batch = await self._next_batch()
@@ -522,7 +526,17 @@ class SinkRunner:
             self.stats.last_error = "delivery worker failed (see log)"
             raise
         finally:
+            self._start_settled.set()
             self._progress.set()
+
+    async def wait_opened(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the sink to open; return whether it did."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._start_settled.wait()
+        except TimeoutError:
+            pass
+        return self.sink_opened
 
     async def _start_sink(self) -> bool:
         attempt = 0
