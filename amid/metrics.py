@@ -26,6 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from amid.ami.protocol import PROTOCOL_ERROR_KINDS
 from amid.ami.stats import Histogram, SessionStats
 
 __all__ = [
@@ -149,7 +150,7 @@ class AmidCollector(Collector):
             for reason, count in _with_zeros(stats.disconnects_total, DISCONNECT_REASONS):
                 disconnects.add_metric([server, reason], count)
             login_failures.add_metric(labels, stats.login_failures_total)
-            for kind, count in _with_zeros(stats.protocol_errors_total, ()):
+            for kind, count in _with_zeros(stats.protocol_errors_total, PROTOCOL_ERROR_KINDS):
                 protocol_errors.add_metric([server, kind], count)
             events.add_metric(labels, stats.events_total)
             for event, count in self._bounded_event_counts(server, stats.events_by_name):

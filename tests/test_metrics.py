@@ -66,13 +66,16 @@ async def test_fresh_stats_expose_zeros_for_known_reasons(http: HealthServer) ->
         assert samples[key("amid_ami_disconnects_total", server="pbx1", reason=reason)] == 0
     for reason in DROP_REASONS:
         assert samples[key("amid_sink_dropped_total", sink="hook", type="webhook", reason=reason)] == 0
+    for kind in ("bad_banner", "message_too_large", "too_many_fields", "malformed_message"):
+        assert samples[key("amid_ami_protocol_errors_total", server="pbx1", kind=kind)] == 0
     for name in ("connects", "login_failures", "events_received", "handler_errors"):
         assert samples[key(f"amid_ami_{name}_total", server="pbx1")] == 0
     assert samples[key("amid_ami_events_received_by_name_total", server="pbx1", event="other")] == 0
     assert samples[key("amid_ami_up", server="pbx1")] == 0
     assert samples[key("amid_ami_last_event_timestamp_seconds", server="pbx1")] == 0
     sink = {"sink": "hook", "type": "webhook"}
-    for name in ("received", "sent", "failed_attempts", "retried", "dead_lettered"):
+    for name in ("received", "sent", "failed_attempts", "retried", "dead_lettered", "truncated",
+                 "spool_corrupt_records"):
         assert samples[key(f"amid_sink_{name}_total", **sink)] == 0
     assert samples[key("amid_sink_last_success_timestamp_seconds", **sink)] == 0
     assert samples[key("amid_sink_delivery_latency_seconds_count", **sink)] == 0

@@ -33,6 +33,7 @@ __all__ = [
     "Event",
     "LocalProtocolError",
     "Message",
+    "PROTOCOL_ERROR_KINDS",
     "Parser",
     "ParserState",
     "ProtocolError",
@@ -58,6 +59,11 @@ class ProtocolError(Exception):
 
 class LocalProtocolError(ProtocolError):
     """Our caller misused the API (e.g. a CR/LF inside an action value: header injection)."""
+
+
+# Every ``kind`` a protocol error is counted under (metrics pre-initialise them): the parser's
+# three, plus a framed message that is neither response nor event (counted by the session).
+PROTOCOL_ERROR_KINDS = ("bad_banner", "message_too_large", "too_many_fields", "malformed_message")
 
 
 class RemoteProtocolError(ProtocolError):
