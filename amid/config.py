@@ -363,6 +363,9 @@ class RetryConfig(_Model):
 
     min_delay: PositiveDuration = 0.5
     max_delay: PositiveDuration = 30.0
+    # A start or send attempt still running after this is abandoned and retried: a guard for
+    # sinks that never answer (built-in sinks time out sooner, on their own network waits).
+    attempt_timeout: PositiveDuration = 120.0
 
     @model_validator(mode="after")
     def _ordered(self) -> RetryConfig:

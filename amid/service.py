@@ -152,7 +152,7 @@ class Daemon:
             spool_fsync_interval=cfg.spool.fsync_interval, batch_max_events=cfg.batch.max_events,
             batch_max_bytes=cfg.batch.max_bytes, batch_max_wait=cfg.batch.max_wait,
             retry_min_delay=cfg.retry.min_delay, retry_max_delay=cfg.retry.max_delay,
-            dead_letter_path=cfg.dead_letter)
+            attempt_timeout=cfg.retry.attempt_timeout, dead_letter_path=cfg.dead_letter)
         return _SinkSlot(cfg, sink, runner, EventFilter(cfg.include, cfg.exclude, cfg.match))
 
     def _update_routes(self) -> None:

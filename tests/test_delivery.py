@@ -260,6 +260,24 @@ async def test_retry_resends_the_same_batch_with_jittered_backoff_and_retry_afte
     await runner.close(1)
 
 
+async def test_an_attempt_that_never_returns_is_abandoned_and_retried() -> None:
+    sink = ScriptedSink()
+    sink.gate = asyncio.Event()  # send hangs, like a plugin stuck on a dead connection
+    runner = make_runner(sink, attempt_timeout=0.05)
+    await runner.start()
+    try:
+        runner.offer(make_record(1))
+        await sink.until(lambda: runner.stats.failed_attempts_total >= 1)
+        assert runner.stats.state == "retrying"
+        assert "no answer within attempt_timeout (0.05s)" in (runner.stats.last_error or "")
+        sink.gate.set()
+        await sink.until(lambda: sink.delivered() == [1])
+        assert len(sink.attempts) >= 2
+        assert_invariant(runner.stats)
+    finally:
+        await runner.close(5)
+
+
 async def test_sink_start_failures_are_retried_in_the_worker() -> None:
     sink = ScriptedSink()
     sink.start_failures = [SinkError("refused"), OSError("boom")]

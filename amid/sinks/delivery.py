@@ -121,6 +121,7 @@ class SinkRunner:
                  spool_fallback: SpoolFallback, spool_fsync_interval: float,
                  batch_max_events: int, batch_max_bytes: int, batch_max_wait: float,
                  retry_min_delay: float, retry_max_delay: float, dead_letter_path: Path | None,
+                 attempt_timeout: float | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  rng: Callable[[], float] = random.random,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -148,6 +149,7 @@ class SinkRunner:
         self._batch_max_wait = batch_max_wait
         self._retry_min_delay = retry_min_delay
         self._retry_max_delay = retry_max_delay
+        self._attempt_timeout = attempt_timeout
         self._dead_letter_path = dead_letter_path
         self._clock = clock
         self._rng = rng
@@ -542,7 +544,7 @@ class SinkRunner:
         attempt = 0
         while True:
             try:
-                await self._sink.start()
+                await self._bounded(self._sink.start())
                 return True
             except SinkDisabled as exc:
                 self._disable(exc)
@@ -685,7 +687,7 @@ class SinkRunner:
         attempt = 0
         while True:
             try:
-                await self._sink.send(records)
+                await self._bounded(self._sink.send(records))
                 self._note_truncated()
                 if attempt:
                     log.info("sink %s: delivered after %d failed attempts", self.name, attempt,
@@ -709,6 +711,21 @@ class SinkRunner:
             await self._sleep(self._backoff(attempt, retry_after))
             attempt += 1
             self.stats.retried_total += 1
+
+    async def _bounded(self, attempt: Awaitable[None]) -> None:
+        """Await one start or send attempt, giving up after ``attempt_timeout``.
+
+        Built-in sinks bound their own network waits; this guards against one (a plugin, a file
+        on a hung NFS mount) that never returns, which would otherwise wedge the worker silently.
+        """
+        deadline = asyncio.timeout(self._attempt_timeout)
+        try:
+            async with deadline:
+                await attempt
+        except TimeoutError:
+            if deadline.expired():
+                raise SinkError(f"no answer within attempt_timeout ({self._attempt_timeout:g}s)") from None
+            raise
 
     def _note_truncated(self) -> None:
         # A sink that shortens messages to fit its transport (syslog over udp or unix) counts
