@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--replay", default=None, help="serve this raw capture to every client")
     sim.add_argument("--replay-verbatim", action="store_true",
                      help="send the capture byte for byte, responses included, without answering "
-                          "the client (default: answer the client's login and pings, play the events)")
+                          "the client: its login gets no answer of its own (default: answer the "
+                          "client's login and pings, play the events)")
     sim.add_argument("--replay-speed", type=float, default=0.0,
                      help="with --replay-verbatim: pace by the capture's .chunks timings times this "
                           "factor (0: as fast as possible)")
@@ -130,7 +131,12 @@ def _read_secret(args: argparse.Namespace) -> str:
     if args.secret is not None:
         return args.secret
     if args.secret_file:
-        text = Path(args.secret_file).read_text()
+        path = Path(args.secret_file).resolve()
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise SystemExit(f"amid: cannot read secret file {path}: {reason}") from None
         return text[:-1] if text.endswith("\n") else text
     secret = os.environ.get("AMID_SECRET")
     if secret is None:
@@ -148,6 +154,13 @@ def _client_from_args(args: argparse.Namespace, **kw: Any):
     return AMIClient(args.host, args.port, username=args.username, secret=_read_secret(args),
                      auth=args.auth, ssl=tls, events=args.events, connect_timeout=args.timeout,
                      action_timeout=args.timeout, **kw)
+
+
+def _connect_failure(client: Any, exc: Exception) -> str:
+    from amid.ami.session import LoginError
+    if isinstance(exc, LoginError):  # Asterisk does not say whether the user or the secret is wrong
+        return f"login to {client.host}:{client.port} as {client.username!r} failed: {exc}"
+    return str(exc) or type(exc).__name__
 
 
 def message_json(msg: Any) -> dict[str, Any]:
@@ -184,6 +197,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         # Logging is not configured yet (its settings live in the config): plain stderr.
         print(f"amid: refusing to start, {path or 'environment'} is invalid:\n{exc}", file=sys.stderr)
+        for err in types.errors:  # often why a sink type is unknown
+            print(f"amid: {err}", file=sys.stderr)
         return EXIT_CONFIG
     _setup_logging(args.log_format or config.log.format, args.log_level or config.log.level)
     notifier = Notifier(os.environ)
@@ -225,15 +240,15 @@ async def _demo_in(args: argparse.Namespace, state: Path) -> int:
         types = SinkTypes.discover()
         config = load(config_path, {}, sink_option_models=types.option_models)
         daemon = Daemon(config, config_path=str(config_path), environ={}, types=types)
+        if args.count is not None:
+            _route_only_first(daemon, args.count)
         print(f"amid demo: simulator on 127.0.0.1:{sim.port}, {args.call_rate:g} calls/s; "
               "events follow as JSON lines (Ctrl-C to stop)", file=sys.stderr)
         async def stop_when_done() -> None:
-            # --count reached, or the reader of our stdout went away (`amid demo | head`):
-            # stop as `yes | head` does, without draining into a pipe nobody reads.
+            # The reader of our stdout went away (`amid demo | head`): stop as `yes | head`
+            # does, without draining into a pipe nobody reads.
             while True:
                 await asyncio.sleep(0.05)
-                if args.count and sum(s.events_total for s in daemon.server_stats.values()) >= args.count:
-                    break
                 slot = daemon.sinks.get("stdout")
                 if slot is not None and "EPIPE" in (slot.runner.stats.last_error or ""):
                     daemon.config = daemon.config.model_copy(update={"shutdown_timeout": 0.2})
@@ -246,29 +261,65 @@ async def _demo_in(args: argparse.Namespace, state: Path) -> int:
             stopper.cancel()
 
 
+def _route_only_first(daemon: Any, count: int) -> None:
+    """Let the first ``count`` events through to the sinks, then ask the daemon to stop (it
+    drains them): ``amid demo --count N`` prints exactly N lines."""
+    route = daemon.router.on_event
+    remaining = count
+
+    def route_first(event: Any) -> None:
+        nonlocal remaining
+        if remaining <= 0:
+            return
+        remaining -= 1
+        route(event)
+        if remaining == 0:
+            daemon.request_stop()
+
+    daemon.router.on_event = route_first  # sessions are built with this listener at start
+    if count <= 0:
+        daemon.request_stop()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging(args.log_format, args.log_level or "warning")
     return _run_loop(_demo(args))
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from amid.simulator import serve_forever
+    from amid.simulator.server import parse_listen, serve_forever
     _setup_logging(args.log_format, args.log_level)
+    try:
+        host, _ = parse_listen(args.listen)
+    except ValueError as exc:
+        print(f"amid simulate: --listen {args.listen!r}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     options: dict[str, Any] = {"tls_cert": args.tls_cert, "tls_key": args.tls_key}
     if args.replay:
+        if not Path(args.replay).is_file():
+            print(f"amid simulate: no capture file {args.replay}", file=sys.stderr)
+            return EXIT_USAGE
         options.update(replay=args.replay, interactive=not args.replay_verbatim,
                        speed=args.replay_speed or None)
     else:
         options["call_rate"] = args.call_rate
 
+    def listening(port: int) -> None:  # called once the socket is bound
+        what = f"replaying {args.replay}" if args.replay else "user amid / secret amidsecret"
+        print(f"amid simulate: listening on {host}:{port} ({what})", file=sys.stderr)
+
     async def main() -> int:
-        task = asyncio.create_task(serve_forever(args.listen, **options))
+        task = asyncio.create_task(serve_forever(args.listen, ready=listening, **options))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
-        print(f"amid simulate: listening on {args.listen} (user amid / secret amidsecret)", file=sys.stderr)
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await task
+        except asyncio.CancelledError:
+            pass
+        except (OSError, ValueError) as exc:  # address in use, unreadable certificate...
+            print(f"amid simulate: cannot serve on {args.listen}: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
         return EXIT_OK
     return _run_loop(main())
 
@@ -359,7 +410,7 @@ async def _tail(args: argparse.Namespace) -> int:
         try:
             await client.connect()
         except Exception as exc:  # connection or login problems: one clear line, no traceback
-            print(f"amid tail: {exc}", file=sys.stderr)
+            print(f"amid tail: {_connect_failure(client, exc)}", file=sys.stderr)
             return EXIT_FAILURE
         stopped = asyncio.ensure_future(writer.closed.wait())
         finished = asyncio.ensure_future(done.wait())
@@ -401,7 +452,7 @@ async def _action(args: argparse.Namespace) -> int:
     try:
         await client.connect()
     except Exception as exc:
-        print(f"amid action: {exc}", file=sys.stderr)
+        print(f"amid action: {_connect_failure(client, exc)}", file=sys.stderr)
         return EXIT_FAILURE
     try:
         response = await client.send_action(args.name, fields)
@@ -435,7 +486,16 @@ COMMANDS = {"run": cmd_run, "check-config": cmd_check_config, "demo": cmd_demo,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "simulate":
+        if bool(args.tls_cert) != bool(args.tls_key):
+            parser.error("simulate: --tls-cert and --tls-key go together")
+        if args.replay_speed and not args.replay_verbatim:
+            parser.error("simulate: --replay-speed needs --replay-verbatim (an interactive replay "
+                         "plays the events as fast as the client reads)")
+        if (args.replay_verbatim or args.replay_speed) and not args.replay:
+            parser.error("simulate: --replay-verbatim and --replay-speed need --replay FILE")
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

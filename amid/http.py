@@ -107,7 +107,8 @@ class HealthServer:
             raise
         self._runner = runner
         self._bound_port = runner.addresses[0][1]
-        log.info("metrics and health endpoints on %s port %d", self._host, self._bound_port)
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        log.info("metrics and health on http://%s:%d/metrics, /livez, /readyz", host, self._bound_port)
 
     async def close(self) -> None:
         """Stop serving and release the socket. Idempotent."""

@@ -195,6 +195,8 @@ class Daemon:
         try:
             for err in self.types.errors:
                 log.error("%s", err)
+            if not self.config.sinks:
+                log.warning("no sinks configured: events are received and counted, and go nowhere")
             try:
                 for cfg in self.config.sinks:
                     slot = self._build_sink(cfg)
@@ -241,8 +243,11 @@ class Daemon:
         registry = build_registry(collector)
         self.http = HealthServer(self.config.http.listen, registry, live=self.liveness,
                                  ready=self.readiness)
-        await self.http.start()
-        log.info("metrics and health on http://%s/metrics", self.config.http.listen)
+        try:
+            await self.http.start()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise OSError(exc.errno, f"http.listen {self.config.http.listen}: {reason}") from exc
 
     async def _announce_ready(self) -> None:
         timeout = self.config.start_timeout

@@ -134,14 +134,51 @@ async def test_wrong_secret_is_one_clear_line_without_the_secret(sim):
                                     env_extra={"AMID_SECRET": "not-the-s3cret"})
     assert code == 1
     assert b"Authentication failed" in err and b"not-the-s3cret" not in err + out
+    assert f"login to 127.0.0.1:{sim.port} as 'amid' failed".encode() in err
     assert b"Traceback" not in err
+
+
+async def test_an_unreadable_secret_file_is_one_line_naming_the_resolved_path(sim, tmp_path):
+    code, out, err = await run_amid("tail", *conn_args(sim), "--secret-file", "no-such-secret")
+    assert code == 1 and out == b""
+    assert err.decode().strip() == (f"amid: cannot read secret file {ROOT / 'no-such-secret'}: "
+                                    "No such file or directory")
+
+
+async def test_simulate_says_listening_once_bound_and_refuses_bad_arguments_in_one_line(tmp_path):
+    proc = await asyncio.create_subprocess_exec(
+        *AMID, "simulate", "--listen", "127.0.0.1:0", stderr=subprocess.PIPE, env=env(), cwd=ROOT)
+    try:
+        async with asyncio.timeout(30):
+            line = (await proc.stderr.readline()).decode()
+        # The real port, and it answers: the line comes only after the bind.
+        assert line.startswith("amid simulate: listening on 127.0.0.1:") and ":0 " not in line
+        port = int(line.split("127.0.0.1:")[1].split()[0])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await reader.readline()).startswith(b"Asterisk Call Manager/")
+        writer.close()
+        # The address is taken now: a second simulator says so in one line.
+        code, _, err = await run_amid("simulate", "--listen", f"127.0.0.1:{port}")
+        assert code == 1 and b"address already in use" in err and b"Traceback" not in err
+    finally:
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0
+
+    code, _, err = await run_amid("simulate", "--replay", str(tmp_path / "missing.raw"))
+    assert code == 2 and err.decode().strip() == f"amid simulate: no capture file {tmp_path / 'missing.raw'}"
+    for args, message in ((["--tls-cert", "c.pem"], b"--tls-cert and --tls-key go together"),
+                          (["--replay", "x.raw", "--replay-speed", "2"], b"--replay-speed needs --replay-verbatim"),
+                          (["--replay-verbatim"], b"need --replay FILE")):
+        code, _, err = await run_amid("simulate", *args)
+        assert code == 2 and message in err and b"Traceback" not in err
 
 
 async def test_demo_shows_events_within_seconds():
     code, out, err = await run_amid("demo", "--call-rate", "20", "--count", "300", timeout=60)
     assert code == 0, err.decode()
     lines = [json.loads(line) for line in out.splitlines()]
-    assert len(lines) >= 300
+    assert len(lines) == 300  # exactly --count
     assert {"Newchannel", "OriginateResponse"} <= {line["event"] for line in lines}
 
 
