@@ -281,8 +281,27 @@ def _route_only_first(daemon: Any, count: int) -> None:
         daemon.request_stop()
 
 
+class _QuietAfterBrokenPipe(logging.Filter):
+    """`amid demo | head`: once the reader of stdout is gone, the stdout sink's complaints
+    (send failed, events dropped at shutdown) are expected, and not worth a screenful."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reader_gone = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "sink", None) != "stdout":
+            return True
+        if "EPIPE" in record.getMessage():
+            self.reader_gone = True
+        return not self.reader_gone
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging(args.log_format, args.log_level or "warning")
+    quiet = _QuietAfterBrokenPipe()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(quiet)
     return _run_loop(_demo(args))
 
 

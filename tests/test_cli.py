@@ -196,6 +196,7 @@ async def test_demo_stops_quietly_when_its_reader_goes_away():
             proc._transport.get_pipe_transport(1).close()   # the reader goes away
             err = await proc.stderr.read()             # the demo ends by itself
             assert await proc.wait() == 0, err.decode()
+            assert err.decode().splitlines()[1:] == []  # its banner line, no warnings
     finally:
         if proc.returncode is None:
             proc.kill()
