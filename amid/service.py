@@ -252,13 +252,13 @@ class Daemon:
     async def _announce_ready(self) -> None:
         timeout = self.config.start_timeout
         logins = [client.wait_connected(timeout) for client in self.clients.values()]
-        sinks = list(self.sinks.items())  # a reload may change the dict while this waits
-        opens = [slot.runner.wait_opened(timeout) for _, slot in sinks]
+        opens = [slot.runner.wait_opened(timeout) for slot in self.sinks.values()]
         results = await asyncio.gather(*logins, *opens)
         if not all(results[:len(logins)]):
             log.warning("not every server logged in within start_timeout (%ss); reporting ready anyway",
                         timeout)
-        unopened = [name for (name, _), ok in zip(sinks, results[len(logins):]) if not ok]
+        # Asked of the sinks running now: a reload meanwhile may have replaced some.
+        unopened = [name for name, slot in self.sinks.items() if not slot.runner.sink_opened]
         if unopened:
             log.warning("sinks not opened within start_timeout (%ss): %s; their events queue "
                         "until they open; reporting ready anyway", timeout, ", ".join(unopened))

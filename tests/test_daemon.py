@@ -135,7 +135,9 @@ async def test_a_sink_that_never_opened_keeps_the_daemon_unready_until_it_opens(
     blocker.write_text("")  # a file where the sink's directory should be: open fails
     events_file = blocker / "events.jsonl"
     path = write_config(tmp_path, sim, [{"name": "file", "type": "file", "path": str(events_file),
-                                         "batch": {"max_wait": "10ms"}}], start_timeout="300ms")
+                                         "batch": {"max_wait": "10ms"},
+                                         "retry": {"min_delay": "10ms", "max_delay": "100ms"}}],
+                        start_timeout="300ms")
     daemon, task = await start_daemon(path)  # ready (systemd READY=1) once start_timeout passed
     try:
         assert "sinks not opened within start_timeout (0.3s): file" in caplog.text

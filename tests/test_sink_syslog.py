@@ -462,6 +462,26 @@ async def test_tcp_send_times_out_on_a_peer_that_stops_reading():
             await waited(sink.close())
 
 
+async def test_tcp_send_cancelled_by_the_caller_drops_the_connection():
+    # The runner abandons an attempt (attempt_timeout) by cancelling it: the batch will be sent
+    # again, so the connection holding part of it must go, not carry the rest out later.
+    with socket.socket() as listener:   # accepts (via the kernel backlog) but never reads
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        sink = syslog.create("s", Options(address=f"tcp://127.0.0.1:{port}", send_timeout=5))
+        big = [rec(f"big-{n}", fields={"Blob": "x" * 1_000_000}) for n in range(4)]
+        try:
+            with pytest.raises(TimeoutError):
+                for _ in range(25):  # until the kernel buffers on both ends are full
+                    async with asyncio.timeout(0.3):  # the caller's bound, not the sink's
+                        await sink.send(big)
+            await send(sink, [rec("small")])  # on a new connection, not behind the stuck one
+            assert sink.stats.reconnects_total == 1
+        finally:
+            await waited(sink.close())
+
+
 async def test_start_raises_sink_error_when_nobody_listens():
     with socket.socket() as placeholder:
         placeholder.bind(("127.0.0.1", 0))

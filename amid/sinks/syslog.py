@@ -37,6 +37,7 @@ import select
 import socket
 import ssl
 import string
+import struct
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -438,74 +439,39 @@ class SyslogStats:
 _IO_ERRORS = (OSError, EOFError)
 
 
-class _DatagramErrors(asyncio.DatagramProtocol):
-    """Keeps the first error the socket reported, and the transport's pause/resume state."""
-
-    def __init__(self) -> None:
-        self.error: Exception | None = None
-        self.writable = asyncio.Event()
-        self.writable.set()
-        self.closed = asyncio.Event()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Paused as soon as anything waits in the process's own buffer (the kernel's was full):
-        # a batch counts as sent only once the kernel has taken every datagram of it.
-        transport.set_write_buffer_limits(high=0)  # type: ignore[attr-defined]
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable (udp) or ECONNREFUSED (unix socket gone) arrives here, sometimes
-        # during a later sendto; keep the first one for the next send to report.
-        if self.error is None:
-            self.error = exc
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None and self.error is None:
-            self.error = exc
-        self.writable.set()
-        self.closed.set()
-
-    def pause_writing(self) -> None:
-        self.writable.clear()
-
-    def resume_writing(self) -> None:
-        self.writable.set()
-
-
 class _DatagramChannel:
-    """A connected udp or unix datagram socket."""
+    """A connected udp or unix datagram socket, written without an asyncio transport.
 
-    def __init__(self, transport: asyncio.DatagramTransport, protocol: _DatagramErrors) -> None:
-        self._transport = transport
-        self._protocol = protocol
+    Each datagram goes to the kernel whole or waits for room (``sock_sendall``), so nothing of a
+    batch ever sits in the process: ``send`` returning means the kernel took every message, and
+    a cancelled send or a close leaves nothing behind to go out later (a transport would keep
+    its buffer, and uvloop logs an error for each buffered datagram it drops on abort). Errors
+    the kernel reports for earlier datagrams (ICMP port unreachable, a unix receiver gone)
+    surface from the next ``send`` call as OSError.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
 
     def is_stale(self) -> bool:
-        return self._transport.is_closing()
+        return self._sock.fileno() == -1
 
     async def send(self, datagrams: Sequence[bytes]) -> None:
+        sock = self._sock
+        if sock.fileno() == -1:
+            raise ConnectionResetError("datagram socket closed")
+        loop = asyncio.get_running_loop()
         for datagram in datagrams:
-            self._raise_pending_error()
-            if self._transport.is_closing():
-                # asyncio drops writes to a closing transport without an error: refuse instead.
-                raise ConnectionResetError("datagram socket closed")
-            self._transport.sendto(datagram)
-        self._raise_pending_error()
-        # The transport buffers only when the kernel's send buffer is full; wait for it to drain.
-        await self._protocol.writable.wait()
-        self._raise_pending_error()
-        if self._transport.get_write_buffer_size():  # closed with datagrams still buffered
-            raise ConnectionResetError("datagram socket closed before the kernel took the batch")
-
-    def _raise_pending_error(self) -> None:
-        error = self._protocol.error
-        if error is not None:
-            raise error
+            try:
+                sock.send(datagram)  # a datagram is taken whole or not at all
+            except BlockingIOError:  # the kernel's queue is full: wait for room
+                await loop.sock_sendall(sock, datagram)
 
     async def close(self) -> None:
-        self._transport.close()  # sends what is buffered first
-        await self._protocol.closed.wait()  # the caller bounds this wait
+        self._sock.close()
 
-    def abort(self) -> None:
-        self._transport.abort()
+    def abort(self, *, discard_unsent: bool = False) -> None:
+        self._sock.close()
 
 
 class _StreamChannel:
@@ -536,7 +502,15 @@ class _StreamChannel:
         with contextlib.suppress(*_IO_ERRORS):
             await self._writer.wait_closed()
 
-    def abort(self) -> None:
+    def abort(self, *, discard_unsent: bool = False) -> None:
+        if discard_unsent:
+            # Abandoned mid-batch: the runner sends the batch again on a new connection, so
+            # what the kernel still holds for this one goes nowhere (linger 0: RST, no FIN
+            # after it). Never for a close: those bytes belong to batches already confirmed.
+            sock = self._writer.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self._writer.transport.abort()
 
 
@@ -607,10 +581,15 @@ class SyslogSink:
                     await channel.send(payloads)
             except _IO_ERRORS as exc:
                 # A partly written frame would corrupt the stream: this connection is finished.
-                self._drop_channel()
+                self._drop_channel(discard_unsent=True)
                 what = "timed out" if isinstance(exc, TimeoutError) else _describe(exc)
                 raise SinkError(f"syslog sink {self.name!r}: sending to {self._endpoint} "
                                 f"failed: {what}") from exc
+            except asyncio.CancelledError:
+                # Abandoned (the runner's attempt_timeout, shutdown): what a stream still holds
+                # for this batch must not go out after the runner re-sent it elsewhere.
+                self._drop_channel(discard_unsent=True)
+                raise
             self.stats.messages_total += len(payloads)
             self.stats.bytes_total += sum(map(len, payloads))
             self.stats.truncated_total += self._truncated  # once per message, not per attempt
@@ -626,6 +605,9 @@ class SyslogSink:
                 await channel.close()
         except TimeoutError:
             channel.abort()
+        except BaseException:  # cancelled by the caller's tighter bound (a reload): abort anyway
+            channel.abort()
+            raise
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -669,20 +651,19 @@ class SyslogSink:
         ep = self._endpoint
         if ep.transport in ("udp", "unix"):
             if ep.transport == "unix":
-                # A socket of our own: uvloop's create_datagram_endpoint takes no unix remote_addr.
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                try:
-                    sock.setblocking(False)
-                    sock.connect(ep.path)  # immediate for unix sockets; ENOENT/ECONNREFUSED now
-                except BaseException:
-                    sock.close()
-                    raise
-                transport, protocol = await loop.create_datagram_endpoint(
-                    _DatagramErrors, sock=sock)
+                family, address = socket.AF_UNIX, ep.path
             else:
-                transport, protocol = await loop.create_datagram_endpoint(
-                    _DatagramErrors, remote_addr=(ep.host, ep.port))
-            return _DatagramChannel(transport, protocol)
+                infos = await loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_DGRAM)
+                family, address = infos[0][0], infos[0][4]
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                # Immediate for datagram sockets; a unix path nobody listens on fails here.
+                await loop.sock_connect(sock, address)
+            except BaseException:
+                sock.close()
+                raise
+            return _DatagramChannel(sock)
         if ep.transport == "tls":
             reader, writer = await asyncio.open_connection(
                 ep.host, ep.port, ssl=self._ssl,
@@ -690,12 +671,16 @@ class SyslogSink:
                 ssl_handshake_timeout=self.options.connect_timeout)
         else:
             reader, writer = await asyncio.open_connection(ep.host, ep.port)
+        # drain() then returns only once the kernel took every byte: a confirmed batch has
+        # nothing left in this process that an abort could lose. (asyncio's TLS transport
+        # pauses at size >= high, the plain one at size > high: 1 and 0 mean "any byte".)
+        writer.transport.set_write_buffer_limits(high=1 if ep.transport == "tls" else 0, low=0)
         return _StreamChannel(reader, writer)
 
-    def _drop_channel(self) -> None:
+    def _drop_channel(self, *, discard_unsent: bool = False) -> None:
         channel, self._channel = self._channel, None
         if channel is not None:
-            channel.abort()
+            channel.abort(discard_unsent=discard_unsent)
 
 
 def _describe(exc: BaseException) -> str:
