@@ -487,6 +487,7 @@ class Daemon:
         for old_slot, fresh in replaced:
             name = old_slot.config.name
             leftovers = await old_slot.runner.detach(drain)
+            fresh.runner.continue_counters(old_slot.runner.stats)
             try:
                 await self._start_runner(fresh, problems)
             finally:

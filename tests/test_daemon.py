@@ -286,6 +286,34 @@ async def test_reload_hands_queued_events_to_a_changed_sink_and_keeps_servers(tm
             await stop_daemon(daemon, task)
 
 
+async def test_a_reconfigured_sink_keeps_counting_where_its_predecessor_stopped(tmp_path, sim):
+    events_file = tmp_path / "events.jsonl"
+    path = write_config(tmp_path, sim, [{"name": "file", "type": "file", "path": str(events_file),
+                                         "overflow": "spool", "batch": {"max_wait": "10ms"}}])
+    daemon, task = await start_daemon(path)
+    try:
+        stats = daemon.server_stats["pbx1"]
+        sim.originate("Local/200@test", exten="100")
+        await wait_until(lambda: len(read_jsonl(events_file)) >= CALL_EVENTS)
+        await wait_until(lambda: daemon.sinks["file"].runner.stats.queue_events == 0)
+        before = await scrape(daemon.http.port)
+        config = yaml.safe_load(path.read_text())
+        config["sinks"][0]["batch"]["max_events"] = 7   # a changed sink: a new runner
+        path.write_text(yaml.safe_dump(config))
+        assert await daemon.reload()
+        sim.originate("Local/200@test", exten="100")
+        await wait_until(lambda: stats.events_by_name["OriginateResponse"] == 2)
+        await wait_until(lambda: len(read_jsonl(events_file)) == stats.events_total)
+        after = await scrape(daemon.http.port)
+        for name in ("amid_sink_received_total", "amid_sink_sent_total",
+                     "amid_sink_delivery_latency_seconds_count"):
+            assert total(after, name, sink="file") >= total(before, name, sink="file") > 0, name
+        assert total(after, "amid_sink_received_total", sink="file") == stats.events_total
+        assert total(after, "amid_sink_sent_total", sink="file") == stats.events_total
+    finally:
+        await stop_daemon(daemon, task)
+
+
 async def test_unusable_spool_directory_is_a_clear_startup_error(tmp_path, sim, caplog):
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "spool").write_text("not a directory")

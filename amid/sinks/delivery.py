@@ -224,6 +224,25 @@ class SinkRunner:
         self._enforce_queue_bounds(policy, "queue_full")
         self._wakeup.set()
 
+    def continue_counters(self, previous: SinkStats) -> None:
+        """Carry a predecessor's counters over (config reload), so the sink's Prometheus
+        counters do not restart at zero because its settings changed. What the predecessor
+        still held is counted as received again when this runner adopts it or recovers it from
+        the spool, so only what it settled (sent, dropped, dead-lettered) carries as received."""
+        stats = self.stats
+        stats.received_total += (previous.sent_total + sum(previous.dropped_total.values())
+                                 + previous.dead_lettered_total)
+        stats.sent_total += previous.sent_total
+        stats.failed_attempts_total += previous.failed_attempts_total
+        stats.retried_total += previous.retried_total
+        stats.dropped_total.update(previous.dropped_total)
+        stats.dead_lettered_total += previous.dead_lettered_total
+        stats.truncated_total += previous.truncated_total
+        stats.spool_corrupt_records_total += previous.spool_corrupt_records_total
+        stats.delivery_latency.add(previous.delivery_latency)
+        if stats.last_success_time is None:
+            stats.last_success_time = previous.last_success_time
+
     def _queue_fits(self, size: int) -> bool:
         return (self.stats.queue_events < self._max_queue_events
                 and self.stats.queue_bytes + size <= self._max_queue_bytes)
@@ -355,7 +374,7 @@ class SinkRunner:
             self.stats.recovered_total = recovered
             self.stats.spool_events += recovered
             self.stats.spool_bytes = spool.bytes_used
-            self.stats.spool_corrupt_records_total = spool.corrupt_records_total
+            self.stats.spool_corrupt_records_total += spool.corrupt_records_total
             if spool.corrupt_records_total:
                 log.warning("sink %s: spool %s had %d damaged records (%d bytes), skipped",
                             self.name, self._spool_dir, spool.corrupt_records_total,
