@@ -145,13 +145,21 @@ def _read_secret(args: argparse.Namespace) -> str:
 
 
 def _client_from_args(args: argparse.Namespace, **kw: Any):
-    from amid.ami.session import AMIClient, make_ssl_context
+    from amid.ami.session import AMIClient, make_ssl_context, parse_host
     if not args.username:
         raise SystemExit("amid: --username is required (or set AMID_USERNAME)")
+    try:
+        host, port = parse_host(args.host) if args.port is None else (args.host, args.port)
+    except ValueError:
+        raise SystemExit(f"amid: --host {args.host!r} is not HOST[:PORT]") from None
+    if not 0 < port < 65536:  # else the connect wraps it silently (99999 dials 34463)
+        raise SystemExit(f"amid: port {port} is not in 1-65535")
     tls = None
     if args.tls:
+        if args.tls_ca and not Path(args.tls_ca).is_file():  # the ssl error does not name it
+            raise SystemExit(f"amid: no --tls-ca file {args.tls_ca}")
         tls = make_ssl_context(ca_file=args.tls_ca, verify=not args.tls_no_verify)
-    return AMIClient(args.host, args.port, username=args.username, secret=_read_secret(args),
+    return AMIClient(host, port, username=args.username, secret=_read_secret(args),
                      auth=args.auth, ssl=tls, events=args.events, connect_timeout=args.timeout,
                      action_timeout=args.timeout, **kw)
 
@@ -309,10 +317,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from amid.simulator.server import parse_listen, serve_forever
     _setup_logging(args.log_format, args.log_level)
     try:
-        host, _ = parse_listen(args.listen)
+        host, port = parse_listen(args.listen)
+        if port > 65535:  # else the bind wraps it silently (99999 listens on 34463)
+            raise ValueError(f"port {port} is not in 0-65535")
     except ValueError as exc:
         print(f"amid simulate: --listen {args.listen!r}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    for flag, file in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if file and not Path(file).is_file():  # the ssl module's error does not name the file
+            print(f"amid simulate: no {flag} file {file}", file=sys.stderr)
+            return EXIT_USAGE
     options: dict[str, Any] = {"tls_cert": args.tls_cert, "tls_key": args.tls_key}
     if args.replay:
         if not Path(args.replay).is_file():
@@ -325,7 +339,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     def listening(port: int) -> None:  # called once the socket is bound
         what = f"replaying {args.replay}" if args.replay else "user amid / secret amidsecret"
-        print(f"amid simulate: listening on {host}:{port} ({what})", file=sys.stderr)
+        shown = f"[{host}]" if ":" in host else host  # an IPv6 address, as --listen takes it
+        print(f"amid simulate: listening on {shown}:{port} ({what})", file=sys.stderr)
 
     async def main() -> int:
         task = asyncio.create_task(serve_forever(args.listen, ready=listening, **options))

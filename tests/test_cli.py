@@ -129,13 +129,24 @@ async def test_action_prints_json_and_exit_status_follows_the_response(sim):
     assert code == 0 and json.loads(out)["response"]["Output"].startswith("Asterisk 22")
 
 
-async def test_wrong_secret_is_one_clear_line_without_the_secret(sim):
-    code, out, err = await run_amid("action", *conn_args(sim), "Ping",
+@pytest.mark.parametrize("command", [["action", "Ping"], ["tail"]])
+async def test_wrong_secret_is_one_clear_line_without_the_secret(sim, command):
+    code, out, err = await run_amid(command[0], *conn_args(sim), *command[1:],
                                     env_extra={"AMID_SECRET": "not-the-s3cret"})
     assert code == 1
-    assert b"Authentication failed" in err and b"not-the-s3cret" not in err + out
-    assert f"login to 127.0.0.1:{sim.port} as 'amid' failed".encode() in err
-    assert b"Traceback" not in err
+    assert b"not-the-s3cret" not in err + out
+    assert err.decode().strip() == (f"amid {command[0]}: login to 127.0.0.1:{sim.port} as 'amid' "
+                                    "failed: Authentication failed")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--host", "pbx:abc"], "amid: --host 'pbx:abc' is not HOST[:PORT]"),
+    (["--host", "127.0.0.1:99999"], "amid: port 99999 is not in 1-65535"),
+    (["--tls", "--tls-ca", "no-such-ca.pem"], "amid: no --tls-ca file no-such-ca.pem"),
+])
+async def test_a_bad_host_or_ca_file_is_one_line(args, message):
+    code, out, err = await run_amid("action", *args, "--username", "amid", "--secret", "x", "Ping")
+    assert (code, out, err.decode().strip()) == (1, b"", message)
 
 
 async def test_an_unreadable_secret_file_is_one_line_naming_the_resolved_path(sim, tmp_path):
@@ -169,7 +180,9 @@ async def test_simulate_says_listening_once_bound_and_refuses_bad_arguments_in_o
     assert code == 2 and err.decode().strip() == f"amid simulate: no capture file {tmp_path / 'missing.raw'}"
     for args, message in ((["--tls-cert", "c.pem"], b"--tls-cert and --tls-key go together"),
                           (["--replay", "x.raw", "--replay-speed", "2"], b"--replay-speed needs --replay-verbatim"),
-                          (["--replay-verbatim"], b"need --replay FILE")):
+                          (["--replay-verbatim"], b"need --replay FILE"),
+                          (["--listen", "127.0.0.1:99999"], b"port 99999 is not in 0-65535"),
+                          (["--tls-cert", "c.pem", "--tls-key", "k.pem"], b"no --tls-cert file c.pem")):
         code, _, err = await run_amid("simulate", *args)
         assert code == 2 and message in err and b"Traceback" not in err
 
@@ -297,6 +310,7 @@ async def test_run_talks_to_systemd_reloads_and_stops_without_losing_events(sim,
     logs = [json.loads(line) for line in out.splitlines() if line.startswith(b"{")]  # JSON logs: stdout
     assert any("reload refused" in entry["message"] for entry in logs)
     assert any(entry["message"] == "configuration reloaded" for entry in logs), logs
+    assert sum("metrics and health" in entry["message"] for entry in logs) == 1
     # nothing lost: every event the simulator sent to the daemon's session is in the file
     records = [json.loads(line) for line in events_file.read_text().splitlines()]
     ids = [r["id"] for r in records]
@@ -307,7 +321,8 @@ async def test_run_talks_to_systemd_reloads_and_stops_without_losing_events(sim,
     assert copy and {r["id"] for r in copy} <= set(ids)
 
 
-async def test_second_sigterm_exits_at_once(sim, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_second_stop_signal_exits_at_once(sim, tmp_path, sig):
     from http_receiver import HttpReceiver
     async with HttpReceiver() as receiver:
         receiver.stall()  # the drain after the first SIGTERM waits for this receiver
@@ -323,19 +338,57 @@ async def test_second_sigterm_exits_at_once(sim, tmp_path):
             await notify.wait_for("READY", "1")
             sim.originate("Local/200@test", exten="100")
             await receiver.wait_for_requests(1)      # a batch is stuck in flight
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             await notify.wait_for("STOPPING", "1")
             started = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             async with asyncio.timeout(10):
                 await proc.wait()
-            assert proc.returncode == 128 + signal.SIGTERM
+            assert proc.returncode == 128 + sig
             assert time.monotonic() - started < 10   # not the 20 s drain
         finally:
             receiver.release()
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+async def test_run_names_sink_plugins_that_failed_to_load(tmp_path):
+    """A plugin that cannot be imported makes its sink type unknown: say why, not just that."""
+    site = tmp_path / "site"
+    info = site / "amid_broken_sink-0.1.0.dist-info"   # what `pip install` leaves behind
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: amid_broken_sink\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text("[amid.sinks]\nbroken = amid_broken_sink_mod:create\n")
+    (site / "amid_broken_sink_mod.py").write_text("raise RuntimeError('missing dependency: libfoo')\n")
+    config = tmp_path / "amid.yaml"
+    config.write_text(yaml.safe_dump({
+        "servers": [{"host": "127.0.0.1", "username": "amid", "secret": "x"}],
+        "sinks": [{"name": "b", "type": "broken"}]}))
+    for command in ("run", "check-config"):
+        code, _, err = await run_amid(command, "--config", str(config),
+                                      env_extra={"PYTHONPATH": str(site)})
+        text = err.decode()
+        assert code == 78, text
+        assert "sinks[0].type: unknown sink type 'broken'" in text
+        assert "sink plugin 'broken'" in text and "missing dependency: libfoo" in text
+        assert "Traceback" not in text
+
+
+async def test_run_names_http_listen_when_it_cannot_bind_and_warns_without_sinks(sim, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = daemon_config(tmp_path, sim, tmp_path / "events.jsonl", sinks=[],
+                               http={"listen": address})
+        code, _, err = await run_amid("run", "--config", str(config))
+    text = err.decode()
+    assert code == 1, text
+    assert "no sinks configured: events are received and counted" in text
+    [error] = [line for line in text.splitlines() if "ERROR" in line]
+    assert f"http.listen {address}: " in error and "address already in use" in error
+    assert "Traceback" not in text
 
 
 async def test_sigterm_under_load_loses_nothing(sim, tmp_path):

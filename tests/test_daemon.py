@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -153,22 +152,6 @@ async def test_a_sink_that_never_opened_keeps_the_daemon_unready_until_it_opens(
         await wait_until(lambda: len(read_jsonl(events_file)) == stats.events_total)
     finally:
         await stop_daemon(daemon, task)
-
-
-async def test_a_taken_http_address_is_one_error_naming_http_listen(tmp_path, sim, caplog):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        path = write_config(tmp_path, sim, [], http={"listen": f"127.0.0.1:{port}"})
-        types = SinkTypes.discover()
-        config = load(path, {}, sink_option_models=types.option_models)
-        daemon = Daemon(config, config_path=str(path), environ={}, types=types, install_signals=False)
-        async with asyncio.timeout(15):
-            assert await daemon.run() == 1
-    assert f"cannot start: [Errno 98] http.listen 127.0.0.1:{port}: " in caplog.text
-    assert "no sinks configured" in caplog.text
-    assert "Traceback" not in caplog.text
 
 
 async def test_reconnect_emits_a_gap_event(tmp_path, sim):
