@@ -55,27 +55,37 @@ def _add_connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="connect/action timeout in seconds")
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amid", description="Asterisk Manager Interface event daemon")
     parser.add_argument("--version", action="version", version=f"amid {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def logging_args(p: argparse.ArgumentParser, default_format: str | None = None) -> None:
+    def logging_args(p: argparse.ArgumentParser, default_format: str | None = None,
+                     from_config: bool = False) -> None:
+        default = "from the config, else text on stderr" if from_config else "text on stderr"
         p.add_argument("--log-format", choices=("text", "json", "journal"), default=default_format,
-                       help="log format (default: from the config, else text on stderr)")
+                       help=f"log format (default: {default})")
         p.add_argument("--log-level", default=None, help="debug, info, warning, error")
 
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", default=None,
                      help=f"config file (default $AMID_CONFIG, else {DEFAULT_CONFIG} if it exists; "
                           "without a file, AMID_* environment variables configure amid)")
-    logging_args(run)
+    logging_args(run, from_config=True)
 
     check = sub.add_parser("check-config", help="validate a config file and list every problem")
     check.add_argument("--config", default=None, help="config file (default as for run)")
 
     demo = sub.add_parser("demo", help="simulator + daemon pipeline; events as JSON lines on stdout")
-    demo.add_argument("--call-rate", type=float, default=2.0, help="simulated calls per second")
+    demo.add_argument("--call-rate", type=_non_negative, default=2.0,
+                      help="simulated calls per second (0: none)")
     demo.add_argument("--count", type=int, default=None, help="exit after this many events")
     logging_args(demo)
 
@@ -89,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--replay-speed", type=float, default=0.0,
                      help="with --replay-verbatim: pace by the capture's .chunks timings times this "
                           "factor (0: as fast as possible)")
-    sim.add_argument("--call-rate", type=float, default=0.0, help="calls per second to generate")
+    sim.add_argument("--call-rate", type=_non_negative, default=0.0, help="calls per second to generate")
     sim.add_argument("--tls-cert", default=None, help="serve TLS with this certificate (PEM)")
     sim.add_argument("--tls-key", default=None, help="private key for --tls-cert")
     logging_args(sim)
@@ -186,10 +196,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for err in types.errors:
         print(f"warning: {err}", file=sys.stderr)
     try:
-        load_config(path, os.environ, types)
+        config = load_config(path, os.environ, types)
     except ConfigError as exc:
         print(f"{path or 'environment'}: invalid configuration:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if not config.sinks:
+        print("warning: no sinks configured: events are received and counted, and go nowhere",
+              file=sys.stderr)
     print(f"{path or 'environment'}: configuration OK")
     return EXIT_OK
 
@@ -314,6 +327,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from amid.ami.protocol import ProtocolError
     from amid.simulator.server import parse_listen, serve_forever
     _setup_logging(args.log_format, args.log_level)
     try:
@@ -339,6 +353,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     def listening(port: int) -> None:  # called once the socket is bound
         what = f"replaying {args.replay}" if args.replay else "user amid / secret amidsecret"
+        if args.tls_cert:
+            what = f"TLS; {what}"
         shown = f"[{host}]" if ":" in host else host  # an IPv6 address, as --listen takes it
         print(f"amid simulate: listening on {shown}:{port} ({what})", file=sys.stderr)
 
@@ -351,6 +367,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             await task
         except asyncio.CancelledError:
             pass
+        except ProtocolError as exc:  # --replay of a file that is not an AMI capture
+            print(f"amid simulate: {args.replay} is not an AMI capture: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
         except (OSError, ValueError) as exc:  # address in use, unreadable certificate...
             print(f"amid simulate: cannot serve on {args.listen}: {exc}", file=sys.stderr)
             return EXIT_FAILURE

@@ -176,13 +176,18 @@ async def test_simulate_says_listening_once_bound_and_refuses_bad_arguments_in_o
         async with asyncio.timeout(30):
             assert await proc.wait() == 0
 
+    not_a_capture = tmp_path / "hostname"
+    not_a_capture.write_text("vm\n")
+    code, _, err = await run_amid("simulate", "--listen", "127.0.0.1:0", "--replay", str(not_a_capture))
+    assert code == 1 and err.decode().startswith(f"amid simulate: {not_a_capture} is not an AMI capture")
     code, _, err = await run_amid("simulate", "--replay", str(tmp_path / "missing.raw"))
     assert code == 2 and err.decode().strip() == f"amid simulate: no capture file {tmp_path / 'missing.raw'}"
     for args, message in ((["--tls-cert", "c.pem"], b"--tls-cert and --tls-key go together"),
                           (["--replay", "x.raw", "--replay-speed", "2"], b"--replay-speed needs --replay-verbatim"),
                           (["--replay-verbatim"], b"need --replay FILE"),
                           (["--listen", "127.0.0.1:99999"], b"port 99999 is not in 0-65535"),
-                          (["--tls-cert", "c.pem", "--tls-key", "k.pem"], b"no --tls-cert file c.pem")):
+                          (["--tls-cert", "c.pem", "--tls-key", "k.pem"], b"no --tls-cert file c.pem"),
+                          (["--call-rate", "-1"], b"--call-rate: must be 0 or more")):
         code, _, err = await run_amid("simulate", *args)
         assert code == 2 and message in err and b"Traceback" not in err
 
@@ -386,6 +391,8 @@ async def test_run_names_http_listen_when_it_cannot_bind_and_warns_without_sinks
     text = err.decode()
     assert code == 1, text
     assert "no sinks configured: events are received and counted" in text
+    code, _, err = await run_amid("check-config", "--config", str(config))
+    assert code == 0 and b"warning: no sinks configured" in err
     [error] = [line for line in text.splitlines() if "ERROR" in line]
     assert f"http.listen {address}: " in error and "address already in use" in error
     assert "Traceback" not in text
