@@ -47,5 +47,6 @@ async def test_the_readme_library_example_runs_against_the_simulator():
 
     assert any(line.startswith("DialBegin ") for line in printed)     # the Dial* glob handler
     assert any(line.startswith(f"{address} ") for line in printed)    # the * handler
+    assert any(line.startswith(f"{address} 1 ") and "FullyBooted" in line for line in printed)
     assert any("active channels" in line for line in printed)         # the command output
     assert sum(line.startswith("hangup ") for line in printed) >= 1

@@ -245,7 +245,7 @@ async def test_command_output_lines(sim):
         assert is_error(bad) and bad.output
 
 
-async def test_failing_and_slow_handlers_never_block_the_reader(sim):
+async def test_failing_and_slow_handlers_never_block_the_reader(sim, caplog):
     async with client_for(sim, handler_queue_size=100_000) as ami:
         release = asyncio.Event()
         fast = []
@@ -270,6 +270,9 @@ async def test_failing_and_slow_handlers_never_block_the_reader(sim):
         async with asyncio.timeout(5):
             while ami.stats.handler_errors_total < 25:
                 await asyncio.sleep(0.01)
+    # every failure counted, but the log holds one traceback (and at most one summary line)
+    failures = [r for r in caplog.records if "broken" in r.getMessage()]
+    assert 1 <= len(failures) <= 2 and failures[0].exc_info is not None
 
 
 async def test_close_logs_off_and_is_idempotent(sim):

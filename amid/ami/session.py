@@ -54,6 +54,13 @@ class AMIConnectionError(AMIError):
     """Not connected, or the connection was lost while waiting."""
 
 
+HANDLER_ERROR_REPORT_INTERVAL = 10.0  # seconds between summaries of repeated handler failures
+
+
+def _callable_name(fn: Any) -> str:
+    return repr(getattr(fn, "__qualname__", fn))
+
+
 class LoginError(AMIError):
     """Asterisk refused the login (Asterisk says the same for bad user, secret or key)."""
 
@@ -257,6 +264,11 @@ class AMIClient:
         self._handler_queue: deque[Event] = deque()
         self._handler_queue_size = handler_queue_size
         self._handler_wakeup = asyncio.Event()
+        # Handler failures: the first of each (handler, exception type) is logged with its
+        # traceback, the rest as a count at most every HANDLER_ERROR_REPORT_INTERVAL seconds.
+        self._handler_errors_logged: set[tuple[str, type]] = set()
+        self._handler_errors_unlogged = 0
+        self._handler_errors_reported_at = 0.0
         self._dispatcher: asyncio.Task | None = None
         self._supervisor: asyncio.Task | None = None
         self._ping_task: asyncio.Task | None = None
@@ -701,9 +713,8 @@ class AMIClient:
         for raw_listener in self._raw_listeners:
             try:
                 raw_listener(data)
-            except Exception:
-                self.stats.handler_errors_total += 1
-                log.exception("raw listener failed", extra={"server": self.name})
+            except Exception as exc:
+                self._handler_failed(exc, f"raw listener {_callable_name(raw_listener)}", "data")
         try:
             messages = wire.parser.feed(data)
         except RemoteProtocolError as exc:
@@ -753,9 +764,8 @@ class AMIClient:
                 for listener in listeners:
                     try:
                         listener(msg)
-                    except Exception:
-                        stats.handler_errors_total += 1
-                        log.exception("event listener failed", extra={"server": self.name})
+                    except Exception as exc:
+                        self._handler_failed(exc, f"listener {_callable_name(listener)}", name)
                 if want_handlers:
                     self._queue_for_handlers(msg)
             elif type(msg) is Response:
@@ -844,11 +854,28 @@ class AMIClient:
                             await result
                     except asyncio.CancelledError:
                         raise
-                    except Exception:
-                        self.stats.handler_errors_total += 1
-                        log.exception("AMI %s: handler %r failed on %s", self.name,
-                                      getattr(handler, "__qualname__", handler), event.name,
-                                      extra={"server": self.name})
+                    except Exception as exc:
+                        self._handler_failed(exc, f"handler {_callable_name(handler)}", event.name)
+
+    def _handler_failed(self, exc: Exception, what: str, event_name: str) -> None:
+        """Count a failing handler or listener; log it without flooding the log (a handler that
+        fails on every event at 40k events/s would otherwise write 40k tracebacks a second)."""
+        self.stats.handler_errors_total += 1
+        key = (what, type(exc))
+        if key not in self._handler_errors_logged and len(self._handler_errors_logged) < 100:
+            self._handler_errors_logged.add(key)
+            log.error("AMI %s: %s failed on %s (further failures like it are counted, not "
+                      "logged one by one)", self.name, what, event_name, exc_info=exc,
+                      extra={"server": self.name})
+            return
+        self._handler_errors_unlogged += 1
+        now = time.monotonic()
+        if now - self._handler_errors_reported_at >= HANDLER_ERROR_REPORT_INTERVAL:
+            log.error("AMI %s: %d more handler failures, the last: %s on %s: %s: %s", self.name,
+                      self._handler_errors_unlogged, what, event_name, type(exc).__name__, exc,
+                      extra={"server": self.name})
+            self._handler_errors_unlogged = 0
+            self._handler_errors_reported_at = now
 
     # ------------------------------------------------------------------ state
 
