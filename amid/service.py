@@ -254,6 +254,8 @@ class Daemon:
         logins = [client.wait_connected(timeout) for client in self.clients.values()]
         opens = [slot.runner.wait_opened(timeout) for slot in self.sinks.values()]
         results = await asyncio.gather(*logins, *opens)
+        if self._stopping:  # shut down while waiting: nothing to announce
+            return
         if not all(results[:len(logins)]):
             log.warning("not every server logged in within start_timeout (%ss); reporting ready anyway",
                         timeout)

@@ -278,6 +278,19 @@ async def test_an_attempt_that_never_returns_is_abandoned_and_retried() -> None:
         await runner.close(5)
 
 
+async def test_shutdown_does_not_wait_for_a_sink_that_never_opened() -> None:
+    sink = ScriptedSink()
+    sink.start_failures = [SinkError("cannot open")] * 100_000
+    runner = make_runner(sink, sleep=asyncio.sleep, retry_min_delay=0.01, retry_max_delay=0.01)
+    await runner.start()
+    runner.offer(make_record(1))
+    await sink.until(lambda: runner.stats.state == "retrying")
+    async with asyncio.timeout(10):  # not the 60 s drain window
+        await runner.close(60)
+    assert runner.stats.dropped_total["shutdown"] == 1
+    assert_invariant(runner.stats)
+
+
 async def test_sink_start_failures_are_retried_in_the_worker() -> None:
     sink = ScriptedSink()
     sink.start_failures = [SinkError("refused"), OSError("boom")]

@@ -436,7 +436,10 @@ class SinkRunner:
         deadline = loop.time() + timeout
         leftovers: list[Record] = []
         try:
-            if self._worker is not None and not self._worker.done():
+            never_opened = not self.sink_opened and self.stats.state == "retrying"
+            if self._worker is not None and not self._worker.done() and not never_opened:
+                # (A sink that has failed to open since it started will not deliver within
+                # the drain window either: it does not hold the shutdown up.)
                 await self.drain(timeout)
             await self._cancel_tasks()
             self._closed = True
