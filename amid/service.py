@@ -455,6 +455,11 @@ class Daemon:
         self.config = new
         if new.http != old.http:
             log.warning("http: the new metrics/health settings take effect at the next restart")
+        if new.log.format != old.log.format:
+            log.warning("log: the new format takes effect at the next restart")
+        if new.log.level != old.log.level:
+            log.warning("log level is now %s", new.log.level)  # said before it may be muted
+            logging.getLogger().setLevel(new.log.level.upper())
         drain = min(RELOAD_DRAIN_TIMEOUT, new.shutdown_timeout)
         # Sinks. New runners are routed to *before* the old ones are detached, so no event
         # reaches a closed runner; what an old runner still holds is then handed to its

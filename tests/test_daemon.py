@@ -297,6 +297,25 @@ async def test_a_reconfigured_sink_keeps_counting_where_its_predecessor_stopped(
         await stop_daemon(daemon, task)
 
 
+async def test_a_reload_applies_a_new_log_level(tmp_path, sim, caplog):
+    import logging
+    root = logging.getLogger()
+    saved = root.level
+    path = write_config(tmp_path, sim, [], log={"level": "info"})
+    daemon, task = await start_daemon(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+        config["log"] = {"level": "error", "format": "json"}
+        path.write_text(yaml.safe_dump(config))
+        assert await daemon.reload()
+        assert root.level == logging.ERROR
+        assert "log level is now error" in caplog.text
+        assert "the new format takes effect at the next restart" in caplog.text
+    finally:
+        root.setLevel(saved)
+        await stop_daemon(daemon, task)
+
+
 async def test_unusable_spool_directory_is_a_clear_startup_error(tmp_path, sim, caplog):
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "spool").write_text("not a directory")
