@@ -484,7 +484,10 @@ def _default_sink_option_models() -> dict[str, str]:
 
 
 def _options_model(spec: Any) -> type[BaseModel] | None:
-    """Resolve a mapping value: a model, None (options kept as a dict), or a module name."""
+    """Resolve a mapping value: a model, None (options kept as a dict), a module name, or the
+    exception that made the type unavailable (a plugin that failed to load)."""
+    if isinstance(spec, BaseException):
+        raise spec
     if isinstance(spec, str):
         return importlib.import_module(spec).Options  # type: ignore[no-any-return]
     return spec  # type: ignore[no-any-return]
@@ -874,8 +877,8 @@ class _Loader:
         try:
             model = _options_model(sink_option_models[sink_type])
         except Exception as exc:  # the sink module itself is broken: name it, do not crash
-            self.problem(loc + ("type",), f"sink type {sink_type!r} is not available: "
-                                          f"{type(exc).__name__}: {exc}")
+            why = str(exc) if type(exc).__name__ == "PluginLoadError" else f"{type(exc).__name__}: {exc}"
+            self.problem(loc + ("type",), f"sink type {sink_type!r} is not available: {why}")
             return None
         if model is None:
             return own

@@ -71,7 +71,10 @@ class SinkTypes:
 
 
 def load_config(path: str | None, environ: Mapping[str, str], types: SinkTypes) -> Config:
-    return load(path, environ, sink_option_models=types.option_models)
+    # A plugin that failed to load makes its type "not available: <why>", not "unknown".
+    failed = {err.type_name: err for err in types.errors
+              if err.type_name is not None and err.type_name not in types.option_models}
+    return load(path, environ, sink_option_models={**failed, **types.option_models})
 
 
 def _client_for(server: ServerConfig, *, on_event, on_state, stats: SessionStats,

@@ -375,7 +375,9 @@ async def test_run_names_sink_plugins_that_failed_to_load(tmp_path):
                                       env_extra={"PYTHONPATH": str(site)})
         text = err.decode()
         assert code == 78, text
-        assert "sinks[0].type: unknown sink type 'broken'" in text
+        assert ("sinks[0].type: sink type 'broken' is not available: sink plugin 'broken' "
+                "(amid_broken_sink_mod:create) failed to load: RuntimeError: missing dependency: "
+                "libfoo") in text
         assert "sink plugin 'broken'" in text and "missing dependency: libfoo" in text
         assert "Traceback" not in text
 

@@ -63,7 +63,12 @@ SinkFactory = Callable[[str, Mapping[str, Any]], Sink]
 
 
 class PluginLoadError(Exception):
-    """A sink type could not be loaded; the message names the plugin and why."""
+    """A sink type could not be loaded; the message names the plugin and why. ``type_name``
+    is the sink type it would have provided (None when a built-in keeps the name)."""
+
+    def __init__(self, message: str, type_name: str | None = None) -> None:
+        super().__init__(message)
+        self.type_name = type_name
 
 
 def load_plugin_factories() -> tuple[dict[str, SinkFactory], list[PluginLoadError]]:
@@ -79,11 +84,12 @@ def load_plugin_factories() -> tuple[dict[str, SinkFactory], list[PluginLoadErro
             factory = ep.load()
         except Exception as exc:  # any import-time failure of third-party code
             errors.append(PluginLoadError(
-                f"sink plugin {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}"))
+                f"sink plugin {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}",
+                ep.name))
             continue
         if not callable(factory):
             errors.append(PluginLoadError(
-                f"sink plugin {ep.name!r} ({ep.value}) is not callable"))
+                f"sink plugin {ep.name!r} ({ep.value}) is not callable", ep.name))
             continue
         factories[ep.name] = factory
     return factories, errors
