@@ -419,7 +419,12 @@ class HttpConfig(_Model):
     @field_validator("listen", mode="before")
     @classmethod
     def _empty_disables(cls, value: Any) -> Any:
-        return None if value == "" else value
+        if value == "" or value is False:  # `listen: ""`, or `off` (YAML's false)
+            return None
+        if isinstance(value, (bool, int)):  # `listen: 9180`, `on`
+            raise PydanticCustomError("listen", "listen must be host:port, e.g. 127.0.0.1:9180 "
+                                      "(null, \"\" or off disables it)")
+        return value
 
     @field_validator("listen")
     @classmethod

@@ -150,6 +150,9 @@ def test_short_forms(tmp_path):
     assert sink.match == {"Priority": "1", "Context": "from-*"}
     assert sink.queue.max_events == 100_000  # an empty section means all defaults
     assert config.http.listen is None and config.http.address is None
+    off = load(write(tmp_path, MINIMAL + "http: {listen: off}\n", "off.yaml"), {},
+               sink_option_models=MODELS)
+    assert off.http.listen is None
 
 
 def test_plugin_type_without_a_model_keeps_its_keys_as_a_dict(tmp_path):
@@ -196,7 +199,8 @@ def test_plugin_type_without_a_model_keeps_its_keys_as_a_dict(tmp_path):
     (MINIMAL + "    name: pbx 1\n", "name: pbx", "servers[0].name", "only letters, digits"),
     ("servers: []\n", "servers:", "servers", "at least one server is required"),
     ("servers: {host: pbx}\n", "servers:", "servers", "Input should be a list"),
-    (MINIMAL + "http: {listen: 9180}\n", "http:", "http.listen", "valid string"),
+    (MINIMAL + "http: {listen: 9180}\n", "http:", "http.listen", "must be host:port"),
+    (MINIMAL + "http: {listen: on}\n", "http:", "http.listen", "off disables it"),
     (MINIMAL + "http: {listen: localhost}\n", "http:", "http.listen", "must be host:port"),
     (MINIMAL + "log: {format: xml}\n", "log:", "log.format", "'text', 'json' or 'journal'"),
     (MINIMAL + "state_dir: ${NOPE}/x\n", "state_dir", "state_dir",
