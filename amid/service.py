@@ -521,6 +521,11 @@ class Daemon:
         for name, running in list(self._server_configs.items()):
             if new_servers.get(name) == running:
                 continue
+            if name in new_servers:
+                log.info("server %s: settings changed: reconnecting (reported as a gap)", name,
+                         extra={"server": name})
+            else:
+                log.info("server %s removed: logging off", name, extra={"server": name})
             client = self.clients.pop(name)
             del self._server_configs[name]
             try:

@@ -282,6 +282,7 @@ async def test_close_logs_off_and_is_idempotent(sim):
     await client.close()
     await client.close()
     assert client.state is ConnectionState.CLOSED
+    assert client.stats.disconnects_total["closed"] == 1 and not client.stats.up
     async with asyncio.timeout(5):
         while sessions[0].logged_in:
             await asyncio.sleep(0.01)

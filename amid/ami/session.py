@@ -347,6 +347,8 @@ class AMIClient:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
+        if self.stats.up:  # a connection we ended ourselves: a disconnect too, reason "closed"
+            self.stats.disconnects_total["closed"] += 1
         self.stats.up = False
         self._connected.clear()
         if self.state is not ConnectionState.CLOSED:
