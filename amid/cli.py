@@ -265,6 +265,9 @@ async def _demo_in(args: argparse.Namespace, state: Path) -> int:
             _route_only_first(daemon, args.count)
         print(f"amid demo: simulator on 127.0.0.1:{sim.port}, {args.call_rate:g} calls/s; "
               "events follow as JSON lines (Ctrl-C to stop)", file=sys.stderr)
+        if not args.call_rate:
+            print("amid demo: --call-rate 0 starts no calls: only the login's two events come",
+                  file=sys.stderr)
         async def stop_when_done() -> None:
             # The reader of our stdout went away (`amid demo | head`): stop as `yes | head`
             # does, without draining into a pipe nobody reads.
