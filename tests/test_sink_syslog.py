@@ -8,6 +8,7 @@ socket) for what rsyslog cannot show: a peer that goes away and comes back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -480,6 +481,37 @@ async def test_tcp_send_cancelled_by_the_caller_drops_the_connection():
             assert sink.stats.reconnects_total == 1
         finally:
             await waited(sink.close())
+
+
+async def test_an_abandoned_tcp_batch_never_costs_the_batches_confirmed_before_it():
+    # What the kernel still holds for a connection includes earlier, confirmed batches the peer
+    # has not read yet: dropping the connection must let them go out (no reset that discards).
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        sink = syslog.create("s", Options(address=f"tcp://127.0.0.1:{port}", send_timeout=30))
+        await waited(sink.start())
+        conn, _ = listener.accept()   # a receiver that is slow: it reads only at the end
+        with conn:
+            await send(sink, [rec(f"one-{n}", fields={"Blob": "y" * 2000}) for n in range(1000)])
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.5):   # the runner's attempt_timeout, or shutdown
+                    await sink.send([rec(f"two-{n}", fields={"Blob": "x" * 1_000_000})
+                                     for n in range(8)])
+            await waited(sink.close())
+
+            def read_to_the_end() -> bytes:
+                conn.settimeout(WAIT)
+                data = bytearray()
+                with contextlib.suppress(ConnectionResetError):
+                    while chunk := conn.recv(1 << 20):
+                        data += chunk
+                return bytes(data)
+
+            got = await waited(asyncio.to_thread(read_to_the_end))
+    assert all(f'"id":"one-{n}"'.encode() in got for n in range(1000))
 
 
 async def test_start_raises_sink_error_when_nobody_listens():

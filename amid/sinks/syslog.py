@@ -37,7 +37,6 @@ import select
 import socket
 import ssl
 import string
-import struct
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -470,7 +469,7 @@ class _DatagramChannel:
     async def close(self) -> None:
         self._sock.close()
 
-    def abort(self, *, discard_unsent: bool = False) -> None:
+    def abort(self) -> None:
         self._sock.close()
 
 
@@ -502,15 +501,9 @@ class _StreamChannel:
         with contextlib.suppress(*_IO_ERRORS):
             await self._writer.wait_closed()
 
-    def abort(self, *, discard_unsent: bool = False) -> None:
-        if discard_unsent:
-            # Abandoned mid-batch: the runner sends the batch again on a new connection, so
-            # what the kernel still holds for this one goes nowhere (linger 0: RST, no FIN
-            # after it). Never for a close: those bytes belong to batches already confirmed.
-            sock = self._writer.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    def abort(self) -> None:
+        # No linger-0 reset here: the kernel's send queue still holds earlier, confirmed
+        # batches the peer has not acknowledged yet, and a reset would throw them away.
         self._writer.transport.abort()
 
 
@@ -581,14 +574,14 @@ class SyslogSink:
                     await channel.send(payloads)
             except _IO_ERRORS as exc:
                 # A partly written frame would corrupt the stream: this connection is finished.
-                self._drop_channel(discard_unsent=True)
+                self._drop_channel()
                 what = "timed out" if isinstance(exc, TimeoutError) else _describe(exc)
                 raise SinkError(f"syslog sink {self.name!r}: sending to {self._endpoint} "
                                 f"failed: {what}") from exc
             except asyncio.CancelledError:
-                # Abandoned (the runner's attempt_timeout, shutdown): what a stream still holds
-                # for this batch must not go out after the runner re-sent it elsewhere.
-                self._drop_channel(discard_unsent=True)
+                # Abandoned (the runner's attempt_timeout, shutdown): the runner sends the batch
+                # again, on a new connection; the rest of it must not follow on this one.
+                self._drop_channel()
                 raise
             self.stats.messages_total += len(payloads)
             self.stats.bytes_total += sum(map(len, payloads))
@@ -673,14 +666,16 @@ class SyslogSink:
             reader, writer = await asyncio.open_connection(ep.host, ep.port)
         # drain() then returns only once the kernel took every byte: a confirmed batch has
         # nothing left in this process that an abort could lose. (asyncio's TLS transport
-        # pauses at size >= high, the plain one at size > high: 1 and 0 mean "any byte".)
+        # pauses at size >= high, the plain one at size > high: 1 and 0 mean "any byte". With
+        # TLS this covers the TLS layer's buffer; the TCP transport beneath it may still hold
+        # up to its own 64 KiB of ciphertext, which asyncio gives no public handle on.)
         writer.transport.set_write_buffer_limits(high=1 if ep.transport == "tls" else 0, low=0)
         return _StreamChannel(reader, writer)
 
-    def _drop_channel(self, *, discard_unsent: bool = False) -> None:
+    def _drop_channel(self) -> None:
         channel, self._channel = self._channel, None
         if channel is not None:
-            channel.abort(discard_unsent=discard_unsent)
+            channel.abort()
 
 
 def _describe(exc: BaseException) -> str:
