@@ -488,11 +488,15 @@ def _default_sink_option_models() -> dict[str, str]:
             "webhook": "amid.sinks.webhook"}
 
 
+class _TypeUnavailable(Exception):
+    """A sink type that exists but could not be loaded; the message says why."""
+
+
 def _options_model(spec: Any) -> type[BaseModel] | None:
     """Resolve a mapping value: a model, None (options kept as a dict), a module name, or the
     exception that made the type unavailable (a plugin that failed to load)."""
     if isinstance(spec, BaseException):
-        raise spec
+        raise _TypeUnavailable(str(spec))  # a new one each time: the stored one keeps no traceback
     if isinstance(spec, str):
         return importlib.import_module(spec).Options  # type: ignore[no-any-return]
     return spec  # type: ignore[no-any-return]
@@ -882,7 +886,7 @@ class _Loader:
         try:
             model = _options_model(sink_option_models[sink_type])
         except Exception as exc:  # the sink module itself is broken: name it, do not crash
-            why = str(exc) if type(exc).__name__ == "PluginLoadError" else f"{type(exc).__name__}: {exc}"
+            why = str(exc) if isinstance(exc, _TypeUnavailable) else f"{type(exc).__name__}: {exc}"
             self.problem(loc + ("type",), f"sink type {sink_type!r} is not available: {why}")
             return None
         if model is None:

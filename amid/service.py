@@ -34,7 +34,7 @@ from amid.config import Config, ConfigError, ServerConfig, SinkConfig, load
 from amid.records import Record, format_iso
 from amid.router import EventFilter, Router
 from amid.sinks.base import PluginLoadError, load_plugin_factories
-from amid.sinks.delivery import SinkRunner
+from amid.sinks.delivery import SinkRunner, SinkStats
 
 log = logging.getLogger("amid.service")
 
@@ -120,6 +120,7 @@ class Daemon:
         self._retired: dict[str, tuple[int, float]] = {}  # server -> (last epoch, closed at)
         self.server_stats: dict[str, SessionStats] = {}
         self.sinks: dict[str, _SinkSlot] = {}
+        self._replaced_stats: dict[str, SinkStats] = {}  # see reload: shown while handing over
         self.http = None
         self._install_signal_handlers = install_signals
         self.status_interval = status_interval
@@ -241,7 +242,8 @@ class Daemon:
         from amid.metrics import AmidCollector, build_registry
         collector = AmidCollector(
             servers=lambda: list(self.server_stats.items()),
-            sinks=lambda: [(name, slot.config.type, slot.runner.stats) for name, slot in self.sinks.items()],
+            sinks=lambda: [(name, slot.config.type, self._replaced_stats.get(name, slot.runner.stats))
+                           for name, slot in self.sinks.items()],
             version=__version__)
         registry = build_registry(collector)
         self.http = HealthServer(self.config.http.listen, registry, live=self.liveness,
@@ -492,6 +494,10 @@ class Daemon:
                 if fresh is not None:
                     added.append(fresh)
                     slots[name] = fresh
+        # Until a replacement has taken over its predecessor's counters, metrics show the
+        # predecessor's (still moving) ones: a scrape in between must not see them drop.
+        for old_slot, _ in replaced:
+            self._replaced_stats[old_slot.config.name] = old_slot.runner.stats
         self.sinks = slots
         self._update_routes()
         for old_slot, fresh in replaced:
@@ -502,6 +508,7 @@ class Daemon:
                 await self._start_runner(fresh, problems)
             finally:
                 fresh.runner.adopt(leftovers)
+                self._replaced_stats.pop(name, None)
             log.info("sink %s reconfigured (%d queued events handed over)", name, len(leftovers),
                      extra={"sink": name})
         for slot in removed:

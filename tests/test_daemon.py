@@ -316,6 +316,42 @@ async def test_a_reload_applies_a_new_log_level(tmp_path, sim, caplog):
         await stop_daemon(daemon, task)
 
 
+async def test_a_scrape_during_a_reload_handover_sees_no_counter_drop(tmp_path, sim, monkeypatch):
+    import amid.service
+    monkeypatch.setattr(amid.service, "RELOAD_DRAIN_TIMEOUT", 5.0)  # a wide handover window
+    async with HttpReceiver() as receiver:
+        sinks = [{"name": "webhook", "type": "webhook", "url": receiver.url, "timeout": 30,
+                  "batch": {"max_wait": "10ms"}}]
+        path = write_config(tmp_path, sim, sinks)
+        daemon, task = await start_daemon(path)
+        try:
+            stats = daemon.server_stats["pbx1"]
+            sim.originate("Local/200@test", exten="100")
+            await wait_until(lambda: stats.events_by_name["OriginateResponse"] == 1)
+            await receiver.wait_for_records(stats.events_total)
+            receiver.stall()
+            sim.originate("Local/200@test", exten="100")
+            await wait_until(lambda: stats.events_by_name["OriginateResponse"] == 2)
+            old_runner = daemon.sinks["webhook"].runner
+            await wait_until(lambda: old_runner.stats.in_flight_events > 0)
+            before = await scrape(daemon.http.port)
+            config = yaml.safe_load(path.read_text())
+            config["sinks"][0]["batch"]["max_events"] = 7
+            path.write_text(yaml.safe_dump(config))
+            reload = asyncio.create_task(daemon.reload())
+            await wait_until(lambda: daemon.sinks["webhook"].runner is not old_runner)
+            during = await scrape(daemon.http.port)  # the old runner is still draining
+            receiver.release()
+            assert await reload
+            after = await scrape(daemon.http.port)
+            for name in ("amid_sink_received_total", "amid_sink_sent_total"):
+                assert (total(before, name, sink="webhook") <= total(during, name, sink="webhook")
+                        <= total(after, name, sink="webhook")), name
+        finally:
+            receiver.release()
+            await stop_daemon(daemon, task)
+
+
 async def test_unusable_spool_directory_is_a_clear_startup_error(tmp_path, sim, caplog):
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "spool").write_text("not a directory")

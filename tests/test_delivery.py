@@ -284,11 +284,31 @@ async def test_shutdown_does_not_wait_for_a_sink_that_never_opened() -> None:
     runner = make_runner(sink, sleep=asyncio.sleep, retry_min_delay=0.01, retry_max_delay=0.01)
     await runner.start()
     runner.offer(make_record(1))
-    await sink.until(lambda: runner.stats.state == "retrying")
+    await sink.until(lambda: len(sink.start_failures) <= 100_000 - 3)
     async with asyncio.timeout(10):  # not the 60 s drain window
         await runner.close(60)
     assert runner.stats.dropped_total["shutdown"] == 1
     assert_invariant(runner.stats)
+
+
+async def test_shutdown_waits_for_a_sink_that_failed_to_open_once() -> None:
+    sink = ScriptedSink()
+    sink.start_failures = [SinkError("not yet")]  # the second attempt opens it
+    gate = asyncio.Event()
+
+    async def slow_retry(delay: float) -> None:  # the retry comes once shutdown has begun
+        await gate.wait()
+
+    runner = make_runner(sink, sleep=slow_retry)
+    await runner.start()
+    runner.offer(make_record(1))
+    await sink.until(lambda: runner.stats.state == "retrying")
+    closing = asyncio.create_task(runner.close(30))
+    await asyncio.sleep(0)
+    gate.set()
+    async with asyncio.timeout(10):
+        await closing
+    assert sink.delivered() == [1] and runner.stats.dropped_total["shutdown"] == 0
 
 
 async def test_sink_start_failures_are_retried_in_the_worker() -> None:

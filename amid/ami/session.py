@@ -347,6 +347,10 @@ class AMIClient:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
+        if self._handler_errors_unlogged:  # the tail of a burst the summaries did not cover
+            log.error("AMI %s: %d more handler failures", self.name, self._handler_errors_unlogged,
+                      extra={"server": self.name})
+            self._handler_errors_unlogged = 0
         if self.stats.up:  # a connection we ended ourselves: a disconnect too, reason "closed"
             self.stats.disconnects_total["closed"] += 1
         self.stats.up = False

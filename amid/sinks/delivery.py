@@ -109,6 +109,9 @@ class _Batch:
     shadowed: bool = False                  # a memory batch whose copy sits at the spool head
 
 
+HOPELESS_START_FAILURES = 3  # failed opens in a row after which shutdown stops waiting for a sink
+
+
 class SinkRunner:
     """Queue, spool, batching, retry, dead letters and stats in front of one :class:`Sink`.
 
@@ -164,6 +167,7 @@ class SinkRunner:
         self._in_flight: _Batch | None = None
         self._started = False
         self.sink_opened = False  # sink.start() has succeeded (readiness: a sink that never opened is not)
+        self._start_failures = 0  # failed start attempts so far, while it has never opened
         self._start_settled = asyncio.Event()  # the sink opened, or the worker gave up
         self._disabled = False
         self._draining = False
@@ -238,7 +242,6 @@ class SinkRunner:
         stats.dropped_total.update(previous.dropped_total)
         stats.dead_lettered_total += previous.dead_lettered_total
         stats.truncated_total += previous.truncated_total
-        stats.spool_corrupt_records_total += previous.spool_corrupt_records_total
         stats.delivery_latency.add(previous.delivery_latency)
         if stats.last_success_time is None:
             stats.last_success_time = previous.last_success_time
@@ -374,7 +377,9 @@ class SinkRunner:
             self.stats.recovered_total = recovered
             self.stats.spool_events += recovered
             self.stats.spool_bytes = spool.bytes_used
-            self.stats.spool_corrupt_records_total += spool.corrupt_records_total
+            # What this open found (a damaged span is skipped, not removed: every open finds it
+            # again, so this is set, not added, and a reload does not carry it over).
+            self.stats.spool_corrupt_records_total = spool.corrupt_records_total
             if spool.corrupt_records_total:
                 log.warning("sink %s: spool %s had %d damaged records (%d bytes), skipped",
                             self.name, self._spool_dir, spool.corrupt_records_total,
@@ -436,10 +441,11 @@ class SinkRunner:
         deadline = loop.time() + timeout
         leftovers: list[Record] = []
         try:
-            never_opened = not self.sink_opened and self.stats.state == "retrying"
-            if self._worker is not None and not self._worker.done() and not never_opened:
-                # (A sink that has failed to open since it started will not deliver within
-                # the drain window either: it does not hold the shutdown up.)
+            # A sink that has failed to open again and again since it started will not deliver
+            # within the drain window either: it does not hold the shutdown up. (One failure
+            # alone is not enough: the next attempt may be about to succeed.)
+            hopeless = not self.sink_opened and self._start_failures >= HOPELESS_START_FAILURES
+            if self._worker is not None and not self._worker.done() and not hopeless:
                 await self.drain(timeout)
             await self._cancel_tasks()
             self._closed = True
@@ -577,6 +583,7 @@ class SinkRunner:
             except Exception as exc:  # a buggy plugin must not kill the worker
                 self._note_failure(exc, attempt, "start", unexpected=True)
                 retry_after = None
+            self._start_failures += 1
             await self._sleep(self._backoff(attempt, retry_after))
             attempt += 1
 
