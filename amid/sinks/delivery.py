@@ -414,7 +414,10 @@ class SinkRunner:
 
     def _is_empty(self) -> bool:
         stats = self.stats
-        return stats.queue_events == 0 and stats.spool_events == 0 and stats.in_flight_events == 0
+        # _spool_skip: delivered copies still at the spool head; left there, a restart would
+        # send them again.
+        return (stats.queue_events == 0 and stats.spool_events == 0 and stats.in_flight_events == 0
+                and self._spool_skip == 0)
 
     async def close(self, timeout: float) -> None:
         """Drain for up to ``timeout``, spool what is left (spool policy) or count it dropped
