@@ -223,7 +223,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     _setup_logging(args.log_format or config.log.format, args.log_level or config.log.level)
     notifier = Notifier(os.environ)
-    return _run_loop(run_daemon(path, os.environ, notifier=notifier, config=config, types=types))
+    pinned = frozenset(key for key, value in (("level", args.log_level), ("format", args.log_format))
+                       if value)
+    return _run_loop(run_daemon(path, os.environ, notifier=notifier, config=config, types=types,
+                                log_pinned=pinned))
 
 
 def _run_loop(coro) -> int:

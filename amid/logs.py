@@ -284,6 +284,14 @@ def _build_handler(
     return handler, fallback_reason
 
 
+def set_log_level(level: str | int) -> None:
+    """Set the level of amid's logging (at start, and when a reload changes ``log.level``)."""
+    numeric_level = _parse_level(level)
+    logging.getLogger().setLevel(numeric_level)
+    # aiohttp logs every request at INFO; a Prometheus scrape every 15 s would drown the daemon's own lines.
+    logging.getLogger("aiohttp.access").setLevel(max(numeric_level, logging.WARNING))
+
+
 def setup_logging(
     format: LogFormat,  # noqa: A002 - the CLI option is --log-format
     level: str | int = "info",
@@ -315,9 +323,7 @@ def setup_logging(
         root.removeHandler(previous)
         previous.close()  # a StreamHandler never closes the stream it was given
     root.addHandler(handler)
-    root.setLevel(numeric_level)
-    # aiohttp logs every request at INFO; a Prometheus scrape every 15 s would drown the daemon's own lines.
-    logging.getLogger("aiohttp.access").setLevel(max(numeric_level, logging.WARNING))
+    set_log_level(numeric_level)
 
     if fallback_reason is not None:
         logging.getLogger(__name__).warning("journal logging unavailable: %s; logging text to stderr", fallback_reason)

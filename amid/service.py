@@ -31,6 +31,7 @@ from amid import __version__
 from amid.ami.session import AMIClient, ConnectionState, StateChange, make_ssl_context
 from amid.ami.stats import SessionStats
 from amid.config import Config, ConfigError, ServerConfig, SinkConfig, load
+from amid.logs import set_log_level
 from amid.records import Record, format_iso
 from amid.router import EventFilter, Router
 from amid.sinks.base import PluginLoadError, load_plugin_factories
@@ -109,8 +110,10 @@ class Daemon:
 
     def __init__(self, config: Config, *, config_path: str | None, environ: Mapping[str, str],
                  types: SinkTypes | None = None, notifier: Any = None,
-                 install_signals: bool = True, status_interval: float = STATUS_INTERVAL) -> None:
+                 install_signals: bool = True, status_interval: float = STATUS_INTERVAL,
+                 log_pinned: frozenset[str] = frozenset()) -> None:
         self.config = config
+        self._log_pinned = log_pinned  # log keys set on the command line: reloads keep them
         self.config_path = config_path
         self.environ = environ
         self.types = types or SinkTypes.discover()
@@ -460,11 +463,11 @@ class Daemon:
         self.config = new
         if new.http != old.http:
             log.warning("http: the new metrics/health settings take effect at the next restart")
-        if new.log.format != old.log.format:
+        if new.log.format != old.log.format and "format" not in self._log_pinned:
             log.warning("log: the new format takes effect at the next restart")
-        if new.log.level != old.log.level:
+        if new.log.level != old.log.level and "level" not in self._log_pinned:
             log.warning("log level is now %s", new.log.level)  # said before it may be muted
-            logging.getLogger().setLevel(new.log.level.upper())
+            set_log_level(new.log.level)
         drain = min(RELOAD_DRAIN_TIMEOUT, new.shutdown_timeout)
         # Sinks. New runners are routed to *before* the old ones are detached, so no event
         # reaches a closed runner; what an old runner still holds is then handed to its
@@ -635,9 +638,13 @@ def _release_free_memory() -> None:
 
 
 async def run_daemon(config_path: str | None, environ: Mapping[str, str], *, notifier: Any = None,
-                     config: Config | None = None, types: SinkTypes | None = None) -> int:
+                     config: Config | None = None, types: SinkTypes | None = None,
+                     log_pinned: frozenset[str] = frozenset()) -> int:
+    """``log_pinned``: the ``log`` keys the command line set (``level``, ``format``); a reload
+    leaves those alone."""
     types = types or SinkTypes.discover()
     if config is None:
         config = load_config(config_path, environ, types)
-    daemon = Daemon(config, config_path=config_path, environ=environ, types=types, notifier=notifier)
+    daemon = Daemon(config, config_path=config_path, environ=environ, types=types, notifier=notifier,
+                    log_pinned=log_pinned)
     return await daemon.run()

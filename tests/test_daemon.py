@@ -316,6 +316,31 @@ async def test_a_reload_applies_a_new_log_level(tmp_path, sim, caplog):
         await stop_daemon(daemon, task)
 
 
+async def test_a_reload_keeps_the_log_settings_given_on_the_command_line(tmp_path, sim, caplog):
+    import logging
+    root = logging.getLogger()
+    saved = root.level
+    path = write_config(tmp_path, sim, [], log={"level": "info"})
+    types = SinkTypes.discover()
+    config = load(path, {}, sink_option_models=types.option_models)
+    daemon = Daemon(config, config_path=str(path), environ={}, types=types, install_signals=False,
+                    log_pinned=frozenset({"level", "format"}))   # amid run --log-level/--log-format
+    task = asyncio.create_task(daemon.run())
+    try:
+        async with asyncio.timeout(10):
+            await daemon.ready.wait()
+        root.setLevel(logging.DEBUG)
+        config = yaml.safe_load(path.read_text())
+        config["log"] = {"level": "error", "format": "json"}
+        path.write_text(yaml.safe_dump(config))
+        assert await daemon.reload()
+        assert root.level == logging.DEBUG
+        assert "log level is now" not in caplog.text and "new format" not in caplog.text
+    finally:
+        root.setLevel(saved)
+        await stop_daemon(daemon, task)
+
+
 async def test_a_scrape_during_a_reload_handover_sees_no_counter_drop(tmp_path, sim, monkeypatch):
     import amid.service
     monkeypatch.setattr(amid.service, "RELOAD_DRAIN_TIMEOUT", 5.0)  # a wide handover window
