@@ -273,6 +273,8 @@ async def test_failing_and_slow_handlers_never_block_the_reader(sim, caplog):
     # every failure counted, but the log holds one traceback (and at most one summary line)
     failures = [r for r in caplog.records if "broken" in r.getMessage()]
     assert 1 <= len(failures) <= 2 and failures[0].exc_info is not None
+    # what no summary covered yet is summed up when the session closes
+    assert any(r.getMessage().endswith("more handler failures") for r in caplog.records)
 
 
 async def test_close_logs_off_and_is_idempotent(sim):
