@@ -224,7 +224,7 @@ async def test_a_stalled_sink_never_delays_the_others_or_the_session(tmp_path, s
 
 
 async def test_reload_hands_queued_events_to_a_changed_sink_and_keeps_servers(tmp_path, sim,
-                                                                              monkeypatch):
+                                                                              monkeypatch, caplog):
     import amid.service
     monkeypatch.setattr(amid.service, "RELOAD_DRAIN_TIMEOUT", 0.2)
     async with HttpReceiver() as receiver:
@@ -262,8 +262,11 @@ async def test_reload_hands_queued_events_to_a_changed_sink_and_keeps_servers(tm
             # a changed server reconnects
             config["servers"][0]["ping_interval"] = "2s"
             path.write_text(yaml.safe_dump(config))
-            assert await daemon.reload()
+            with caplog.at_level("INFO", logger="amid.service"):
+                assert await daemon.reload()
             assert daemon.clients["pbx1"] is not client
+            assert "server pbx1: settings changed: reconnecting" in caplog.text
+            assert client.stats.disconnects_total["closed"] == 1
             assert await daemon.clients["pbx1"].wait_connected(10)
         finally:
             await stop_daemon(daemon, task)
