@@ -304,3 +304,25 @@ async def test_shutdown_event_then_eof_is_reported_as_server_shutdown():
         assert down.reason == "server_shutdown"
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("auth, action, waited", [("md5", "Challenge", "0.2s"),
+                                                   ("plain", "Login", "2.2s")])
+async def test_a_login_nobody_answers_names_the_action_and_the_time_waited(auth, action, waited):
+    async def banner_then_silence(reader, writer):  # e.g. a verbatim replay, or a wedged PBX
+        writer.write(b"Asterisk Call Manager/9.0.0\r\n")
+        await reader.read()  # until the client gives up and closes
+        writer.close()
+
+    server = await asyncio.start_server(banner_then_silence, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = AMIClient("127.0.0.1", port, username="amid", secret=SECRET, auth=auth,
+                       login_timeout=0.2, reconnect=False)
+    try:
+        with pytest.raises(LoginError, match=f"^no answer to {action} within {waited}$"):
+            async with asyncio.timeout(10):
+                await client.connect()
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()

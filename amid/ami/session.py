@@ -589,6 +589,7 @@ class AMIClient:
     async def _login(self, wire: _Wire) -> None:
         timeout = self.login_timeout
         fields: list[tuple[str, Any]] = [("Username", self.username)]
+        waiting_for, waited = "Challenge", timeout  # what a timeout below is about
         try:
             if self.auth == "md5":
                 challenge = await self._send(wire, "Challenge", {"AuthType": "MD5"}, timeout)
@@ -600,11 +601,12 @@ class AMIClient:
                 fields.append(("Secret", self._secret))
             fields.append(("Events", self.event_mask))
             # Asterisk waits ~1 s before it answers a failed login, so allow for that.
-            response = await self._send(wire, "Login", fields, timeout + 2.0)
+            waiting_for, waited = "Login", timeout + 2.0
+            response = await self._send(wire, "Login", fields, waited)
         except AMIConnectionError as exc:
             raise LoginError(f"connection lost during login: {exc}") from exc
         except ActionTimeout:
-            raise LoginError(f"no answer to Login within {timeout + 2.0:.0f}s") from None
+            raise LoginError(f"no answer to {waiting_for} within {waited:g}s") from None
         if not response.is_success:
             raise LoginError(response.message or response.name)
         for flt in self.filters:
