@@ -445,42 +445,34 @@ async def test_tcp_send_fails_while_peer_is_down_and_recovers_when_it_returns():
         await waited(sink.close())
 
 
-async def test_tcp_send_times_out_on_a_peer_that_stops_reading():
-    with socket.socket() as listener:   # accepts (via the kernel backlog) but never reads
+@pytest.fixture
+def silent_port():
+    """A TCP port that accepts connections (through the kernel backlog) but never reads."""
+    with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
-        port = listener.getsockname()[1]
-        sink = syslog.create("s", Options(address=f"tcp://127.0.0.1:{port}", send_timeout=0.3))
-        big = [rec(f"big-{n}", fields={"Blob": "x" * 1_000_000}) for n in range(4)]
-        try:
-            with pytest.raises(SinkError, match="timed out"):
-                for _ in range(25):  # until the kernel buffers on both ends are full
-                    await send(sink, big)
-            # the half-written stream was dropped: the next send starts a new connection
-            await send(sink, [rec("small")])
-            assert sink.stats.reconnects_total == 1
-        finally:
-            await waited(sink.close())
+        yield listener.getsockname()[1]
 
 
-async def test_tcp_send_cancelled_by_the_caller_drops_the_connection():
-    # The runner abandons an attempt (attempt_timeout) by cancelling it: the batch will be sent
-    # again, so the connection holding part of it must go, not carry the rest out later.
-    with socket.socket() as listener:   # accepts (via the kernel backlog) but never reads
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        port = listener.getsockname()[1]
-        sink = syslog.create("s", Options(address=f"tcp://127.0.0.1:{port}", send_timeout=5))
-        big = [rec(f"big-{n}", fields={"Blob": "x" * 1_000_000}) for n in range(4)]
-        try:
-            with pytest.raises(TimeoutError):
-                for _ in range(25):  # until the kernel buffers on both ends are full
-                    async with asyncio.timeout(0.3):  # the caller's bound, not the sink's
-                        await sink.send(big)
-            await send(sink, [rec("small")])  # on a new connection, not behind the stuck one
-            assert sink.stats.reconnects_total == 1
-        finally:
-            await waited(sink.close())
+@pytest.mark.parametrize("gives_up", ["sink", "caller"])
+async def test_tcp_send_stuck_on_a_peer_that_stops_reading_drops_the_connection(silent_port,
+                                                                                gives_up):
+    # Given up by the sink's own send_timeout, or cancelled by the runner (attempt_timeout):
+    # either way the batch will be sent again, so the half-written connection must go.
+    send_timeout, caller_bound = (0.3, WAIT) if gives_up == "sink" else (5, 0.3)
+    sink = syslog.create("s", Options(address=f"tcp://127.0.0.1:{silent_port}",
+                                      send_timeout=send_timeout))
+    big = [rec(f"big-{n}", fields={"Blob": "x" * 1_000_000}) for n in range(4)]
+    try:
+        with (pytest.raises(SinkError, match="timed out") if gives_up == "sink"
+              else pytest.raises(TimeoutError)):
+            for _ in range(25):  # until the kernel buffers on both ends are full
+                async with asyncio.timeout(caller_bound):
+                    await sink.send(big)
+        await send(sink, [rec("small")])  # on a new connection, not behind the stuck one
+        assert sink.stats.reconnects_total == 1
+    finally:
+        await waited(sink.close())
 
 
 async def test_an_abandoned_tcp_batch_never_costs_the_batches_confirmed_before_it():
