@@ -542,8 +542,6 @@ class SyslogSink:
         self._channel: _DatagramChannel | _StreamChannel | None = None
         self._connected_once = False
         self._closed = False
-        self._udp_max_bytes: int = options.udp_max_bytes or 2048  # always set once validated
-        self._truncated = 0  # messages of the batch being sent that were cut to udp_max_bytes
         # One batch at a time on the wire: frames of two batches must never interleave.
         self._lock = asyncio.Lock()
 
@@ -566,8 +564,8 @@ class SyslogSink:
             return
         async with self._lock:
             self._check_open()
-            self._truncated = 0
-            payloads = [self._encode(record) for record in batch]
+            messages = [self._format(record) for record in batch]
+            payloads = [self._frame(message) for message in messages]
             channel = await self._ensure_channel()
             try:
                 async with asyncio.timeout(self.options.send_timeout):
@@ -585,7 +583,8 @@ class SyslogSink:
                 raise
             self.stats.messages_total += len(payloads)
             self.stats.bytes_total += sum(map(len, payloads))
-            self.stats.truncated_total += self._truncated  # once per message, not per attempt
+            # Counted once a batch is sent, not per attempt; framing only ever adds bytes.
+            self.stats.truncated_total += sum(len(p) < len(m) for p, m in zip(payloads, messages))
 
     async def close(self) -> None:
         """Close the connection (flushing what the kernel holds). Idempotent; safe before start."""
@@ -608,13 +607,10 @@ class SyslogSink:
         if self._closed:
             raise SinkError(f"syslog sink {self.name!r} is closed")
 
-    def _encode(self, record: Record) -> bytes:
-        message = self._format(record)
+    def _frame(self, message: bytes) -> bytes:
         if self._endpoint.transport in ("udp", "unix"):
-            cut = truncate_utf8(message, self._udp_max_bytes)
-            if len(cut) != len(message):
-                self._truncated += 1
-            return cut
+            # udp_max_bytes is never None once Options validated (its format sets the default)
+            return truncate_utf8(message, self.options.udp_max_bytes)  # type: ignore[arg-type]
         if self.options.tcp_framing == "lf":
             return frame_lf(message)
         return frame_octet_counting(message)
