@@ -162,16 +162,17 @@ def _client_from_args(args: argparse.Namespace, **kw: Any):
         host, port = parse_host(args.host) if args.port is None else (args.host, args.port)
     except ValueError:
         raise SystemExit(f"amid: --host {args.host!r} is not HOST[:PORT]") from None
-    if not 0 < port < 65536:  # else the connect wraps it silently (99999 dials 34463)
-        raise SystemExit(f"amid: port {port} is not in 1-65535")
     tls = None
     if args.tls:
         if args.tls_ca and not Path(args.tls_ca).is_file():  # the ssl error does not name it
             raise SystemExit(f"amid: no --tls-ca file {args.tls_ca}")
         tls = make_ssl_context(ca_file=args.tls_ca, verify=not args.tls_no_verify)
-    return AMIClient(host, port, username=args.username, secret=_read_secret(args),
-                     auth=args.auth, ssl=tls, events=args.events, connect_timeout=args.timeout,
-                     action_timeout=args.timeout, **kw)
+    try:
+        return AMIClient(host, port, username=args.username, secret=_read_secret(args),
+                         auth=args.auth, ssl=tls, events=args.events, connect_timeout=args.timeout,
+                         action_timeout=args.timeout, **kw)
+    except ValueError as exc:  # e.g. a port out of range
+        raise SystemExit(f"amid: {exc}") from None
 
 
 def _connect_failure(client: Any, exc: Exception) -> str:
@@ -337,9 +338,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from amid.simulator.server import parse_listen, serve_forever
     _setup_logging(args.log_format, args.log_level)
     try:
-        host, port = parse_listen(args.listen)
-        if port > 65535:  # else the bind wraps it silently (99999 listens on 34463)
-            raise ValueError(f"port {port} is not in 0-65535")
+        host, _ = parse_listen(args.listen)
     except ValueError as exc:
         print(f"amid simulate: --listen {args.listen!r}: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -612,3 +612,10 @@ async def test_graceful_shutdown_refuses_actions_until_calls_end() -> None:
             await stopping
         assert not call.live
         await client.wait_eof()
+
+
+def test_parse_listen_refuses_a_port_the_bind_would_wrap():
+    from amid.simulator.server import parse_listen
+    assert parse_listen("[::1]:0") == ("::1", 0)
+    with pytest.raises(ValueError, match="port 99999 is not in 0-65535"):
+        parse_listen("127.0.0.1:99999")

@@ -220,6 +220,8 @@ class AMIClient:
             self.host, self.port = parse_host(host, default_port)
         else:
             self.host, self.port = host, port
+        if not 0 < self.port < 65536:  # the socket layer would wrap it silently (99999 -> 34463)
+            raise ValueError(f"port {self.port} is not in 1-65535")
         self.name = name or f"{self.host}:{self.port}"
         self.username = username
         self._secret = secret

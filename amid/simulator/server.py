@@ -561,6 +561,8 @@ def parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"listen address must be HOST:PORT, got {listen!r}")
+    if int(port) > 65535:  # the bind would wrap it silently (99999 listens on 34463)
+        raise ValueError(f"port {port} is not in 0-65535")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
 
