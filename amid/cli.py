@@ -191,7 +191,7 @@ def message_json(msg: Any) -> dict[str, Any]:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from amid.config import ConfigError
-    from amid.service import SinkTypes, load_config
+    from amid.service import SinkTypes, config_warnings, load_config
     path = _config_path(args.config)
     types = SinkTypes.discover()
     for err in types.errors:
@@ -201,9 +201,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"{path or 'environment'}: invalid configuration:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
-    if not config.sinks:
-        print("warning: no sinks configured: events are received and counted, and go nowhere",
-              file=sys.stderr)
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{path or 'environment'}: configuration OK")
     return EXIT_OK
 
@@ -219,8 +218,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         # Logging is not configured yet (its settings live in the config): plain stderr.
         print(f"amid: refusing to start, {path or 'environment'} is invalid:\n{exc}", file=sys.stderr)
-        for err in types.errors:  # often why a sink type is unknown
-            print(f"amid: {err}", file=sys.stderr)
         return EXIT_CONFIG
     _setup_logging(args.log_format or config.log.format, args.log_level or config.log.level)
     notifier = Notifier(os.environ)

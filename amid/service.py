@@ -78,6 +78,13 @@ def load_config(path: str | None, environ: Mapping[str, str], types: SinkTypes) 
     return load(path, environ, sink_option_models={**failed, **types.option_models})
 
 
+def config_warnings(config: Config) -> list[str]:
+    """What is valid but probably not meant (``check-config`` prints it, ``run`` logs it)."""
+    if not config.sinks:
+        return ["no sinks configured: events are received and counted, and go nowhere"]
+    return []
+
+
 def _client_for(server: ServerConfig, *, on_event, on_state, stats: SessionStats,
                 initial_epoch: int = 0, outage_since: float | None = None) -> AMIClient:
     tls = None
@@ -202,8 +209,8 @@ class Daemon:
         try:
             for err in self.types.errors:
                 log.error("%s", err)
-            if not self.config.sinks:
-                log.warning("no sinks configured: events are received and counted, and go nowhere")
+            for warning in config_warnings(self.config):
+                log.warning("%s", warning)
             try:
                 for cfg in self.config.sinks:
                     slot = self._build_sink(cfg)
@@ -259,12 +266,12 @@ class Daemon:
 
     async def _announce_ready(self) -> None:
         timeout = self.config.start_timeout
-        logins = [client.wait_connected(timeout) for client in self.clients.values()]
-        opens = [slot.runner.wait_opened(timeout) for slot in self.sinks.values()]
-        results = await asyncio.gather(*logins, *opens)
+        logged_in, _ = await asyncio.gather(
+            asyncio.gather(*(client.wait_connected(timeout) for client in self.clients.values())),
+            asyncio.gather(*(slot.runner.wait_opened(timeout) for slot in self.sinks.values())))
         if self._stopping:  # shut down while waiting: nothing to announce
             return
-        if not all(results[:len(logins)]):
+        if not all(logged_in):
             log.warning("not every server logged in within start_timeout (%ss); reporting ready anyway",
                         timeout)
         # Asked of the sinks running now: a reload meanwhile may have replaced some.
