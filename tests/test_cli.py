@@ -200,6 +200,13 @@ async def test_demo_shows_events_within_seconds():
     assert {"Newchannel", "OriginateResponse"} <= {line["event"] for line in lines}
 
 
+async def test_demo_without_calls_says_only_the_login_events_come():
+    code, out, err = await run_amid("demo", "--call-rate", "0", "--count", "2", timeout=60)
+    assert code == 0, err.decode()
+    assert [json.loads(line)["event"] for line in out.splitlines()] == ["FullyBooted", "SuccessfulAuth"]
+    assert b"--call-rate 0 starts no calls: only the login's two events come" in err
+
+
 async def test_demo_stops_quietly_when_its_reader_goes_away():
     """`amid demo | head -1`: once the pipe is closed the demo exits 0 by itself (before, it
     ran on, retrying writes into a pipe nobody reads, until interrupted)."""

@@ -154,6 +154,25 @@ async def test_a_sink_that_never_opened_keeps_the_daemon_unready_until_it_opens(
         await stop_daemon(daemon, task)
 
 
+async def test_a_daemon_stopped_before_it_was_ready_never_reports_ready(tmp_path, sim, caplog):
+    blocker = tmp_path / "logs"
+    blocker.write_text("")  # the file sink cannot open: READY waits up to start_timeout
+    path = write_config(tmp_path, sim, [{"name": "file", "type": "file", "overflow": "spool",
+                                         "path": str(blocker / "events.jsonl")}],
+                        start_timeout="60s")
+    types = SinkTypes.discover()
+    config = load(path, {}, sink_option_models=types.option_models)
+    daemon = Daemon(config, config_path=str(path), environ={}, types=types, install_signals=False)
+    task = asyncio.create_task(daemon.run())
+    await wait_until(lambda: "file" in daemon.sinks
+                     and daemon.sinks["file"].runner.stats.state == "retrying")
+    daemon.request_stop()
+    async with asyncio.timeout(15):
+        assert await task == 0
+    assert not daemon.ready.is_set()
+    assert "reporting ready anyway" not in caplog.text
+
+
 async def test_reconnect_emits_a_gap_event(tmp_path, sim):
     events_file = tmp_path / "events.jsonl"
     path = write_config(tmp_path, sim, [{"name": "file", "type": "file", "path": str(events_file),

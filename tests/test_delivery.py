@@ -278,6 +278,29 @@ async def test_an_attempt_that_never_returns_is_abandoned_and_retried() -> None:
         await runner.close(5)
 
 
+async def test_a_start_that_never_returns_is_abandoned_and_retried() -> None:
+    class HangsOnFirstStart(ScriptedSink):
+        hung = False
+
+        async def start(self) -> None:
+            if not self.hung:
+                self.hung = True
+                await asyncio.Event().wait()  # e.g. open() on a hung NFS mount
+            await super().start()
+
+    sink = HangsOnFirstStart()
+    runner = make_runner(sink, attempt_timeout=0.05)
+    await runner.start()
+    try:
+        runner.offer(make_record(1))
+        await sink.until(lambda: sink.delivered() == [1])
+        assert runner.stats.failed_attempts_total == 0  # start failures are not send attempts
+        assert "no answer within attempt_timeout" in (runner.stats.last_error or "")
+        assert runner.sink_opened
+    finally:
+        await runner.close(5)
+
+
 async def test_shutdown_does_not_wait_for_a_sink_that_never_opened() -> None:
     sink = ScriptedSink()
     sink.start_failures = [SinkError("cannot open")] * 100_000
