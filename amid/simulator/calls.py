@@ -133,7 +133,7 @@ class Call:
         self._on_done = on_done
         values = render_values(template, ids, self.started_at, action_id)
         scale = spread / _REFERENCE_SPAN if _REFERENCE_SPAN else 0.0
-        t0 = self._loop.time()
+        t0 = self._t0 = self._loop.time()
         # (due loop time, bytes): the whole call is rendered up front, so hangups and
         # cancellation only have to move or drop entries.
         self._pending: list[tuple[float, bytes]] = []
@@ -152,8 +152,10 @@ class Call:
         return not self.finished.is_set()
 
     def start(self) -> None:
-        """Emit what is due now (everything, with spread 0) and schedule the rest."""
-        self._advance()
+        """Emit what is due at the call's start (everything, with spread 0) and schedule the
+        rest: what falls due later comes from its timer even if rendering took a while, so the
+        first events never depend on how busy the machine was."""
+        self._advance(self._t0)
 
     def hang_up(self) -> None:
         """Hang the call up now: every remaining event (teardown) is emitted right away."""
@@ -171,9 +173,10 @@ class Call:
         self._next = len(self._pending)
         self._finish()
 
-    def _advance(self) -> None:
+    def _advance(self, now: float | None = None) -> None:
         self._timer = None
-        now = self._loop.time()
+        if now is None:
+            now = self._loop.time()
         pending = self._pending
         while self._next < len(pending) and pending[self._next][0] <= now:
             raw = pending[self._next][1]
