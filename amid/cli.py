@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from amid import __version__
+from amid._encode import SPEEDUPS
 
 log = logging.getLogger("amid.cli")
 
@@ -62,9 +63,16 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _speedups_text() -> str:
+    if SPEEDUPS == "c":
+        return "C accelerator"
+    return "pure Python: the C accelerator was not built (no C compiler at install time)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amid", description="Asterisk Manager Interface event daemon")
-    parser.add_argument("--version", action="version", version=f"amid {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"amid {__version__} (record JSON: {_speedups_text()})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def logging_args(p: argparse.ArgumentParser, default_format: str | None = None,

@@ -26,6 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from amid._encode import SPEEDUPS
 from amid.ami.protocol import PROTOCOL_ERROR_KINDS
 from amid.ami.stats import Histogram, SessionStats
 
@@ -91,7 +92,8 @@ class AmidCollector(Collector):
         yield InfoMetricFamily(
             "amid_build",
             "amid build information (value is always 1).",
-            value={"version": self._version, "python": platform.python_version()},
+            value={"version": self._version, "python": platform.python_version(),
+                   "speedups": SPEEDUPS},
         )
         yield from self._server_families(list(self._servers()))
         yield from self._sink_families(list(self._sinks()))

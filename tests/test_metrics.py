@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from amid._encode import SPEEDUPS
 from amid.ami.stats import SessionStats
 from amid.http import HealthServer
 from amid.metrics import DISCONNECT_REASONS, DROP_REASONS, SINK_STATES, AmidCollector, build_registry
@@ -57,7 +58,8 @@ async def http(world: World) -> AsyncIterator[HealthServer]:
 
 async def test_build_info(http: HealthServer) -> None:
     samples = await scrape(http.port)
-    assert samples[key("amid_build_info", version="1.2.3", python=platform.python_version())] == 1
+    assert samples[key("amid_build_info", version="1.2.3", python=platform.python_version(),
+                       speedups=SPEEDUPS)] == 1
 
 
 async def test_fresh_stats_expose_zeros_for_known_reasons(http: HealthServer) -> None:

@@ -4,6 +4,7 @@ and every real capture from Asterisk 22 (tests/fixtures) with exact expectations
 from __future__ import annotations
 
 import collections
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -356,20 +357,39 @@ def test_arbitrary_bytes_give_messages_or_remote_protocol_error_only(blob, banne
 
 # ---------------------------------------------------------------- record JSON
 
+@contextlib.contextmanager
+def fields_path(which: str):
+    """Run the record JSON with the C accelerator ("c", when built) or without it ("python")."""
+    from amid import _encode
+    saved = _encode._fields_json_c
+    if which == "c" and saved is None:
+        pytest.skip("amid._speedups is not built")
+    _encode._fields_json_c = saved if which == "c" else None
+    try:
+        yield
+    finally:
+        _encode._fields_json_c = saved
+
+
+FIELDS_PATHS = pytest.mark.parametrize("fields_impl", ["c", "python"])
+
+
+@FIELDS_PATHS
 @pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.raw")), ids=lambda p: p.stem)
-def test_fast_record_json_equals_the_general_encoding(path):
+def test_fast_record_json_equals_the_general_encoding(path, fields_impl):
     """The byte-level fast path and the dict + to_json path give the same JSON, byte for byte,
     for every event Asterisk sent in the captures (odd values, forged messages, non-UTF-8)."""
     from amid._encode import encode_record, event_json, fields_json_fast, record_dict, record_json
     fast_hits = 0
-    for i, msg in enumerate(parse_whole(path.read_bytes())[:3000]):
-        if not isinstance(msg, Event):
-            continue
-        msg.server, msg.epoch, msg.seq, msg.received_at = "pbx-1", 2, i, 1795836091.348712
-        general = encode_record(record_dict(msg, f"pbx-1:r:2:{i}"))
-        assert event_json(msg, f"pbx-1:r:2:{i}") == general
-        assert record_json(msg, "r") == general
-        fast_hits += fields_json_fast(msg.raw) is not None
+    with fields_path(fields_impl):
+        for i, msg in enumerate(parse_whole(path.read_bytes())[:3000]):
+            if not isinstance(msg, Event):
+                continue
+            msg.server, msg.epoch, msg.seq, msg.received_at = "pbx-1", 2, i, 1795836091.348712
+            general = encode_record(record_dict(msg, f"pbx-1:r:2:{i}"))
+            assert event_json(msg, f"pbx-1:r:2:{i}") == general
+            assert record_json(msg, "r") == general
+            fast_hits += fields_json_fast(msg.raw) is not None
     assert fast_hits or path.stem.startswith(("s01c", "s02b", "s02c", "s02d", "s02f", "s03", "s07d",
                                              "s07e_driver", "s08_", "s08"))
 
@@ -387,10 +407,13 @@ def test_fast_record_json_property(fields):
         return
     msg = Parser(expect_banner=False).feed(b"Event: X\r\n" + raw + b"\r\n\r\n")[0]
     msg.server, msg.received_at, msg.epoch, msg.seq = "s", 1.5, 3, 7
-    assert event_json(msg, "id") == encode_record(record_dict(msg, "id"))
-    assert record_json(msg, "run") == encode_record(record_dict(msg, "s:run:3:7"))
+    for impl in ("c", "python"):
+        with fields_path(impl):
+            assert event_json(msg, "id") == encode_record(record_dict(msg, "id"))
+            assert record_json(msg, "run") == encode_record(record_dict(msg, "s:run:3:7"))
 
 
+@FIELDS_PATHS
 @pytest.mark.parametrize("body", [
     b"AppData: Foo: bar\r\nline2",          # one line with two ": ", one with none
     b"Variable: a=1\r\nVariable: b=2",      # repeated key -> array
@@ -409,12 +432,13 @@ def test_fast_record_json_property(fields):
     b'Ke"y: v\r\nA": b\r\nQ: "',            # quotes next to the separators
     b'Q: "a\\"',                            # a quote and a backslash
 ])
-def test_fast_record_json_declines_or_matches_on_tricky_messages(body):
+def test_fast_record_json_declines_or_matches_on_tricky_messages(body, fields_impl):
     from amid._encode import encode_record, event_json, record_dict, record_json
     msg = Parser(expect_banner=False).feed(b"Event: X\r\n" + body + b"\r\n\r\n")[0]
     msg.server, msg.received_at, msg.epoch, msg.seq = "s", 1.5, 3, 7
-    assert event_json(msg, "id") == encode_record(record_dict(msg, "id"))
-    assert record_json(msg, "run") == encode_record(record_dict(msg, "s:run:3:7"))
+    with fields_path(fields_impl):
+        assert event_json(msg, "id") == encode_record(record_dict(msg, "id"))
+        assert record_json(msg, "run") == encode_record(record_dict(msg, "s:run:3:7"))
 
 
 @pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.raw")), ids=lambda p: p.stem)

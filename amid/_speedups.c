@@ -1,0 +1,239 @@
+/* amid._speedups: the record JSON's hot loop in C (optional; amid._encode has the same rules in
+ * pure Python and uses them when this module is not built).
+ *
+ * fields_json(raw) turns one AMI message ("Key: Value" lines joined by CRLF, the terminator
+ * already removed by the framing) into the JSON object of its fields, {"Key":"Value",...},
+ * in one pass over the bytes. It takes only the plain common case and returns None for
+ * anything else: False where the Python fast path would refuse the message too (so the caller
+ * goes straight to the general path), None where only Python can tell (a non-ASCII byte, more
+ * than MAX_LINES lines). It takes:
+ *   - every line is <key>": "<value>: the key ends at the line's first colon, which a space
+ *     follows, and the value holds no further ": " (the Python fast path's rule: its byte
+ *     replacements would otherwise make invalid JSON or cut the key elsewhere);
+ *   - lines are separated by CRLF only (no bare CR or LF);
+ *   - ASCII only, no control character, no DEL, no backslash ('"' gets a backslash);
+ *   - no key repeats (repeated keys become JSON arrays, on the general path);
+ *   - at most MAX_LINES lines.
+ * For every message it accepts, the result is byte for byte what amid._encode's Python fast
+ * path returns (tests/test_speedups.py checks this, with hypothesis).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_LINES 512
+/* The Python fast path refuses this message too. */
+#define REFUSE() Py_RETURN_FALSE
+/* Not for C: let the Python fast path decide. */
+#define UNSURE() Py_RETURN_NONE
+
+/* What each byte is to the scanner. PLAIN bytes may stand in a JSON string as they are. */
+enum { REFUSED = 0, PLAIN, QUOTE, COLON, CR, NON_ASCII };
+static unsigned char byte_class[256];
+
+static void init_byte_class(void) {
+    for (int b = 0; b < 256; b++)
+        byte_class[b] = b >= 0x80 ? NON_ASCII : (b >= 0x20 && b < 0x7f) ? PLAIN : REFUSED;
+    byte_class['"'] = QUOTE;
+    byte_class['\\'] = REFUSED;
+    byte_class[':'] = COLON;
+    byte_class['\r'] = CR;
+}
+
+/* Eight bytes at a time (SWAR, portable C): does x hold a byte that is not PLAIN? Each test is
+ * exact as a yes/no (the classic "has a zero byte" bit trick); the byte loop then finds it. */
+#define ONES 0x0101010101010101ULL
+#define HIGHS 0x8080808080808080ULL
+
+static inline uint64_t has_zero_byte(uint64_t v) {
+    return (v - ONES) & ~v & HIGHS;
+}
+
+static inline uint64_t has_special_byte(uint64_t x) {
+    return ((x - ONES * 0x20) & ~x & HIGHS)  /* below 0x20: controls, CR, LF */
+        | (x & HIGHS)                          /* non-ASCII */
+        | has_zero_byte(x ^ (ONES * 0x7f))     /* DEL */
+        | has_zero_byte(x ^ (ONES * '"'))
+        | has_zero_byte(x ^ (ONES * '\\'))
+        | has_zero_byte(x ^ (ONES * ':'));
+}
+
+/* The first byte at or after i that is not PLAIN (the NUL at raw[size] if none is). */
+static inline Py_ssize_t skip_plain(const unsigned char *raw, Py_ssize_t i, Py_ssize_t size) {
+    while (i + 8 <= size) {
+        uint64_t x;
+        memcpy(&x, raw + i, 8);
+        if (has_special_byte(x))
+            break;
+        i += 8;
+    }
+    while (byte_class[raw[i]] == PLAIN)
+        i++;
+    return i;
+}
+
+static inline unsigned int key_hash(const unsigned char *key, Py_ssize_t len) {
+    uint64_t head = 0, tail = 0;
+    const size_t n = len < 8 ? (size_t)len : 8;
+    memcpy(&head, key, n);
+    memcpy(&tail, key + len - (Py_ssize_t)n, n);
+    uint64_t h = ((uint64_t)len * 0x9E3779B97F4A7C15ULL) ^ head ^ (tail * 0xC2B2AE3D27D4EB4FULL);
+    h ^= h >> 29;
+    h *= 0xBF58476D1CE4E5B9ULL;
+    return (unsigned int)(h >> 32);
+}
+
+static inline void copy_escaped(unsigned char **out, const unsigned char *from, Py_ssize_t len,
+                                int has_quotes) {
+    if (!has_quotes) {
+        memcpy(*out, from, (size_t)len);
+        *out += len;
+        return;
+    }
+    unsigned char *o = *out;
+    for (Py_ssize_t k = 0; k < len; k++) {
+        if (from[k] == '"')
+            *o++ = '\\';
+        *o++ = from[k];
+    }
+    *out = o;
+}
+
+static PyObject *fields_json(PyObject *module, PyObject *arg) {
+    (void)module;
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "fields_json() expects bytes");
+        return NULL;
+    }
+    /* CPython keeps a NUL after a bytes object's data: a REFUSED byte that stops every scan
+     * loop below at the end without a bounds check in the loop. */
+    const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(arg);
+    const Py_ssize_t size = PyBytes_GET_SIZE(arg);
+    if (size == 0)
+        REFUSE();
+
+    /* Pass 1: check the rules, note where each key and value is, count the quotes. */
+    Py_ssize_t key_start[MAX_LINES], key_end[MAX_LINES], value_end[MAX_LINES];
+    int lines = 0;
+    Py_ssize_t quotes = 0;
+    Py_ssize_t i = 0;
+    while (1) {
+        if (lines == MAX_LINES)
+            UNSURE();
+        /* the key: up to the first colon, which a space must follow */
+        key_start[lines] = i;
+        while (1) {
+            i = skip_plain(raw, i, size);
+            const unsigned char c = byte_class[raw[i]];
+            if (c == COLON)
+                break;
+            if (c == QUOTE) {
+                quotes++;
+                i++;
+                continue;
+            }
+            if (c == NON_ASCII)
+                UNSURE();
+            REFUSE(); /* the end, or CR/LF (a line without a colon), a control char, '\\' */
+        }
+        if (i + 1 >= size || raw[i + 1] != ' ')
+            REFUSE();
+        key_end[lines] = i;
+        i += 2;
+        /* the value: up to CRLF or the end; a colon is fine unless a space follows it */
+        while (1) {
+            i = skip_plain(raw, i, size);
+            const unsigned char c = byte_class[raw[i]];
+            if (c == COLON) {
+                if (raw[i + 1] == ' ')  /* raw[size] is the NUL: in bounds */
+                    REFUSE();
+                i++;
+                continue;
+            }
+            if (c == QUOTE) {
+                quotes++;
+                i++;
+                continue;
+            }
+            if (c == CR && raw[i + 1] == '\n')
+                break;
+            if (i == size)
+                break;
+            if (c == NON_ASCII)
+                UNSURE();
+            REFUSE();
+        }
+        value_end[lines] = i;
+        lines++;
+        if (i == size)
+            break;
+        i += 2; /* CRLF: the next line (an empty last line has no colon and is refused) */
+    }
+
+    /* No key may repeat: an open-addressing set of the keys, hashed on length, head and tail. */
+    unsigned short slots[2 * MAX_LINES];
+    unsigned int mask = 31;
+    while (mask + 1 < 2 * (unsigned int)lines)
+        mask = mask * 2 + 1;
+    memset(slots, 0, (mask + 1) * sizeof slots[0]);
+    for (int line = 0; line < lines; line++) {
+        const unsigned char *key = raw + key_start[line];
+        const Py_ssize_t len = key_end[line] - key_start[line];
+        unsigned int slot = key_hash(key, len) & mask;
+        while (slots[slot]) {
+            const int other = slots[slot] - 1;
+            if (key_end[other] - key_start[other] == len
+                    && memcmp(raw + key_start[other], key, (size_t)len) == 0)
+                REFUSE();
+            slot = (slot + 1) & mask;
+        }
+        slots[slot] = (unsigned short)(line + 1);
+    }
+
+    /* Pass 2: write. Each CRLF becomes "," (one byte more), each separating ": " becomes
+     * ":" (one more), each '"' gets a backslash, plus {" and "} around it all. */
+    const Py_ssize_t out_size = size + quotes + (lines - 1) + lines + 4;
+    PyObject *result = PyBytes_FromStringAndSize(NULL, out_size);
+    if (result == NULL)
+        return NULL;
+    unsigned char *const first = (unsigned char *)PyBytes_AS_STRING(result);
+    unsigned char *out = first;
+    const int has_quotes = quotes != 0;
+    *out++ = '{';
+    for (int line = 0; line < lines; line++) {
+        *out++ = '"';
+        copy_escaped(&out, raw + key_start[line], key_end[line] - key_start[line], has_quotes);
+        memcpy(out, "\":\"", 3);
+        out += 3;
+        const Py_ssize_t value_start = key_end[line] + 2;
+        copy_escaped(&out, raw + value_start, value_end[line] - value_start, has_quotes);
+        *out++ = '"';
+        *out++ = line + 1 < lines ? ',' : '}';
+    }
+    if (out - first != out_size) {
+        Py_DECREF(result);
+        PyErr_SetString(PyExc_SystemError, "amid._speedups.fields_json: size mismatch");
+        return NULL;
+    }
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"fields_json", fields_json, METH_O,
+     "fields_json(raw: bytes) -> bytes | bool | None\n\n"
+     "The JSON object of a plain AMI message's fields; False when the message needs the\n"
+     "general path; None when the Python fast path must decide (see amid._encode)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "amid._speedups",
+    "C version of amid._encode's fields fast path (optional; same output).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__speedups(void) {
+    init_byte_class();
+    return PyModule_Create(&module_def);
+}

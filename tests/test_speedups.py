@@ -1,0 +1,102 @@
+"""amid._speedups, the optional C version of the record JSON's fields fast path.
+
+It must give exactly what the pure-Python fast path gives, decline (False) only where that
+declines too, and leave to Python (None) only what it cannot judge (non-ASCII bytes, very long
+messages). The record tests in test_protocol.py run against both implementations.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from amid import _encode
+from amid._encode import fields_json_fast_py
+
+try:
+    from amid._speedups import fields_json as fields_json_c
+except ImportError:
+    if os.environ.get("CI"):  # CI builds it (scripts/test.sh installs gcc): missing is a failure
+        raise
+    pytest.skip("amid._speedups is not built (no C compiler when amid was installed)",
+                allow_module_level=True)
+
+
+def test_the_accelerator_is_in_use() -> None:
+    assert _encode.SPEEDUPS == "c"
+    assert _encode._fields_json_c is fields_json_c
+
+
+def check(raw: bytes) -> object:
+    got = fields_json_c(raw)
+    expected = fields_json_fast_py(raw)
+    if got is None:
+        assert not raw.isascii() or raw.count(b"\n") >= 511, raw
+    elif got is False:
+        assert expected is None, raw
+    else:
+        assert got == expected, raw
+    return got
+
+
+# Bytes that matter to the rules: separators, quotes, escapes, controls, non-ASCII, NUL.
+_PIECES = st.sampled_from([b"a", b"Key", b"x y", b":", b": ", b" ", b'"', b"\\", b"\r\n", b"\r",
+                           b"\n", b"\t", b"\x7f", b"\x00", b"\xc3\xa9", b"\xe9", b"\xff"])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(_PIECES, max_size=24).map(b"".join))
+@example(b"")
+@example(b"a: b\r\n")
+@example(b"a: b\r\na: c")
+@example(b"a: b:c")
+@example(b"a: b: c")
+@example(b"a:b: c")
+@example(b"a: b:")
+@example(b": v")
+@example(b'a"b: "c"')
+def test_c_matches_python_on_any_bytes(raw: bytes) -> None:
+    check(raw)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=12),
+                          st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=30)),
+                min_size=1, max_size=40))
+def test_c_takes_every_plain_ascii_message_python_takes(fields: list[tuple[str, str]]) -> None:
+    raw = "\r\n".join(f"{k}: {v}" for k, v in fields).encode()
+    got = check(raw)
+    if fields_json_fast_py(raw) is not None:
+        assert isinstance(got, bytes)
+
+
+def test_long_messages_and_many_keys() -> None:
+    many = b"\r\n".join(b"Key%d: %s" % (i, b"v" * (i % 37)) for i in range(511))
+    assert isinstance(check(many), bytes)
+    assert check(many + b"\r\nKey7: again") is False  # the repeat found among 512 keys
+    assert check(many + b"\r\nLast: x\r\nOne: more") is None  # over 512 lines: Python decides
+    assert check(b"Value: " + b"x" * 100_000 + b'"') == fields_json_fast_py(b"Value: " + b"x" * 100_000 + b'"')
+
+
+def test_keys_that_hash_alike_but_differ_are_kept() -> None:
+    # Same length, same first and last 8 bytes: only the middle differs.
+    raw = b"ABCDEFGH1IJKLMNOP: a\r\nABCDEFGH2IJKLMNOP: b"
+    assert check(raw) == b'{"ABCDEFGH1IJKLMNOP":"a","ABCDEFGH2IJKLMNOP":"b"}'
+
+
+def test_rejects_non_bytes() -> None:
+    with pytest.raises(TypeError):
+        fields_json_c("Event: X")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("speedups", "says"), [("c", "record JSON: C accelerator"),
+                                                 ("python", "the C accelerator was not built")])
+def test_version_says_whether_the_accelerator_is_in_use(speedups, says, monkeypatch, capsys) -> None:
+    from amid import cli
+    monkeypatch.setattr(cli, "SPEEDUPS", speedups)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--version"])
+    assert says in capsys.readouterr().out
