@@ -120,8 +120,6 @@ _RECORD = (b'{"id":"%s","server":"%s","epoch":%d,"seq":%d,"received_at":"%s","ev
            b'"fields":%s}')
 
 
-_RECORD_OF_RUN = (b'{"id":"%s:%s:%d:%d","server":"%s","epoch":%d,"seq":%d,"received_at":"%s",'
-                  b'"event":"%s","fields":%s}')
 _MISSING = object()
 _plain_text: dict[str, bytes | None] = {}
 
@@ -143,16 +141,39 @@ def _plain_bytes(text: Any) -> bytes | None:
     return plain
 
 
+_templates: dict[tuple[str, str, int], bytes | None] = {}
+
+
+def _record_template(server: str, run: str, epoch: int) -> bytes | None:
+    """The record JSON of one connection with every per-event part left as a ``%`` slot:
+    seq (twice), received_at, event name, fields. None when the server name or the run id
+    needs JSON escaping (the general path then). Cached: it changes only on reconnect."""
+    key = (server, run, epoch)
+    template = _templates.get(key, _MISSING)
+    if template is _MISSING:
+        server_b, run_b = _plain_bytes(server), _plain_bytes(run)
+        if server_b is None or run_b is None:
+            template = None
+        else:
+            server_b, run_b = server_b.replace(b"%", b"%%"), run_b.replace(b"%", b"%%")
+            template = (b'{"id":"%s:%s:%d:%%d","server":"%s","epoch":%d,"seq":%%d,"received_at":"%%s",'
+                        b'"event":"%%s","fields":%%s}' % (server_b, run_b, epoch, server_b, epoch))
+        if len(_templates) >= 64:  # one entry per (server, epoch) seen: keep only recent ones
+            _templates.clear()
+        _templates[key] = template
+    return template  # type: ignore[return-value]
+
+
 def record_json(event: Event, run: str) -> bytes:
     """The record JSON of a wire event whose id is ``server:run:epoch:seq``: the same bytes as
     ``event_json(event, id)``, without building the id string (the daemon's hot path)."""
     fields = fields_json_fast(event.raw)
     epoch, seq = event.epoch, event.seq
     if fields is not None and type(epoch) is int and type(seq) is int:
-        server, name, run_b = _plain_bytes(event.server), _plain_bytes(event.name), _plain_bytes(run)
-        if server is not None and name is not None and run_b is not None:
-            return _RECORD_OF_RUN % (server, run_b, epoch, seq, server, epoch, seq,
-                                     _iso_bytes(event.received_at), name, fields)
+        template = _record_template(event.server, run, epoch)
+        name = _plain_bytes(event.name)
+        if template is not None and name is not None:
+            return template % (seq, seq, _iso_bytes(event.received_at), name, fields)
     return encode_record(record_dict(event, f"{event.server}:{run}:{epoch}:{seq}"))
 
 

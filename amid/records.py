@@ -32,7 +32,7 @@ __all__ = ["Record", "format_iso"]
 class Record:
     """An event as sinks see it. Cheap to create; JSON is built once, on first use."""
 
-    __slots__ = ("_id", "name", "server", "received_at", "_json", "_data", "_event", "_size", "_run")
+    __slots__ = ("_id", "name", "server", "received_at", "_json", "_data", "_event", "size", "_run")
 
     def __init__(self, *, id: str, name: str, server: str, received_at: float,
                  json_bytes: bytes | None = None, data: dict[str, Any] | None = None,
@@ -45,7 +45,11 @@ class Record:
         self._json = json_bytes
         self._data = data
         self._event = event
-        self._size: int | None = None
+        #: Bytes this record accounts for in queue bounds, fixed at creation: its JSON length,
+        #: or for a record straight from the wire an estimate from the AMI message (see
+        #: :meth:`of_event`), so that queueing an event on the read path never encodes it.
+        self.size: int = len(self.json) if json_bytes is not None or event is None else \
+            _estimated_size(event)
 
     @classmethod
     def of_event(cls, event: Any, run: str) -> "Record":
@@ -63,7 +67,8 @@ class Record:
         record._json = None
         record._data = None
         record._event = event
-        record._size = None
+        raw = len(event.raw)
+        record.size = raw + (raw >> 2) + 256  # as _estimated_size, inline: once per event
         return record
 
     @property
@@ -105,23 +110,6 @@ class Record:
                 self._data = _from_json(self._json)
         return self._data
 
-    @property
-    def size(self) -> int:
-        """Bytes this record accounts for in queue bounds: its JSON length once that is built,
-        else (a record straight from the wire) an estimate from the AMI message, so that
-        queueing an event on the read path never has to encode it (an event whose values need
-        many JSON escapes can be larger; the spool sizes by the real JSON). Fixed once read."""
-        size = self._size
-        if size is None:
-            if self._json is None and self._event is not None:
-                raw = len(self._event.raw)
-                # quotes and commas add about 2 bytes a line; the envelope under 256 bytes
-                size = raw + (raw >> 2) + 256
-            else:
-                size = len(self.json)
-            self._size = size
-        return size
-
     @classmethod
     def from_json(cls, raw: bytes) -> "Record":
         """Rebuild a record from its JSON (e.g. read back from a spool)."""
@@ -141,6 +129,14 @@ class Record:
 
     def __repr__(self) -> str:
         return f"Record(id={self.id!r}, name={self.name!r})"
+
+
+def _estimated_size(event: Any) -> int:
+    """Queue-bound size of a wire event before its JSON exists: the AMI message's length, plus
+    about 2 bytes a line for quotes and commas, plus an envelope under 256 bytes (an event
+    whose values need many JSON escapes can be larger; the spool sizes by the real JSON)."""
+    raw = len(event.raw)
+    return raw + (raw >> 2) + 256
 
 
 def _parse_iso(text: str) -> float:

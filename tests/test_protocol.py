@@ -677,3 +677,17 @@ def test_a_record_json_is_the_same_bytes_whether_or_not_a_sink_read_its_data_fir
     assert touched.data["fields"]["Variable"] == ["a=1", "b=2"] and touched.seq == 3
     assert touched.json == fresh.json
     assert Record.from_json(fresh.json).seq == 3
+
+
+@FIELDS_PATHS
+@pytest.mark.parametrize("server", ["pbx-1", "p%s%d%%1", 'a"b', "é", "tab\there"])
+@pytest.mark.parametrize("run", ["r", "r%d"])
+def test_record_json_template_is_exact_for_any_server_and_run(server, run, fields_impl):
+    """The per-connection template (cached by server, run, epoch) keeps ``%`` and anything
+    needing escapes exact; each epoch gets its own."""
+    from amid._encode import encode_record, record_dict, record_json
+    with fields_path(fields_impl):
+        for epoch in (1, 2, 1):
+            msg = Parser(expect_banner=False).feed(b"Event: X\r\nA: b%s\r\n\r\n")[0]
+            msg.server, msg.received_at, msg.epoch, msg.seq = server, 1.5, epoch, 9
+            assert record_json(msg, run) == encode_record(record_dict(msg, f"{server}:{run}:{epoch}:9"))

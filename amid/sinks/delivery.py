@@ -188,7 +188,19 @@ class SinkRunner:
 
     def offer(self, record: Record) -> None:
         """Queue ``record`` for delivery. Never blocks or awaits; drops are counted."""
-        self.stats.received_total += 1
+        stats = self.stats
+        stats.received_total += 1
+        if self._mode is _Mode.MEMORY and not self._closed and not self._disabled:
+            # The usual case, inline (_queue_fits + _push): this runs for every event on the
+            # AMI read path.
+            size = record.size
+            if (stats.queue_events < self._max_queue_events
+                    and stats.queue_bytes + size <= self._max_queue_bytes):
+                self._queue.append(record)
+                stats.queue_events += 1
+                stats.queue_bytes += size
+                self._wakeup.set()
+                return
         if self._closed:
             self._drop(1, "shutdown")
             return
@@ -644,14 +656,25 @@ class SinkRunner:
             stats.queue_events = 0
             stats.queue_bytes = 0
             return self._set_in_flight(records)
-        records = []
-        size = 0
-        while self._queue and len(records) < self._batch_max_events:
-            next_size = self._queue[0].size
-            if records and size + next_size > self._batch_max_bytes:
-                break
-            records.append(self._popleft())
-            size += next_size
+        queue = self._queue
+        take = min(len(queue), self._batch_max_events)
+        if stats.queue_bytes <= self._batch_max_bytes:
+            # A backlog of small records (the usual one): the first max_events fit by bytes.
+            popleft = queue.popleft
+            records = [popleft() for _ in range(take)]
+            size = sum([record.size for record in records])
+        else:
+            records = []
+            size = 0
+            for record in queue:
+                if len(records) == take or (records and size + record.size > self._batch_max_bytes):
+                    break
+                records.append(record)
+                size += record.size
+            for _ in records:
+                queue.popleft()
+        stats.queue_events -= len(records)
+        stats.queue_bytes -= size
         return self._set_in_flight(records)
 
     def _set_in_flight(self, records: list[Record]) -> _Batch:
