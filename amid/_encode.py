@@ -27,8 +27,9 @@ from amid.ami.protocol import Event, recover_bytes
 
 try:
     from amid._speedups import fields_json as _fields_json_c
+    from amid._speedups import record_json as _record_json_c
 except ImportError:  # not built (no compiler at install time): the pure-Python path below
-    _fields_json_c = None
+    _fields_json_c = _record_json_c = None
 
 #: "c" when the C accelerator is in use, else "python" (``amid --version`` shows it).
 SPEEDUPS = "c" if _fields_json_c is not None else "python"
@@ -141,39 +142,55 @@ def _plain_bytes(text: Any) -> bytes | None:
     return plain
 
 
-_templates: dict[tuple[str, str, int], bytes | None] = {}
+class _RecordParts:
+    """One connection's record JSON with the per-event parts left out, for both builders:
+    ``head`` (``{"id":"server:run:epoch:``) and ``mid`` (``","server":…,"seq":``) for the C
+    one, and the same as a ``%`` template for Python."""
+
+    __slots__ = ("head", "mid", "template")
+
+    def __init__(self, server: bytes, run: bytes, epoch: int) -> None:
+        self.head = b'{"id":"%s:%s:%d:' % (server, run, epoch)
+        self.mid = b'","server":"%s","epoch":%d,"seq":' % (server, epoch)
+        self.template = (self.head.replace(b"%", b"%%") + b"%d" + self.mid.replace(b"%", b"%%")
+                         + b'%d,"received_at":"%s","event":"%s","fields":%s}')
 
 
-def _record_template(server: str, run: str, epoch: int) -> bytes | None:
-    """The record JSON of one connection with every per-event part left as a ``%`` slot:
-    seq (twice), received_at, event name, fields. None when the server name or the run id
-    needs JSON escaping (the general path then). Cached: it changes only on reconnect."""
+_parts_cache: dict[tuple[str, str, int], _RecordParts | None] = {}
+
+
+def _record_parts(server: str, run: str, epoch: int) -> _RecordParts | None:
+    """The parts of one connection's records; None when the server name or the run id needs
+    JSON escaping (the general path then). Cached: they change only on reconnect."""
     key = (server, run, epoch)
-    template = _templates.get(key, _MISSING)
-    if template is _MISSING:
+    parts = _parts_cache.get(key, _MISSING)
+    if parts is _MISSING:
         server_b, run_b = _plain_bytes(server), _plain_bytes(run)
-        if server_b is None or run_b is None:
-            template = None
-        else:
-            server_b, run_b = server_b.replace(b"%", b"%%"), run_b.replace(b"%", b"%%")
-            template = (b'{"id":"%s:%s:%d:%%d","server":"%s","epoch":%d,"seq":%%d,"received_at":"%%s",'
-                        b'"event":"%%s","fields":%%s}' % (server_b, run_b, epoch, server_b, epoch))
-        if len(_templates) >= 64:  # one entry per (server, epoch) seen: keep only recent ones
-            _templates.clear()
-        _templates[key] = template
-    return template  # type: ignore[return-value]
+        parts = None if server_b is None or run_b is None else _RecordParts(server_b, run_b, epoch)
+        if len(_parts_cache) >= 64:  # one entry per (server, epoch) seen: keep only recent ones
+            _parts_cache.clear()
+        _parts_cache[key] = parts
+    return parts  # type: ignore[return-value]
 
 
 def record_json(event: Event, run: str) -> bytes:
     """The record JSON of a wire event whose id is ``server:run:epoch:seq``: the same bytes as
     ``event_json(event, id)``, without building the id string (the daemon's hot path)."""
-    fields = fields_json_fast(event.raw)
     epoch, seq = event.epoch, event.seq
-    if fields is not None and type(epoch) is int and type(seq) is int:
-        template = _record_template(event.server, run, epoch)
+    if type(epoch) is int and type(seq) is int:
+        parts = _record_parts(event.server, run, epoch)
         name = _plain_bytes(event.name)
-        if template is not None and name is not None:
-            return template % (seq, seq, _iso_bytes(event.received_at), name, fields)
+        if parts is not None and name is not None:
+            received = _iso_bytes(event.received_at)
+            if _record_json_c is not None:
+                built = _record_json_c(parts.head, parts.mid, seq, received, name, event.raw)
+                if built:
+                    return built
+                fields = None if built is False else fields_json_fast_py(event.raw)
+            else:
+                fields = fields_json_fast_py(event.raw)
+            if fields is not None:
+                return parts.template % (seq, seq, received, name, fields)
     return encode_record(record_dict(event, f"{event.server}:{run}:{epoch}:{seq}"))
 
 

@@ -20,6 +20,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #define MAX_LINES 512
@@ -100,29 +101,30 @@ static inline void copy_escaped(unsigned char **out, const unsigned char *from, 
     *out = o;
 }
 
-static PyObject *fields_json(PyObject *module, PyObject *arg) {
-    (void)module;
-    if (!PyBytes_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "fields_json() expects bytes");
-        return NULL;
-    }
-    /* CPython keeps a NUL after a bytes object's data: a REFUSED byte that stops every scan
-     * loop below at the end without a bounds check in the loop. */
-    const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(arg);
-    const Py_ssize_t size = PyBytes_GET_SIZE(arg);
-    if (size == 0)
-        REFUSE();
-
-    /* Pass 1: check the rules, note where each key and value is, count the quotes. */
+/* Where a message's keys and values are, as pass 1 found them. */
+typedef struct {
     Py_ssize_t key_start[MAX_LINES], key_end[MAX_LINES], value_end[MAX_LINES];
+    int lines;
+    Py_ssize_t quotes;
+    Py_ssize_t json_size; /* the fields object's length in bytes */
+} Scan;
+
+enum { SCAN_OK = 1, SCAN_REFUSED = 0, SCAN_UNSURE = -1 };
+
+/* Pass 1: check the rules, note where each key and value is, count the quotes. CPython keeps
+ * a NUL after a bytes object's data: a REFUSED byte that stops every scan loop at the end
+ * without a bounds check in the loop. */
+static int scan_fields(const unsigned char *raw, Py_ssize_t size, Scan *scan) {
+    if (size == 0)
+        return SCAN_REFUSED;
     int lines = 0;
     Py_ssize_t quotes = 0;
     Py_ssize_t i = 0;
     while (1) {
         if (lines == MAX_LINES)
-            UNSURE();
+            return SCAN_UNSURE;
         /* the key: up to the first colon, which a space must follow */
-        key_start[lines] = i;
+        scan->key_start[lines] = i;
         while (1) {
             i = skip_plain(raw, i, size);
             const unsigned char c = byte_class[raw[i]];
@@ -134,12 +136,12 @@ static PyObject *fields_json(PyObject *module, PyObject *arg) {
                 continue;
             }
             if (c == NON_ASCII)
-                UNSURE();
-            REFUSE(); /* the end, or CR/LF (a line without a colon), a control char, '\\' */
+                return SCAN_UNSURE;
+            return SCAN_REFUSED; /* the end, or CR/LF (a line without a colon), a control char, '\\' */
         }
         if (i + 1 >= size || raw[i + 1] != ' ')
-            REFUSE();
-        key_end[lines] = i;
+            return SCAN_REFUSED;
+        scan->key_end[lines] = i;
         i += 2;
         /* the value: up to CRLF or the end; a colon is fine unless a space follows it */
         while (1) {
@@ -147,7 +149,7 @@ static PyObject *fields_json(PyObject *module, PyObject *arg) {
             const unsigned char c = byte_class[raw[i]];
             if (c == COLON) {
                 if (raw[i + 1] == ' ')  /* raw[size] is the NUL: in bounds */
-                    REFUSE();
+                    return SCAN_REFUSED;
                 i++;
                 continue;
             }
@@ -161,10 +163,10 @@ static PyObject *fields_json(PyObject *module, PyObject *arg) {
             if (i == size)
                 break;
             if (c == NON_ASCII)
-                UNSURE();
-            REFUSE();
+                return SCAN_UNSURE;
+            return SCAN_REFUSED;
         }
-        value_end[lines] = i;
+        scan->value_end[lines] = i;
         lines++;
         if (i == size)
             break;
@@ -178,42 +180,130 @@ static PyObject *fields_json(PyObject *module, PyObject *arg) {
         mask = mask * 2 + 1;
     memset(slots, 0, (mask + 1) * sizeof slots[0]);
     for (int line = 0; line < lines; line++) {
-        const unsigned char *key = raw + key_start[line];
-        const Py_ssize_t len = key_end[line] - key_start[line];
+        const unsigned char *key = raw + scan->key_start[line];
+        const Py_ssize_t len = scan->key_end[line] - scan->key_start[line];
         unsigned int slot = key_hash(key, len) & mask;
         while (slots[slot]) {
             const int other = slots[slot] - 1;
-            if (key_end[other] - key_start[other] == len
-                    && memcmp(raw + key_start[other], key, (size_t)len) == 0)
-                REFUSE();
+            if (scan->key_end[other] - scan->key_start[other] == len
+                    && memcmp(raw + scan->key_start[other], key, (size_t)len) == 0)
+                return SCAN_REFUSED;
             slot = (slot + 1) & mask;
         }
         slots[slot] = (unsigned short)(line + 1);
     }
+    scan->lines = lines;
+    scan->quotes = quotes;
+    /* Each CRLF becomes "," (one byte more), each separating ": " becomes ":" (one more),
+     * each '"' gets a backslash, plus {" and "} around it all. */
+    scan->json_size = size + quotes + (lines - 1) + lines + 4;
+    return SCAN_OK;
+}
 
-    /* Pass 2: write. Each CRLF becomes "," (one byte more), each separating ": " becomes
-     * ":" (one more), each '"' gets a backslash, plus {" and "} around it all. */
-    const Py_ssize_t out_size = size + quotes + (lines - 1) + lines + 4;
-    PyObject *result = PyBytes_FromStringAndSize(NULL, out_size);
+/* Pass 2: write the fields object (scan->json_size bytes) at out; returns the end. */
+static unsigned char *write_fields(unsigned char *out, const unsigned char *raw, const Scan *scan) {
+    const int has_quotes = scan->quotes != 0;
+    const int lines = scan->lines;
+    *out++ = '{';
+    for (int line = 0; line < lines; line++) {
+        *out++ = '"';
+        copy_escaped(&out, raw + scan->key_start[line], scan->key_end[line] - scan->key_start[line],
+                     has_quotes);
+        memcpy(out, "\":\"", 3);
+        out += 3;
+        const Py_ssize_t value_start = scan->key_end[line] + 2;
+        copy_escaped(&out, raw + value_start, scan->value_end[line] - value_start, has_quotes);
+        *out++ = '"';
+        *out++ = line + 1 < lines ? ',' : '}';
+    }
+    return out;
+}
+
+static PyObject *scan_refusal(int status) {
+    if (status == SCAN_UNSURE)
+        Py_RETURN_NONE;
+    Py_RETURN_FALSE;
+}
+
+static PyObject *fields_json(PyObject *module, PyObject *arg) {
+    (void)module;
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "fields_json() expects bytes");
+        return NULL;
+    }
+    const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(arg);
+    Scan scan;
+    const int status = scan_fields(raw, PyBytes_GET_SIZE(arg), &scan);
+    if (status != SCAN_OK)
+        return scan_refusal(status);
+    PyObject *result = PyBytes_FromStringAndSize(NULL, scan.json_size);
+    if (result == NULL)
+        return NULL;
+    unsigned char *const first = (unsigned char *)PyBytes_AS_STRING(result);
+    if (write_fields(first, raw, &scan) - first != scan.json_size) {
+        Py_DECREF(result);
+        PyErr_SetString(PyExc_SystemError, "amid._speedups.fields_json: size mismatch");
+        return NULL;
+    }
+    return result;
+}
+
+static const char RECEIVED_AT[] = ",\"received_at\":\"";
+static const char EVENT[] = "\",\"event\":\"";
+static const char FIELDS[] = "\",\"fields\":";
+
+/* record_json(head, mid, seq, received_at, name, raw): the whole record JSON in one buffer,
+ *   head + seq + mid + seq + ',"received_at":"' + received_at + '","event":"' + name
+ *   + '","fields":' + fields_json(raw) + '}'
+ * where head is '{"id":"<server>:<run>:<epoch>:' and mid '","server":"<server>","epoch":<epoch>,"seq":'
+ * (amid._encode builds them once per connection, escaped). False / None as for fields_json. */
+static PyObject *record_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 6 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1]) || !PyLong_Check(args[2])
+            || !PyBytes_Check(args[3]) || !PyBytes_Check(args[4]) || !PyBytes_Check(args[5])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "record_json(head: bytes, mid: bytes, seq: int, received_at: bytes, "
+                        "name: bytes, raw: bytes)");
+        return NULL;
+    }
+    const long long seq = PyLong_AsLongLong(args[2]);
+    if (seq == -1 && PyErr_Occurred()) {
+        PyErr_Clear(); /* beyond 64 bits: Python formats it */
+        Py_RETURN_NONE;
+    }
+    char seq_text[24];
+    const int seq_len = snprintf(seq_text, sizeof seq_text, "%lld", seq);
+    const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(args[5]);
+    Scan scan;
+    const int status = scan_fields(raw, PyBytes_GET_SIZE(args[5]), &scan);
+    if (status != SCAN_OK)
+        return scan_refusal(status);
+    const Py_ssize_t head_len = PyBytes_GET_SIZE(args[0]), mid_len = PyBytes_GET_SIZE(args[1]);
+    const Py_ssize_t received_len = PyBytes_GET_SIZE(args[3]), name_len = PyBytes_GET_SIZE(args[4]);
+    const Py_ssize_t total = head_len + seq_len + mid_len + seq_len
+        + (Py_ssize_t)(sizeof RECEIVED_AT - 1) + received_len + (Py_ssize_t)(sizeof EVENT - 1)
+        + name_len + (Py_ssize_t)(sizeof FIELDS - 1) + scan.json_size + 1;
+    PyObject *result = PyBytes_FromStringAndSize(NULL, total);
     if (result == NULL)
         return NULL;
     unsigned char *const first = (unsigned char *)PyBytes_AS_STRING(result);
     unsigned char *out = first;
-    const int has_quotes = quotes != 0;
-    *out++ = '{';
-    for (int line = 0; line < lines; line++) {
-        *out++ = '"';
-        copy_escaped(&out, raw + key_start[line], key_end[line] - key_start[line], has_quotes);
-        memcpy(out, "\":\"", 3);
-        out += 3;
-        const Py_ssize_t value_start = key_end[line] + 2;
-        copy_escaped(&out, raw + value_start, value_end[line] - value_start, has_quotes);
-        *out++ = '"';
-        *out++ = line + 1 < lines ? ',' : '}';
-    }
-    if (out - first != out_size) {
+#define PUT(data, len) do { memcpy(out, (data), (size_t)(len)); out += (len); } while (0)
+    PUT(PyBytes_AS_STRING(args[0]), head_len);
+    PUT(seq_text, seq_len);
+    PUT(PyBytes_AS_STRING(args[1]), mid_len);
+    PUT(seq_text, seq_len);
+    PUT(RECEIVED_AT, sizeof RECEIVED_AT - 1);
+    PUT(PyBytes_AS_STRING(args[3]), received_len);
+    PUT(EVENT, sizeof EVENT - 1);
+    PUT(PyBytes_AS_STRING(args[4]), name_len);
+    PUT(FIELDS, sizeof FIELDS - 1);
+#undef PUT
+    out = write_fields(out, raw, &scan);
+    *out++ = '}';
+    if (out - first != total) {
         Py_DECREF(result);
-        PyErr_SetString(PyExc_SystemError, "amid._speedups.fields_json: size mismatch");
+        PyErr_SetString(PyExc_SystemError, "amid._speedups.record_json: size mismatch");
         return NULL;
     }
     return result;
@@ -224,6 +314,9 @@ static PyMethodDef methods[] = {
      "fields_json(raw: bytes) -> bytes | bool | None\n\n"
      "The JSON object of a plain AMI message's fields; False when the message needs the\n"
      "general path; None when the Python fast path must decide (see amid._encode)."},
+    {"record_json", (PyCFunction)(void (*)(void))record_json, METH_FASTCALL,
+     "record_json(head, mid, seq, received_at, name, raw) -> bytes | bool | None\n\n"
+     "A whole record JSON around fields_json(raw); see amid._encode.record_json."},
     {NULL, NULL, 0, NULL},
 };
 

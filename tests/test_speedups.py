@@ -18,6 +18,7 @@ from amid._encode import fields_json_fast_py
 
 try:
     from amid._speedups import fields_json as fields_json_c
+    from amid._speedups import record_json as record_json_c
 except ImportError:
     if os.environ.get("CI"):  # CI builds it (scripts/test.sh installs gcc): missing is a failure
         raise
@@ -90,6 +91,34 @@ def test_keys_that_hash_alike_but_differ_are_kept() -> None:
 def test_rejects_non_bytes() -> None:
     with pytest.raises(TypeError):
         fields_json_c("Event: X")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        record_json_c(b"", b"", 1, b"", b"", "Event: X")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        record_json_c(b"", b"", 1, b"", b"")  # type: ignore[call-arg]
+
+
+def python_record(parts, seq: int, received: bytes, name: bytes, raw: bytes) -> bytes | None:
+    fields = fields_json_fast_py(raw)
+    return None if fields is None else parts.template % (seq, seq, received, name, fields)
+
+
+@settings(max_examples=500, deadline=None)
+@given(raw=st.lists(_PIECES, max_size=16).map(b"".join),
+       seq=st.integers(min_value=-(2 ** 70), max_value=2 ** 70),
+       server=st.sampled_from([b"pbx-1", b"p%d%%s", b""]), epoch=st.integers(0, 2 ** 40))
+@example(raw=b"Event: X\r\nA: b", seq=0, server=b"pbx-1", epoch=1)
+def test_c_record_json_matches_the_python_template(raw: bytes, seq: int, server: bytes,
+                                                   epoch: int) -> None:
+    parts = _encode._RecordParts(server, b"run", epoch)
+    received, name = b"2026-11-29T07:00:00.000001Z", b"Newchannel"
+    got = record_json_c(parts.head, parts.mid, seq, received, name, raw)
+    expected = python_record(parts, seq, received, name, raw)
+    if got is None:
+        assert not raw.isascii() or not -(2 ** 63) <= seq < 2 ** 63
+    elif got is False:
+        assert expected is None
+    else:
+        assert got == expected
 
 
 @pytest.mark.parametrize(("speedups", "says"), [("c", "record JSON: C accelerator"),
