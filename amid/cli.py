@@ -297,19 +297,20 @@ async def _demo_in(args: argparse.Namespace, state: Path) -> int:
 def _route_only_first(daemon: Any, count: int) -> None:
     """Let the first ``count`` events through to the sinks, then ask the daemon to stop (it
     drains them): ``amid demo --count N`` prints exactly N lines."""
-    route = daemon.router.on_event
+    route = daemon.router.on_events
     remaining = count
 
-    def route_first(event: Any) -> None:
+    def route_first(events: list[Any]) -> None:
         nonlocal remaining
         if remaining <= 0:
             return
-        remaining -= 1
-        route(event)
+        taken = events[:remaining]
+        remaining -= len(taken)
+        route(taken)
         if remaining == 0:
             daemon.request_stop()
 
-    daemon.router.on_event = route_first  # sessions are built with this listener at start
+    daemon.router.on_events = route_first  # sessions are built with this listener at start
     if count <= 0:
         daemon.request_stop()
 

@@ -23,6 +23,8 @@ __all__ = ["EventFilter", "Router"]
 class _Offer(Protocol):
     def offer(self, record: Record) -> None: ...
 
+    def offer_many(self, records: list[Record]) -> None: ...
+
 
 def _globs(patterns: Sequence[str]) -> re.Pattern[str] | None:
     if not patterns:
@@ -41,6 +43,8 @@ class EventFilter:
         self._match = {key: _globs([v] if isinstance(v, str) else list(v))
                        for key, v in (match or {}).items()}
         self._by_name: dict[str, bool] = {}
+        #: Every event passes (the default filter): routing skips the per-event check.
+        self.accepts_all = (list(include) == ["*"] and not exclude and not match)
 
     def accepts_name(self, name: str) -> bool:
         verdict = self._by_name.get(name)
@@ -91,13 +95,22 @@ class Router:
         return list(self._routes)
 
     def on_event(self, event: Event) -> None:
-        """Session listener: called on the read path for every event. Never blocks."""
-        record: Record | None = None
+        """Route one event (a session listener, or code that injects events)."""
+        self.on_events([event])
+
+    def on_events(self, events: list[Event]) -> None:
+        """Session batch listener: every event of one read at once, in order (the daemon's
+        read path). Records are made once and shared by the sinks; each sink takes its
+        accepted ones in one call. Never blocks."""
+        run = self.run_id
+        of_event = Record.of_event
+        records = [of_event(event, run) for event in events]
         for flt, runner in self._routes:
-            if flt.accepts(event):
-                if record is None:
-                    record = Record.of_event(event, self.run_id)
-                runner.offer(record)
+            if flt.accepts_all:
+                runner.offer_many(records)
+            else:
+                accepts = flt.accepts
+                runner.offer_many([record for record, event in zip(records, events) if accepts(event)])
 
     def emit(self, record: Record) -> None:
         """Route a record amid made itself (e.g. ``AmidGap``)."""

@@ -85,7 +85,7 @@ def config_warnings(config: Config) -> list[str]:
     return []
 
 
-def _client_for(server: ServerConfig, *, on_event, on_state, stats: SessionStats,
+def _client_for(server: ServerConfig, *, on_events, on_state, stats: SessionStats,
                 initial_epoch: int = 0, outage_since: float | None = None) -> AMIClient:
     tls = None
     if server.tls is not None:
@@ -99,7 +99,7 @@ def _client_for(server: ServerConfig, *, on_event, on_state, stats: SessionStats
         action_timeout=server.action_timeout, reconnect_min_delay=server.reconnect.min_delay,
         reconnect_max_delay=server.reconnect.max_delay, max_message_bytes=server.max_message_bytes,
         stats=stats, initial_epoch=initial_epoch, outage_since=outage_since)
-    client.add_listener(on_event)
+    client.add_batch_listener(on_events)
     client.on_state_change(on_state)
     return client
 
@@ -178,7 +178,7 @@ class Daemon:
         # (server:run:epoch:seq) would repeat.
         epoch, outage_since = self._retired.get(server.name, (0, None))
         stats = self.server_stats.get(server.name) or SessionStats()
-        client = _client_for(server, on_event=self.router.on_event, on_state=self._on_state,
+        client = _client_for(server, on_events=self.router.on_events, on_state=self._on_state,
                              stats=stats, initial_epoch=epoch, outage_since=outage_since)
         self._retired.pop(server.name, None)
         self.server_stats[server.name] = stats

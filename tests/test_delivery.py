@@ -132,6 +132,26 @@ async def test_batches_respect_the_event_limit_and_keep_order() -> None:
     await runner.close(1)
 
 
+async def test_offer_many_queues_a_read_at_once_with_the_same_accounting() -> None:
+    sink = ScriptedSink()
+    runner = make_runner(sink, batch_max_events=10)
+    records = [make_record(n) for n in range(25)]
+    runner.offer_many(records[:20])
+    runner.offer_many([])
+    runner.offer_many(records[20:])
+    stats = runner.stats
+    assert stats.received_total == stats.queue_events == 25
+    assert stats.queue_bytes == sum(r.size for r in records)
+    await runner.start()
+    assert await runner.drain(5)
+    assert sink.delivered() == list(range(25)) and stats.queue_bytes == 0
+    assert_invariant(stats)
+    await runner.close(1)
+    runner.offer_many(records[:2])  # closed: dropped and counted, as offer does
+    assert stats.dropped_total["shutdown"] == 2
+    assert_invariant(stats)
+
+
 async def test_batches_respect_the_byte_limit_and_send_an_oversized_record_alone() -> None:
     sink = ScriptedSink()
     size = make_record(0).size
@@ -186,13 +206,18 @@ async def test_offer_never_blocks_when_the_sink_is_stuck() -> None:
     assert_invariant(stats)
 
 
+@pytest.mark.parametrize("many", [False, True], ids=["offer", "offer_many"])
 @pytest.mark.parametrize("policy, kept", [("drop_oldest", [3, 4, 5, 6, 7]),
                                           ("drop_newest", [0, 1, 2, 3, 4])])
-async def test_overflow_drop_policies(policy: str, kept: list[int]) -> None:
+async def test_overflow_drop_policies(policy: str, kept: list[int], many: bool) -> None:
     sink = ScriptedSink()
     runner = make_runner(sink, overflow=policy, max_queue_events=5)
-    for n in range(8):
-        runner.offer(make_record(n))
+    if many:  # a read that overflows the queue: the same policy, record by record
+        runner.offer_many([make_record(n) for n in range(3)])
+        runner.offer_many([make_record(n) for n in range(3, 8)])
+    else:
+        for n in range(8):
+            runner.offer(make_record(n))
     assert runner.stats.dropped_total["queue_full"] == 3
     await runner.start()
     assert await runner.drain(5)

@@ -329,3 +329,25 @@ async def test_a_login_nobody_answers_names_the_action_and_the_time_waited(auth,
         await client.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_batch_listeners_get_each_read_s_events_in_order_once(sim):
+    """The daemon's router listens per read: the batches, joined, are exactly what a per-event
+    listener sees, in the same order; a failing batch listener is counted and harms no one."""
+    async with client_for(sim) as ami:
+        single: list = []
+        batches: list[list] = []
+        ami.add_listener(single.append)
+        ami.add_batch_listener(lambda events: batches.append(list(events)))
+
+        def broken(events):
+            raise RuntimeError("boom")
+        ami.add_batch_listener(broken)
+        await ami.originate("Local/200@test", exten="100", context="test", priority=1)
+        async with asyncio.timeout(5):
+            while not any(e.name == "OriginateResponse" for e in single):
+                await asyncio.sleep(0.01)
+    joined = [e for batch in batches for e in batch]
+    assert joined == single and all(batches)
+    assert [e.seq for e in joined] == sorted(e.seq for e in joined)
+    assert ami.stats.handler_errors_total == len(batches)

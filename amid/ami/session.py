@@ -257,6 +257,7 @@ class AMIClient:
         self._lists = 0  # pending actions that collect list events
         self._listeners: list[Callable[[Event], None]] = []
         self._raw_listeners: list[Callable[[bytes], None]] = []
+        self._batch_listeners: list[Callable[[list[Event]], None]] = []
         self._state_callbacks: list[Callable[[StateChange], None]] = []
         self._state_queues: list[asyncio.Queue[StateChange]] = []
         self._handlers_exact: dict[str, list[EventHandler]] = {}
@@ -391,6 +392,14 @@ class AMIClient:
 
         For the daemon's router: a listener must return at once (e.g. ``put_nowait``)."""
         self._listeners.append(listener)
+
+    def add_batch_listener(self, listener: Callable[[list[Event]], None]) -> None:
+        """Call ``listener(events)`` synchronously on the read path once per read, with every
+        event that read completed, in order (after the per-event listeners saw them).
+
+        The daemon's router is one: a call per read instead of per event. It must return at
+        once and must not keep the list (it is not reused, but it is shared by all of them)."""
+        self._batch_listeners.append(listener)
 
     def add_raw_listener(self, listener: Callable[[bytes], None]) -> None:
         """Call ``listener(data)`` with every chunk of bytes read (``amid tail --raw``)."""
@@ -751,6 +760,7 @@ class AMIClient:
         listeners = self._listeners
         want_handlers = bool(self._handlers_exact or self._handlers_glob or self._handlers_any)
         server, epoch = self.name, self.epoch
+        batch: list[Event] | None = [] if self._batch_listeners else None
         for msg in messages:
             if type(msg) is Event:
                 if self._lists and self._collect_list_event(msg):
@@ -778,12 +788,21 @@ class AMIClient:
                         self._handler_failed(exc, f"listener {_callable_name(listener)}", name)
                 if want_handlers:
                     self._queue_for_handlers(msg)
+                if batch is not None:
+                    batch.append(msg)
             elif type(msg) is Response:
                 self._on_response(msg)
             else:
                 stats.protocol_errors_total["malformed_message"] += 1
                 log.warning("AMI %s: ignoring a message that is neither response nor event: %r",
                             self.name, msg.raw[:80], extra={"server": self.name})
+        if batch:
+            for batch_listener in self._batch_listeners:
+                try:
+                    batch_listener(batch)
+                except Exception as exc:
+                    self._handler_failed(exc, f"batch listener {_callable_name(batch_listener)}",
+                                         batch[0].name)
 
     def _on_response(self, response: Response) -> None:
         action_id = response.get("ActionID")

@@ -225,6 +225,27 @@ class SinkRunner:
             self._enforce_queue_bounds(policy, "queue_full")
         self._wakeup.set()
 
+    def offer_many(self, records: list[Record]) -> None:
+        """:meth:`offer` each record, in order; all at once when they fit the queue (the
+        daemon's read path hands over every event of one read this way)."""
+        if not records:
+            return
+        stats = self.stats
+        if self._mode is _Mode.MEMORY and not self._closed and not self._disabled:
+            count = len(records)
+            size = sum([record.size for record in records])
+            if (stats.queue_events + count <= self._max_queue_events
+                    and stats.queue_bytes + size <= self._max_queue_bytes):
+                stats.received_total += count
+                self._queue.extend(records)
+                stats.queue_events += count
+                stats.queue_bytes += size
+                self._wakeup.set()
+                return
+        offer = self.offer
+        for record in records:
+            offer(record)
+
     def adopt(self, records: Sequence[Record]) -> None:
         """Put records a predecessor handed over (config reload, see :meth:`detach`) at the head
         of the queue, so they leave before anything offered since. Never blocks; the queue
