@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic_core import from_json as _from_json
 
-from amid._encode import encode_record, event_json, format_iso, record_dict, record_json
+from amid._encode import encode_record, event_json, format_iso, record_dict, record_json, record_jsons
 
 __all__ = ["Record", "format_iso"]
 
@@ -92,6 +92,22 @@ class Record:
             else:
                 self._json = encode_record(self.data)
         return self._json
+
+    @staticmethod
+    def jsons(records: "list[Record] | tuple[Record, ...]") -> list[bytes]:
+        """``[record.json for record in records]``, built in one pass where needed (a sink's
+        batch: the records of one read share their envelope parts)."""
+        todo = [record for record in records
+                if record._json is None and record._event is not None and record._id is None]
+        if todo:
+            run = todo[0]._run
+            if all(record._run == run for record in todo):
+                jsons = record_jsons([r._event for r in todo], run)
+                for record, built in zip(todo, jsons):
+                    record._json = built
+                if len(todo) == len(records):  # the usual batch: fresh records off the wire
+                    return jsons
+        return [record.json for record in records]
 
     @property
     def seq(self) -> int | None:

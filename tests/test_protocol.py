@@ -692,3 +692,28 @@ def test_record_json_template_is_exact_for_any_server_and_run(server, run, field
             msg = Parser(expect_banner=False).feed(b"Event: X\r\nA: b%s\r\n\r\n")[0]
             msg.server, msg.received_at, msg.epoch, msg.seq = server, 1.5, epoch, 9
             assert record_json(msg, run) == encode_record(record_dict(msg, f"{server}:{run}:{epoch}:9"))
+
+
+@FIELDS_PATHS
+def test_record_jsons_of_a_mixed_batch_equals_each_record_s_json(fields_impl):
+    """The batch form gives each record exactly its own JSON: wire events of two servers and
+    epochs, receive times changing mid-batch, names and values that need the general path,
+    records made by amid and read back from a spool."""
+    from amid.records import Record
+    raws = [b"Event: Newchannel\r\nChannel: A", b"Event: VarSet\r\nValue: caf\xc3\xa9",
+            b"Event: Odd\"Name\r\nK: v", b"Event: Hangup\r\nCause: 16\r\nCause: 17",
+            b"Event: Latin\r\nV: \xe9", b"Event: Newchannel\r\nChannel: B"]
+    with fields_path(fields_impl):
+        records = []
+        for i, raw in enumerate(raws * 3):
+            event = Parser(expect_banner=False).feed(raw + b"\r\n\r\n")[0]
+            event.server = "pbx-1" if i % 4 else "pbx-2"
+            event.epoch, event.seq, event.received_at = 1 + i // 7, i, 1795836091.0 + i // 5
+            records.append(Record.of_event(event, "run"))
+        records.insert(3, Record.synthetic(id="pbx-1:run:1:gap", server="pbx-1", name="AmidGap",
+                                           fields={"Seconds": "3"}))
+        records.append(Record.from_json(records[0].json))
+        expected = [Record.of_event(r._event, "run").json if r._event is not None else r.json
+                    for r in records]
+        assert Record.jsons(records) == expected
+        assert [r.json for r in records] == expected  # kept on the records

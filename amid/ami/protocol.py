@@ -567,9 +567,9 @@ class Parser:
         out: list[Message] = []
         append = out.append
         for raw in complete:
-            if raw[:7] == b"Event: ":  # the common case, built inline
+            if raw[:7] == b"Event: ":  # the common case, built inline (decoded as _decode does)
                 end = raw.find(b"\r\n")
-                append(Event(raw, _decode(raw[7:end] if end >= 0 else raw[7:])))
+                append(Event(raw, (raw[7:end] if end >= 0 else raw[7:]).decode("utf-8", "surrogateescape")))
                 continue
             if not raw or raw[:1] in _CR_LF:
                 raw = raw.lstrip(b"\r\n")  # stray blank lines between messages

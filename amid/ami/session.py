@@ -761,6 +761,7 @@ class AMIClient:
         want_handlers = bool(self._handlers_exact or self._handlers_glob or self._handlers_any)
         server, epoch = self.name, self.epoch
         batch: list[Event] | None = [] if self._batch_listeners else None
+        first_seq = self._seq
         for msg in messages:
             if type(msg) is Event:
                 if self._lists and self._collect_list_event(msg):
@@ -770,8 +771,6 @@ class AMIClient:
                 msg.epoch = epoch
                 msg.seq = seq
                 msg.received_at = now
-                stats.events_total += 1
-                stats.last_event_time = now
                 name = msg.name
                 if name in by_name:
                     by_name[name] += 1
@@ -796,6 +795,9 @@ class AMIClient:
                 stats.protocol_errors_total["malformed_message"] += 1
                 log.warning("AMI %s: ignoring a message that is neither response nor event: %r",
                             self.name, msg.raw[:80], extra={"server": self.name})
+        if self._seq != first_seq:  # counted once per read: every event of it got ``now``
+            stats.events_total += self._seq - first_seq
+            stats.last_event_time = now
         if batch:
             for batch_listener in self._batch_listeners:
                 try:

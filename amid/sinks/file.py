@@ -164,7 +164,7 @@ class FileSink:
         """Append every record of ``batch`` (one JSON document per line) or raise SinkError."""
         if not batch:
             return
-        data = b"\n".join([record.json for record in batch]) + b"\n"
+        data = b"\n".join(Record.jsons(batch)) + b"\n"
         async with self._lock:
             if self._closed:
                 raise SinkError(f"file sink {self.name!r} is closed")

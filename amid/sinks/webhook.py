@@ -202,8 +202,8 @@ def sign(keys: Sequence[bytes], message_id: str, timestamp: int, body: bytes) ->
 def encode_body(batch: Sequence[Record], body_format: str) -> bytes:
     """The request body: a JSON array of the records, or one record per line (NDJSON)."""
     if body_format == "ndjson":
-        return b"\n".join([record.json for record in batch]) + b"\n"
-    return b"[" + b",".join([record.json for record in batch]) + b"]"
+        return b"\n".join(Record.jsons(batch)) + b"\n"
+    return b"[" + b",".join(Record.jsons(batch)) + b"]"
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
