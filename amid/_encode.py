@@ -10,9 +10,10 @@ Python loop over the fields.
 Everything else (escaping needed, repeated keys, odd lines, invalid UTF-8) takes the general
 path through a dict and ``pydantic_core.to_json``. Both produce the same JSON (tested).
 
-``amid._speedups`` (optional C, built by ``pip install`` when a compiler is there) does the
-fast path's work in one pass for ASCII messages, about ten times faster; it hands anything
-it does not take back to the Python code here, so the output never depends on it (tested).
+``amid._speedups`` (optional C, built by ``pip install`` when a compiler is there) builds the
+whole record in one pass for ASCII messages without escapes other than quotes, repeated keys
+(arrays) and ``": "`` inside values included; it hands anything else back to the Python code
+here, and gives the same bytes as the general path, so the output never depends on it (tested).
 """
 
 from __future__ import annotations

@@ -3,19 +3,20 @@
  *
  * fields_json(raw) turns one AMI message ("Key: Value" lines joined by CRLF, the terminator
  * already removed by the framing) into the JSON object of its fields, {"Key":"Value",...},
- * in one pass over the bytes. It takes only the plain common case and returns None for
- * anything else: False where the Python fast path would refuse the message too (so the caller
- * goes straight to the general path), None where only Python can tell (a non-ASCII byte, more
- * than MAX_LINES lines). It takes:
+ * in one pass over the bytes. It takes only the plain common case; for anything else it returns
+ * False where the Python fast path would refuse the message too (so the caller goes straight
+ * to the general path), None where only Python can tell (a non-ASCII byte, more than
+ * MAX_LINES lines). It takes:
  *   - every line is <key>": "<value>: the key ends at the line's first colon, which a space
- *     follows, and the value holds no further ": " (the Python fast path's rule: its byte
- *     replacements would otherwise make invalid JSON or cut the key elsewhere);
+ *     follows (the value is the rest of the line, ": " included);
  *   - lines are separated by CRLF only (no bare CR or LF);
  *   - ASCII only, no control character, no DEL, no backslash ('"' gets a backslash);
- *   - no key repeats (repeated keys become JSON arrays, on the general path);
+ *   - a repeated key becomes a JSON array of its values, at its first line (as
+ *     Message.to_dict() has it);
  *   - at most MAX_LINES lines.
- * For every message it accepts, the result is byte for byte what amid._encode's Python fast
- * path returns (tests/test_speedups.py checks this, with hypothesis).
+ * For every message it accepts, the result is byte for byte what amid._encode's general path
+ * (Message.to_dict() and pydantic_core.to_json) gives, and what its Python fast path gives
+ * where that takes the message (tests/test_speedups.py checks both, with hypothesis).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -24,10 +25,6 @@
 #include <string.h>
 
 #define MAX_LINES 512
-/* The Python fast path refuses this message too. */
-#define REFUSE() Py_RETURN_FALSE
-/* Not for C: let the Python fast path decide. */
-#define UNSURE() Py_RETURN_NONE
 
 /* What each byte is to the scanner. PLAIN bytes may stand in a JSON string as they are. */
 enum { REFUSED = 0, PLAIN, QUOTE, COLON, CR, NON_ASCII };
@@ -104,16 +101,21 @@ static inline void copy_escaped(unsigned char **out, const unsigned char *from, 
 /* Where a message's keys and values are, as pass 1 found them. */
 typedef struct {
     Py_ssize_t key_start[MAX_LINES], key_end[MAX_LINES], value_end[MAX_LINES];
+    uint32_t key_quotes[MAX_LINES], value_quotes[MAX_LINES];
+    /* A repeated key becomes one JSON array at its first line: first[line] is that line,
+     * next[line] the next line with the same key (0: none; lines are numbered from 1 here). */
+    unsigned short first[MAX_LINES], next[MAX_LINES];
     int lines;
-    Py_ssize_t quotes;
+    int repeats;          /* some key repeats */
+    Py_ssize_t quotes;    /* in the whole message */
     Py_ssize_t json_size; /* the fields object's length in bytes */
 } Scan;
 
 enum { SCAN_OK = 1, SCAN_REFUSED = 0, SCAN_UNSURE = -1 };
 
-/* Pass 1: check the rules, note where each key and value is, count the quotes. CPython keeps
- * a NUL after a bytes object's data: a REFUSED byte that stops every scan loop at the end
- * without a bounds check in the loop. */
+/* Pass 1: check the rules, note where each key and value is, count the quotes, group the
+ * repeated keys. CPython keeps a NUL after a bytes object's data: a REFUSED byte that stops
+ * every scan loop at the end without a bounds check in the loop. */
 static int scan_fields(const unsigned char *raw, Py_ssize_t size, Scan *scan) {
     if (size == 0)
         return SCAN_REFUSED;
@@ -125,13 +127,14 @@ static int scan_fields(const unsigned char *raw, Py_ssize_t size, Scan *scan) {
             return SCAN_UNSURE;
         /* the key: up to the first colon, which a space must follow */
         scan->key_start[lines] = i;
+        uint32_t key_quotes = 0, value_quotes = 0;
         while (1) {
             i = skip_plain(raw, i, size);
             const unsigned char c = byte_class[raw[i]];
             if (c == COLON)
                 break;
             if (c == QUOTE) {
-                quotes++;
+                key_quotes++;
                 i++;
                 continue;
             }
@@ -143,22 +146,20 @@ static int scan_fields(const unsigned char *raw, Py_ssize_t size, Scan *scan) {
             return SCAN_REFUSED;
         scan->key_end[lines] = i;
         i += 2;
-        /* the value: up to CRLF or the end; a colon is fine unless a space follows it */
+        /* the value: the rest of the line, up to CRLF or the end (colons are plain there) */
         while (1) {
             i = skip_plain(raw, i, size);
             const unsigned char c = byte_class[raw[i]];
             if (c == COLON) {
-                if (raw[i + 1] == ' ')  /* raw[size] is the NUL: in bounds */
-                    return SCAN_REFUSED;
                 i++;
                 continue;
             }
             if (c == QUOTE) {
-                quotes++;
+                value_quotes++;
                 i++;
                 continue;
             }
-            if (c == CR && raw[i + 1] == '\n')
+            if (c == CR && raw[i + 1] == '\n')  /* raw[size] is the NUL: in bounds */
                 break;
             if (i == size)
                 break;
@@ -167,36 +168,80 @@ static int scan_fields(const unsigned char *raw, Py_ssize_t size, Scan *scan) {
             return SCAN_REFUSED;
         }
         scan->value_end[lines] = i;
+        scan->key_quotes[lines] = key_quotes;
+        scan->value_quotes[lines] = value_quotes;
+        quotes += key_quotes + value_quotes;
         lines++;
         if (i == size)
             break;
         i += 2; /* CRLF: the next line (an empty last line has no colon and is refused) */
     }
 
-    /* No key may repeat: an open-addressing set of the keys, hashed on length, head and tail. */
+    /* Group the keys: an open-addressing set of them, hashed on length, head and tail. */
     unsigned short slots[2 * MAX_LINES];
+    unsigned short last[MAX_LINES]; /* per group leader: its group's last line (from 1) */
     unsigned int mask = 31;
     while (mask + 1 < 2 * (unsigned int)lines)
         mask = mask * 2 + 1;
     memset(slots, 0, (mask + 1) * sizeof slots[0]);
+    int repeats = 0;
     for (int line = 0; line < lines; line++) {
         const unsigned char *key = raw + scan->key_start[line];
         const Py_ssize_t len = scan->key_end[line] - scan->key_start[line];
         unsigned int slot = key_hash(key, len) & mask;
+        int leader = -1;
         while (slots[slot]) {
             const int other = slots[slot] - 1;
             if (scan->key_end[other] - scan->key_start[other] == len
-                    && memcmp(raw + scan->key_start[other], key, (size_t)len) == 0)
-                return SCAN_REFUSED;
+                    && memcmp(raw + scan->key_start[other], key, (size_t)len) == 0) {
+                leader = other;
+                break;
+            }
             slot = (slot + 1) & mask;
         }
-        slots[slot] = (unsigned short)(line + 1);
+        scan->next[line] = 0;
+        if (leader < 0) {
+            slots[slot] = (unsigned short)(line + 1);
+            scan->first[line] = (unsigned short)line;
+            last[line] = (unsigned short)(line + 1);
+        } else {
+            repeats = 1;
+            scan->first[line] = (unsigned short)leader;
+            scan->next[last[leader] - 1] = (unsigned short)(line + 1);
+            last[leader] = (unsigned short)(line + 1);
+        }
     }
     scan->lines = lines;
+    scan->repeats = repeats;
     scan->quotes = quotes;
-    /* Each CRLF becomes "," (one byte more), each separating ": " becomes ":" (one more),
-     * each '"' gets a backslash, plus {" and "} around it all. */
-    scan->json_size = size + quotes + (lines - 1) + lines + 4;
+    if (!repeats) {
+        /* Each CRLF becomes "," (one byte more), each separating ": " becomes ":" (one more),
+         * each '"' gets a backslash, plus {" and "} around it all. */
+        scan->json_size = size + quotes + (lines - 1) + lines + 4;
+        return SCAN_OK;
+    }
+    /* With arrays: "K":"V" for a single key, "K":["V1","V2"] for a repeated one. */
+    Py_ssize_t total = 2; /* { } */
+    int groups = 0;
+    for (int line = 0; line < lines; line++) {
+        if (scan->first[line] != line)
+            continue;
+        groups++;
+        total += scan->key_end[line] - scan->key_start[line] + scan->key_quotes[line] + 3; /* "K": */
+        const int repeated = scan->next[line] != 0;
+        total += repeated ? 2 : 0; /* [ ] */
+        int values = 0;
+        for (int member = line; ; member = scan->next[member] - 1) {
+            const Py_ssize_t value_start = scan->key_end[member] + 2;
+            total += scan->value_end[member] - value_start + scan->value_quotes[member] + 2;
+            values++;
+            if (!scan->next[member])
+                break;
+        }
+        total += values - 1; /* commas between the values */
+    }
+    total += groups - 1; /* commas between the keys */
+    scan->json_size = total;
     return SCAN_OK;
 }
 
@@ -205,17 +250,33 @@ static unsigned char *write_fields(unsigned char *out, const unsigned char *raw,
     const int has_quotes = scan->quotes != 0;
     const int lines = scan->lines;
     *out++ = '{';
+    int written = 0;
     for (int line = 0; line < lines; line++) {
+        if (scan->repeats && scan->first[line] != line)
+            continue; /* written in its key's array */
+        if (written++)
+            *out++ = ',';
         *out++ = '"';
         copy_escaped(&out, raw + scan->key_start[line], scan->key_end[line] - scan->key_start[line],
                      has_quotes);
-        memcpy(out, "\":\"", 3);
-        out += 3;
-        const Py_ssize_t value_start = scan->key_end[line] + 2;
-        copy_escaped(&out, raw + value_start, scan->value_end[line] - value_start, has_quotes);
         *out++ = '"';
-        *out++ = line + 1 < lines ? ',' : '}';
+        *out++ = ':';
+        const int repeated = scan->repeats && scan->next[line] != 0;
+        if (repeated)
+            *out++ = '[';
+        for (int member = line; ; member = scan->next[member] - 1) {
+            const Py_ssize_t value_start = scan->key_end[member] + 2;
+            *out++ = '"';
+            copy_escaped(&out, raw + value_start, scan->value_end[member] - value_start, has_quotes);
+            *out++ = '"';
+            if (!repeated || !scan->next[member])
+                break;
+            *out++ = ',';
+        }
+        if (repeated)
+            *out++ = ']';
     }
+    *out++ = '}';
     return out;
 }
 

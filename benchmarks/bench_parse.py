@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from amid import _encode
 from amid.ami.protocol import Event, Parser
 from amid.records import Record
 
@@ -71,21 +72,39 @@ def amid_to_dict(chunks: Sequence[bytes]) -> int:
     return count
 
 
-def amid_record_json(chunks: Sequence[bytes]) -> int:
-    """amid framing + the record JSON every sink receives (``Record(...).json``, as the router
-    and the sink runners build it: envelope + verbatim fields, compact bytes)."""
+def _records_json(chunks: Sequence[bytes]) -> int:
     parser = Parser(expect_banner=False)
     count = 0
     for data in chunks:
         now = time.time()
+        records = []
         for msg in parser.feed(data):
             if type(msg) is Event:  # the two responses in the capture are not records
                 msg.server, msg.epoch, msg.received_at = "bench", 1, now
                 msg.seq = count
-                Record(id=f"bench:run:1:{count}", name=msg.name, server="bench", received_at=now,
-                       event=msg).json
+                records.append(Record.of_event(msg, "run"))
             count += 1
+        Record.jsons(records)
     return count
+
+
+def amid_record_json(chunks: Sequence[bytes]) -> int:
+    """amid framing + the record JSON every sink receives, as the daemon builds it: the
+    records of one read (``Record.of_event``, what the router makes), encoded as a sink's
+    batch (``Record.jsons``), with the C accelerator."""
+    if _encode._record_json_c is None:
+        raise RuntimeError("amid._speedups is not built: install amid with a C compiler present")
+    return _records_json(chunks)
+
+
+def amid_record_json_python(chunks: Sequence[bytes]) -> int:
+    """The same with the accelerator switched off: amid's pure-Python fast path."""
+    saved = _encode._fields_json_c, _encode._record_json_c
+    _encode._fields_json_c = _encode._record_json_c = None
+    try:
+        return _records_json(chunks)
+    finally:
+        _encode._fields_json_c, _encode._record_json_c = saved
 
 
 def proto_lazy(chunks: Sequence[bytes]) -> int:
@@ -139,7 +158,8 @@ CONTENDERS = [
     Contender("amid (a) framing + lazy messages", amid_lazy, True),
     Contender("amid (b) framing + all fields decoded", amid_fields, True),
     Contender("amid (b') framing + to_dict()", amid_to_dict, True),
-    Contender("amid framing + record JSON", amid_record_json, True),
+    Contender("amid framing + record JSON (C accelerator)", amid_record_json, True),
+    Contender("amid framing + record JSON (pure Python)", amid_record_json_python, True),
 ]
 
 PROTOTYPES = [
