@@ -119,6 +119,8 @@ enum { SCAN_OK = 1, SCAN_REFUSED = 0, SCAN_UNSURE = -1 };
 static int scan_fields(const unsigned char *raw, Py_ssize_t size, Scan *scan) {
     if (size == 0)
         return SCAN_REFUSED;
+    if (size > (Py_ssize_t)UINT32_MAX)
+        return SCAN_UNSURE; /* the per-line quote counts are 32 bits: Python takes these */
     int lines = 0;
     Py_ssize_t quotes = 0;
     Py_ssize_t i = 0;
