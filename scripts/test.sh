@@ -4,7 +4,7 @@
 # rsyslogd (syslog sink), logrotate (file sink), promtool (metrics), systemd-analyze (unit file),
 # openssl (TLS certificates), unshare (journald test), and what building systemd-python and amid's
 # C accelerator needs.
-# Without them (not root), the tests that need one are skipped, unless CI is set: then they fail.
+# Without them (not root), the tests that need one are skipped; as root, or with CI set, they fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +24,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
             -o Dpkg::Options::=--force-confold "${missing[@]}" >/dev/null
     fi
+    # Every peer is installed now: a test that finds one missing fails instead of skipping.
+    export CI="${CI:-true}"
 fi
 
 scripts/bootstrap.sh test,systemd
