@@ -67,8 +67,7 @@ class Record:
         record._json = None
         record._data = None
         record._event = event
-        raw = len(event.raw)
-        record.size = raw + (raw >> 2) + 256  # as _estimated_size, inline: once per event
+        record.size = _estimated_size(event)
         return record
 
     @property
