@@ -39,8 +39,10 @@ static void init_byte_class(void) {
     byte_class['\r'] = CR;
 }
 
-/* Eight bytes at a time (SWAR, portable C): does x hold a byte that is not PLAIN? Each test is
- * exact as a yes/no (the classic "has a zero byte" bit trick); the byte loop then finds it. */
+/* Eight bytes at a time (SWAR, portable C): a mask with the high bit of each byte of x that is
+ * not PLAIN. Each term is the classic "has a zero byte" bit trick, whose borrows can only set
+ * bits above a byte that really matches: the lowest set bit of the mask is always exact, which
+ * is all the scanner uses (the position of the first special byte, read little-endian). */
 #define ONES 0x0101010101010101ULL
 #define HIGHS 0x8080808080808080ULL
 
@@ -48,7 +50,7 @@ static inline uint64_t has_zero_byte(uint64_t v) {
     return (v - ONES) & ~v & HIGHS;
 }
 
-static inline uint64_t has_special_byte(uint64_t x) {
+static inline uint64_t special_bytes(uint64_t x) {
     return ((x - ONES * 0x20) & ~x & HIGHS)  /* below 0x20: controls, CR, LF */
         | (x & HIGHS)                          /* non-ASCII */
         | has_zero_byte(x ^ (ONES * 0x7f))     /* DEL */
@@ -57,13 +59,21 @@ static inline uint64_t has_special_byte(uint64_t x) {
         | has_zero_byte(x ^ (ONES * ':'));
 }
 
+static inline uint64_t load_le64(const unsigned char *p) {
+    uint64_t x;
+    memcpy(&x, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    x = __builtin_bswap64(x);
+#endif
+    return x;
+}
+
 /* The first byte at or after i that is not PLAIN (the NUL at raw[size] if none is). */
 static inline Py_ssize_t skip_plain(const unsigned char *raw, Py_ssize_t i, Py_ssize_t size) {
     while (i + 8 <= size) {
-        uint64_t x;
-        memcpy(&x, raw + i, 8);
-        if (has_special_byte(x))
-            break;
+        const uint64_t mask = special_bytes(load_le64(raw + i));
+        if (mask)
+            return i + (__builtin_ctzll(mask) >> 3);
         i += 8;
     }
     while (byte_class[raw[i]] == PLAIN)
