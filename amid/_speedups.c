@@ -382,6 +382,225 @@ static PyObject *record_json(PyObject *module, PyObject *const *args, Py_ssize_t
     return result;
 }
 
+/* ------------------------------------------------------------------ objects built in C
+ *
+ * The read path makes one Event per message and one Record per event. Built in Python, each
+ * costs a call and nine or ten attribute stores; here they are allocated and their __slots__
+ * filled directly. bind_event() and bind_record() look the slots up once, from the classes'
+ * member descriptors (refusing anything but plain object slots), so the Python classes stay
+ * the one definition of what an Event and a Record hold; Event's defaults are copied from an
+ * instance Python made. Only objects of exactly the bound classes are made or read here. */
+
+#if PY_VERSION_HEX < 0x030C0000
+#include "structmember.h"
+#define Py_T_OBJECT_EX T_OBJECT_EX
+#define Py_READONLY READONLY
+#endif
+
+static int slot_offsets(PyTypeObject *cls, const char *const *names, int count,
+                        Py_ssize_t *offsets) {
+    if (cls->tp_itemsize != 0 || cls->tp_alloc == NULL) {
+        PyErr_Format(PyExc_TypeError, "%s: not a plain class with __slots__", cls->tp_name);
+        return -1;
+    }
+    for (int k = 0; k < count; k++) {
+        PyObject *descr = PyObject_GetAttrString((PyObject *)cls, names[k]);
+        if (descr == NULL)
+            return -1;
+        int ok = Py_IS_TYPE(descr, &PyMemberDescr_Type)
+            && PyType_IsSubtype(cls, PyDescr_TYPE(descr));
+        if (ok) {
+            const PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+            ok = member->type == Py_T_OBJECT_EX && !(member->flags & Py_READONLY)
+                && member->offset >= (Py_ssize_t)sizeof(PyObject)
+                && member->offset + (Py_ssize_t)sizeof(PyObject *) <= cls->tp_basicsize;
+            offsets[k] = member->offset;
+        }
+        Py_DECREF(descr);
+        if (!ok) {
+            PyErr_Format(PyExc_TypeError, "%s.%s is not a __slots__ slot", cls->tp_name, names[k]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+#define SLOT(obj, offset) (*(PyObject **)((char *)(obj) + (offset)))
+
+/* Store a new reference (the slot of a fresh object is NULL). */
+static inline void slot_put(PyObject *obj, Py_ssize_t offset, PyObject *value) {
+    Py_INCREF(value);
+    SLOT(obj, offset) = value;
+}
+
+enum { EV_RAW, EV_NAME, EV_FIELDS, EV_INDEX, EV_SERVER, EV_EPOCH, EV_SEQ, EV_RECEIVED_AT, EV_SLOTS };
+static const char *const event_slot_names[EV_SLOTS] = {
+    "raw", "name", "_fields", "_index", "server", "epoch", "seq", "received_at"};
+static PyTypeObject *event_type;
+static Py_ssize_t event_offsets[EV_SLOTS];
+static PyObject *event_defaults[EV_SLOTS]; /* from the template; raw and name unused */
+
+static PyObject *bind_event(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 2 || !PyType_Check(args[0]) || !Py_IS_TYPE(args[1], (PyTypeObject *)args[0])) {
+        PyErr_SetString(PyExc_TypeError, "bind_event(Event, template: Event)");
+        return NULL;
+    }
+    PyTypeObject *cls = (PyTypeObject *)args[0];
+    Py_ssize_t offsets[EV_SLOTS];
+    if (slot_offsets(cls, event_slot_names, EV_SLOTS, offsets) < 0)
+        return NULL;
+    for (int k = EV_FIELDS; k < EV_SLOTS; k++) {
+        if (SLOT(args[1], offsets[k]) == NULL) {
+            PyErr_Format(PyExc_TypeError, "the template Event has no %s", event_slot_names[k]);
+            return NULL;
+        }
+    }
+    for (int k = 0; k < EV_SLOTS; k++) {
+        event_offsets[k] = offsets[k];
+        Py_XSETREF(event_defaults[k], k >= EV_FIELDS ? Py_NewRef(SLOT(args[1], offsets[k])) : NULL);
+    }
+    Py_INCREF(cls);
+    Py_XSETREF(event_type, cls);
+    Py_RETURN_NONE;
+}
+
+/* Event names repeat on every event: the decoded (ASCII) name is kept per slot of a small
+ * table, looked up by the bytes, so each event shares one str instead of decoding its own. */
+#define NAME_SLOTS 256
+static PyObject *name_cache[NAME_SLOTS];
+
+static PyObject *event_name(const unsigned char *start, Py_ssize_t len) {
+    const unsigned int slot = key_hash(start, len) & (NAME_SLOTS - 1);
+    PyObject *known = name_cache[slot];
+    if (known != NULL && PyUnicode_GET_LENGTH(known) == len
+            && memcmp(PyUnicode_DATA(known), start, (size_t)len) == 0)
+        return Py_NewRef(known);
+    PyObject *name = PyUnicode_DecodeUTF8((const char *)start, len, "surrogateescape");
+    if (name != NULL && PyUnicode_IS_ASCII(name) && len <= 64)
+        Py_XSETREF(name_cache[slot], Py_NewRef(name));
+    return name;
+}
+
+static PyObject *new_event(const unsigned char *start, Py_ssize_t len) {
+    /* The name: "Event: " up to the first CRLF (the framing let no bare LF through). */
+    const unsigned char *nl = memchr(start + 7, '\n', (size_t)(len - 7));
+    const Py_ssize_t name_len = (nl == NULL ? start + len : nl - 1) - (start + 7);
+    PyObject *raw = PyBytes_FromStringAndSize((const char *)start, len);
+    if (raw == NULL)
+        return NULL;
+    PyObject *name = event_name(start + 7, name_len);
+    if (name == NULL) {
+        Py_DECREF(raw);
+        return NULL;
+    }
+    PyObject *event = event_type->tp_alloc(event_type, 0);
+    if (event == NULL) {
+        Py_DECREF(raw);
+        Py_DECREF(name);
+        return NULL;
+    }
+    SLOT(event, event_offsets[EV_RAW]) = raw;
+    SLOT(event, event_offsets[EV_NAME]) = name;
+    for (int k = EV_FIELDS; k < EV_SLOTS; k++)
+        slot_put(event, event_offsets[k], event_defaults[k]);
+    return event;
+}
+
+/* frame_crlf(buf, max_message_bytes, max_fields) -> (messages, consumed, others) | None
+ *
+ * amid.ami.protocol.Parser._feed_crlf in one pass: None unless every LF in buf follows a CR
+ * (else, or when a message or the unfinished rest is near a bound, Python frames the read);
+ * otherwise buf[:consumed] split on CRLF CRLF, each message an Event when it starts with
+ * "Event: ", else its bytes (others counts those: blank ones and other kinds, which Python
+ * turns into messages). */
+static PyObject *frame_crlf(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyLong_Check(args[1]) || !PyLong_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "frame_crlf(buf: bytes, max_message_bytes: int, max_fields: int)");
+        return NULL;
+    }
+    if (event_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "frame_crlf() before bind_event()");
+        return NULL;
+    }
+    const Py_ssize_t max_bytes = PyLong_AsSsize_t(args[1]), max_fields = PyLong_AsSsize_t(args[2]);
+    if ((max_bytes == -1 || max_fields == -1) && PyErr_Occurred())
+        return NULL;
+    const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    const Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+
+    /* Pass 1: the message boundaries (ends[k]: where message k's terminator starts). */
+    Py_ssize_t ends_stack[256], *ends = ends_stack, capacity = 256, count = 0;
+    Py_ssize_t start = 0, longest = 0;
+    const unsigned char *p = buf, *const stop = buf + size;
+    PyObject *result = NULL;
+    while (p < stop) {
+        const unsigned char *nl = memchr(p, '\n', (size_t)(stop - p));
+        if (nl == NULL)
+            break;
+        if (nl == buf || nl[-1] != '\r')
+            goto python_decides; /* a bare LF: the general framing */
+        const Py_ssize_t at = nl - buf;
+        if (at + 2 < size && nl[1] == '\r' && nl[2] == '\n') {
+            const Py_ssize_t end = at - 1; /* the terminator's first byte */
+            if (end - start > longest)
+                longest = end - start;
+            if (count == capacity) {
+                Py_ssize_t *grown = PyMem_Malloc((size_t)capacity * 2 * sizeof *grown);
+                if (grown == NULL) {
+                    PyErr_NoMemory();
+                    goto done;
+                }
+                memcpy(grown, ends, (size_t)count * sizeof *ends);
+                if (ends != ends_stack)
+                    PyMem_Free(ends);
+                ends = grown;
+                capacity *= 2;
+            }
+            ends[count++] = end;
+            start = end + 4;
+            p = buf + start;
+        } else {
+            p = nl + 1;
+        }
+    }
+    /* Near a bound, the general framing applies the exact rules (as _feed_crlf). */
+    if ((count && (longest > max_bytes || longest >= max_fields)) || size - start > max_bytes)
+        goto python_decides;
+
+    /* Pass 2: the objects. */
+    PyObject *messages = PyList_New(count);
+    if (messages == NULL)
+        goto done;
+    Py_ssize_t others = 0, from = 0;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        const Py_ssize_t len = ends[k] - from;
+        PyObject *item;
+        if (len >= 7 && memcmp(buf + from, "Event: ", 7) == 0) {
+            item = new_event(buf + from, len);
+        } else {
+            item = PyBytes_FromStringAndSize((const char *)buf + from, len);
+            others++;
+        }
+        if (item == NULL) {
+            Py_DECREF(messages);
+            goto done;
+        }
+        PyList_SET_ITEM(messages, k, item);
+        from = ends[k] + 4;
+    }
+    result = Py_BuildValue("(Nnn)", messages, start, others);
+    goto done;
+python_decides:
+    result = Py_NewRef(Py_None);
+done:
+    if (ends != ends_stack)
+        PyMem_Free(ends);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"fields_json", fields_json, METH_O,
      "fields_json(raw: bytes) -> bytes | bool | None\n\n"
@@ -390,6 +609,11 @@ static PyMethodDef methods[] = {
     {"record_json", (PyCFunction)(void (*)(void))record_json, METH_FASTCALL,
      "record_json(head, mid, seq, received_at, name, raw) -> bytes | bool | None\n\n"
      "A whole record JSON around fields_json(raw); see amid._encode.record_json."},
+    {"bind_event", (PyCFunction)(void (*)(void))bind_event, METH_FASTCALL,
+     "bind_event(Event, template) -> None\n\nThe class frame_crlf() makes, and its defaults."},
+    {"frame_crlf", (PyCFunction)(void (*)(void))frame_crlf, METH_FASTCALL,
+     "frame_crlf(buf, max_message_bytes, max_fields) -> (messages, consumed, others) | None\n\n"
+     "Parser._feed_crlf in one pass; see amid.ami.protocol."},
     {NULL, NULL, 0, NULL},
 };
 

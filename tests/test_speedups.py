@@ -1,13 +1,18 @@
-"""amid._speedups, the optional C version of the record JSON's fields fast path.
+"""amid._speedups, the optional C version of the read path's hot loops: the record JSON's
+fields fast path and the CRLF framing that builds the Events.
 
-It must give exactly what the pure-Python fast path gives, decline (False) only where that
+It must give exactly what the pure-Python code gives, decline (False) only where that
 declines too, and leave to Python (None) only what it cannot judge (non-ASCII bytes, very long
-messages). The record tests in test_protocol.py run against both implementations.
+messages, bare LFs, bounds). The record tests in test_protocol.py run against both
+implementations.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import tracemalloc
 
 import pytest
 from hypothesis import example, given, settings
@@ -17,10 +22,12 @@ from pydantic_core import to_json
 
 from amid import _encode
 from amid._encode import fields_json_fast_py
-from amid.ami.protocol import Message
+from amid.ami import protocol
+from amid.ami.protocol import BANNER_PREFIX, Event, Message, Parser, RemoteProtocolError
 
 try:
     from amid._speedups import fields_json as fields_json_c
+    from amid._speedups import bind_event, frame_crlf
     from amid._speedups import record_json as record_json_c
 except ImportError:
     if os.environ.get("CI"):  # CI builds it (scripts/test.sh installs gcc): missing is a failure
@@ -32,6 +39,7 @@ except ImportError:
 def test_the_accelerator_is_in_use() -> None:
     assert _encode.SPEEDUPS == "c"
     assert _encode._fields_json_c is fields_json_c
+    assert protocol._frame_crlf is frame_crlf
 
 
 def general_fields(raw: bytes) -> bytes:
@@ -152,3 +160,131 @@ def test_version_says_whether_the_accelerator_is_in_use(speedups, says, monkeypa
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["--version"])
     assert says in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- framing and Events in C
+
+@contextlib.contextmanager
+def python_framing():
+    saved = protocol._frame_crlf
+    protocol._frame_crlf = None
+    try:
+        yield
+    finally:
+        protocol._frame_crlf = saved
+
+
+def envelope(m: Message) -> tuple:
+    """Everything a message holds, the Event slots set at creation included."""
+    slots = (m.server, m.epoch, m.seq, m.received_at) if type(m) is Event else ()
+    return (type(m), m.kind, m.raw, m.name, m._fields, m._index, *slots, m.fields)
+
+
+def outcome(data: bytes, cuts: list[int], **bounds) -> tuple[list[tuple], str | None, bytes]:
+    parser = Parser(**bounds)
+    got: list[Message] = []
+    error = None
+    prev = 0
+    for point in sorted({c % (len(data) + 1) for c in cuts}) + [len(data)]:
+        try:
+            got += parser.feed(data[prev:point])
+        except RemoteProtocolError as exc:
+            error = exc.kind
+            break
+        prev = point
+    return [envelope(m) for m in got], error or (parser.error and parser.error.kind), \
+        parser._buf
+
+
+BANNER = BANNER_PREFIX + b"22.1.0\r\n"
+_FRAME_TOKENS = st.sampled_from([
+    b"Event: A\r\n", b"Event: Newchannel\r\n", b"Event:X\r\n", b"Event: \r\n", b"Event: ",
+    b"Event: N\xc3\xa9\r\n", b"Event: \xff\xfe\r\n", b"event: lower\r\n", b"K: v\r\n",
+    b"Response: Success\r\n", b"ActionID: 1\r\n", b"\r\n", b"\r\n\r\n", b"\n", b"\r", b"x",
+    b"Data: " + b"y" * 30 + b"\r\n"])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(tokens=st.lists(_FRAME_TOKENS, max_size=40), banner=st.booleans(),
+       cuts=st.lists(st.integers(min_value=0, max_value=800), max_size=8),
+       bounds=st.sampled_from([{}, {"max_message_bytes": 48, "max_fields": 4},
+                               {"max_message_bytes": 20, "max_fields": 100}]))
+def test_c_framing_gives_what_python_framing_gives(tokens, banner, cuts, bounds) -> None:
+    """Any stream, cut anywhere, with or without tight bounds: the same messages (types,
+    bytes, names, Event defaults), the same failure and the same unframed rest."""
+    data = (BANNER if banner else b"") + b"".join(tokens)
+    kw = dict(bounds, expect_banner=banner)
+    with_c = outcome(data, cuts, **kw)
+    with python_framing():
+        assert with_c == outcome(data, cuts, **kw)
+
+
+def test_c_framing_builds_events_as_python_does() -> None:
+    data = (b"Event: Newchannel\r\nChannel: PJSIP/1\r\n\r\n"
+            b"Event: Caf\xc3\xa9\r\n\r\n"          # a UTF-8 name
+            b"Event: \xff\r\nK: v\r\n\r\n"           # not UTF-8: surrogate escapes, as Python
+            b"Event: Newchannel\r\n\r\n"
+            b"Response: Success\r\nActionID: 7\r\n\r\n"
+            b"\r\n\r\nEvent: Late\r\n\r\nEvent: Partial\r\n")
+    messages, consumed, others = frame_crlf(data, 1 << 20, 1000)
+    assert [m if type(m) is bytes else m.name for m in messages] == [
+        "Newchannel", "Café", "\udcff", "Newchannel", b"Response: Success\r\nActionID: 7",
+        b"", "Late"]  # other kinds and blank ones stay bytes, for Python
+    assert data[consumed:] == b"Event: Partial\r\n"
+    assert others == sum(type(m) is bytes for m in messages)
+    for m in messages:
+        if type(m) is Event:
+            assert envelope(m) == envelope(Event(m.raw))
+            assert gc.is_tracked(m)  # slots hold objects: the collector must see it
+
+
+def test_c_framing_leaves_bare_lf_and_bounds_to_python() -> None:
+    ok = b"Event: A\r\nK: v\r\n\r\n"
+    assert frame_crlf(ok, 1 << 20, 1000) is not None
+    assert frame_crlf(ok + b"Event: B\n\n", 1 << 20, 1000) is None  # a bare LF
+    assert frame_crlf(b"\n" + ok, 1 << 20, 1000) is None
+    assert frame_crlf(ok, len(ok) - 5, 1000) is None                # a message over the size
+    assert frame_crlf(ok, 1 << 20, len(ok) - 4) is None             # long enough to be near max_fields
+    assert frame_crlf(ok + b"x" * 40, 30, 1000) is None               # the rest is already too big
+
+
+def test_event_names_that_share_a_cache_slot_stay_apart() -> None:
+    # The decoded names are cached per slot of a small table: thousands of names must collide
+    # and still each come back as its own text.
+    names = [f"Name{i}" for i in range(3000)]
+    data = b"".join(b"Event: %s\r\n\r\n" % n.encode() for n in names * 2)
+    messages, _, _ = frame_crlf(data, 1 << 20, 1000)
+    assert [m.name for m in messages] == names * 2
+
+
+def test_c_framing_does_not_leak() -> None:
+    data = b"".join(b"Event: E%d\r\nUniqueid: 17%d.1\r\n\r\nResponse: Success\r\n\r\n" % (i % 7, i)
+                    for i in range(200))
+    for _ in range(50):  # warm the name cache and the allocators
+        frame_crlf(data, 1 << 20, 1000)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(300):
+            frame_crlf(data, 1 << 20, 1000)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 64 * 1024, grown  # one leaked object per message would be megabytes
+
+
+def test_bind_event_refuses_what_it_cannot_fill() -> None:
+    class NoSlots:
+        pass
+
+    class Plain(Event):
+        __slots__ = ()
+
+    with pytest.raises((TypeError, AttributeError)):
+        bind_event(NoSlots, NoSlots())
+    with pytest.raises(TypeError):
+        bind_event(Event, Plain(b"Event: x"))  # the template must be of the class itself
+    with pytest.raises(TypeError):
+        frame_crlf("Event: A\r\n\r\n", 100, 100)  # type: ignore[arg-type]

@@ -484,11 +484,38 @@ class Parser:
             self.state = ParserState.MESSAGES
             buf = buf[nl + 1:]
             self._scan_from = 0
-        if not self._legacy_follows and buf.count(b"\n") == buf.count(b"\r\n"):
+        if not self._legacy_follows:
             # No bare LF anywhere: the only terminator is CRLF CRLF (the stream as Asterisk
-            # writes it). One C-level split frames every message of the read.
-            return self._feed_crlf(buf)
+            # writes it), and one pass frames every message of the read.
+            if _frame_crlf is not None:
+                framed = _frame_crlf(buf, self.max_message_bytes, self.max_fields)
+                if framed is not None:
+                    return self._framed(buf, *framed)
+            elif buf.count(b"\n") == buf.count(b"\r\n"):
+                return self._feed_crlf(buf)
         return self._feed_general(buf)
+
+    def _framed(self, buf: bytes, messages: list, consumed: int, others: int) -> list[Message]:
+        """Take what the C framing made of a read (see ``amid._speedups.frame_crlf``): the
+        same as :meth:`_feed_crlf`, with the messages other than events still bytes."""
+        if others:
+            out: list[Message] = []
+            append = out.append
+            for item in messages:
+                if type(item) is not bytes:
+                    append(item)
+                    continue
+                if not item or item[:1] in _CR_LF:
+                    item = item.lstrip(b"\r\n")  # stray blank lines between messages
+                    if not item:
+                        continue
+                append(_message_for(item))
+            messages = out
+        rest = buf[consumed:] if consumed else buf
+        self._buf = rest
+        self._scan_from = max(0, len(rest) - 3)
+        self.messages_total += len(messages)
+        return messages
 
     def _feed_general(self, buf: bytes) -> list[Message]:
         """Frame ``buf`` (everything unframed so far) allowing bare-LF terminators, stray blank
@@ -554,6 +581,7 @@ class Parser:
         return out
 
     def _feed_crlf(self, buf: bytes) -> list[Message]:
+        """The CRLF-only framing in Python (``amid._speedups.frame_crlf`` is the same in C)."""
         *complete, rest = buf.split(b"\r\n\r\n")
         if complete:
             # Bounds, checked in C over the whole read; a message of max_fields lines has at
@@ -659,3 +687,14 @@ class ActionIdGenerator:
 
     def __call__(self) -> str:
         return f"{self.prefix}{next(self._counter)}"
+
+
+# The optional C accelerator (amid/_speedups.c) frames CRLF streams and builds the Events
+# itself; without it, Parser._feed_crlf does the same in Python.
+try:
+    from amid import _speedups
+except ImportError:
+    _frame_crlf = None
+else:
+    _speedups.bind_event(Event, Event(b"Event: x"))
+    _frame_crlf = _speedups.frame_crlf
