@@ -174,6 +174,16 @@ def _record_parts(server: str, run: str, epoch: int) -> _RecordParts | None:
     return parts  # type: ignore[return-value]
 
 
+def record_head_mid(server: str, run: str, epoch: int) -> tuple[bytes, bytes] | None:
+    """A connection's ``head`` and ``mid`` parts (see :class:`_RecordParts`), or None when
+    its records take the general path: what the C ``records_json`` asks per connection."""
+    parts = _record_parts(server, run, epoch)
+    return None if parts is None else (parts.head, parts.mid)
+
+
+receive_time_bytes = _iso_bytes  # the ISO bytes of a receive time, cached per value
+
+
 def record_json(event: Event, run: str) -> bytes:
     """The record JSON of a wire event whose id is ``server:run:epoch:seq``: the same bytes as
     ``event_json(event, id)``, without building the id string (the daemon's hot path)."""

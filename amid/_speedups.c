@@ -325,6 +325,59 @@ static const char RECEIVED_AT[] = ",\"received_at\":\"";
 static const char EVENT[] = "\",\"event\":\"";
 static const char FIELDS[] = "\",\"fields\":";
 
+/* n in decimal at out (at most 20 bytes); returns the length. As "%lld", without printf. */
+static int format_int(char *out, long long n) {
+    char digits[24];
+    int len = 0;
+    unsigned long long u = n < 0 ? 0ULL - (unsigned long long)n : (unsigned long long)n;
+    do {
+        digits[len++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    int k = 0;
+    if (n < 0)
+        out[k++] = '-';
+    while (len)
+        out[k++] = digits[--len];
+    return k;
+}
+
+/* The whole record JSON in one buffer (see record_json() below); scan is raw's pass 1. */
+static PyObject *build_record(const unsigned char *head, Py_ssize_t head_len,
+                              const unsigned char *mid, Py_ssize_t mid_len,
+                              const char *seq_text, Py_ssize_t seq_len,
+                              const unsigned char *received, Py_ssize_t received_len,
+                              const unsigned char *name, Py_ssize_t name_len,
+                              const unsigned char *raw, const Scan *scan) {
+    const Py_ssize_t total = head_len + seq_len + mid_len + seq_len
+        + (Py_ssize_t)(sizeof RECEIVED_AT - 1) + received_len + (Py_ssize_t)(sizeof EVENT - 1)
+        + name_len + (Py_ssize_t)(sizeof FIELDS - 1) + scan->json_size + 1;
+    PyObject *result = PyBytes_FromStringAndSize(NULL, total);
+    if (result == NULL)
+        return NULL;
+    unsigned char *const first = (unsigned char *)PyBytes_AS_STRING(result);
+    unsigned char *out = first;
+#define PUT(data, len) do { memcpy(out, (data), (size_t)(len)); out += (len); } while (0)
+    PUT(head, head_len);
+    PUT(seq_text, seq_len);
+    PUT(mid, mid_len);
+    PUT(seq_text, seq_len);
+    PUT(RECEIVED_AT, sizeof RECEIVED_AT - 1);
+    PUT(received, received_len);
+    PUT(EVENT, sizeof EVENT - 1);
+    PUT(name, name_len);
+    PUT(FIELDS, sizeof FIELDS - 1);
+#undef PUT
+    out = write_fields(out, raw, scan);
+    *out++ = '}';
+    if (out - first != total) {
+        Py_DECREF(result);
+        PyErr_SetString(PyExc_SystemError, "amid._speedups: record size mismatch");
+        return NULL;
+    }
+    return result;
+}
+
 /* record_json(head, mid, seq, received_at, name, raw): the whole record JSON in one buffer,
  *   head + seq + mid + seq + ',"received_at":"' + received_at + '","event":"' + name
  *   + '","fields":' + fields_json(raw) + '}'
@@ -345,41 +398,18 @@ static PyObject *record_json(PyObject *module, PyObject *const *args, Py_ssize_t
         Py_RETURN_NONE;
     }
     char seq_text[24];
-    const int seq_len = snprintf(seq_text, sizeof seq_text, "%lld", seq);
+    const int seq_len = format_int(seq_text, seq);
     const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(args[5]);
     Scan scan;
     const int status = scan_fields(raw, PyBytes_GET_SIZE(args[5]), &scan);
     if (status != SCAN_OK)
         return scan_refusal(status);
-    const Py_ssize_t head_len = PyBytes_GET_SIZE(args[0]), mid_len = PyBytes_GET_SIZE(args[1]);
-    const Py_ssize_t received_len = PyBytes_GET_SIZE(args[3]), name_len = PyBytes_GET_SIZE(args[4]);
-    const Py_ssize_t total = head_len + seq_len + mid_len + seq_len
-        + (Py_ssize_t)(sizeof RECEIVED_AT - 1) + received_len + (Py_ssize_t)(sizeof EVENT - 1)
-        + name_len + (Py_ssize_t)(sizeof FIELDS - 1) + scan.json_size + 1;
-    PyObject *result = PyBytes_FromStringAndSize(NULL, total);
-    if (result == NULL)
-        return NULL;
-    unsigned char *const first = (unsigned char *)PyBytes_AS_STRING(result);
-    unsigned char *out = first;
-#define PUT(data, len) do { memcpy(out, (data), (size_t)(len)); out += (len); } while (0)
-    PUT(PyBytes_AS_STRING(args[0]), head_len);
-    PUT(seq_text, seq_len);
-    PUT(PyBytes_AS_STRING(args[1]), mid_len);
-    PUT(seq_text, seq_len);
-    PUT(RECEIVED_AT, sizeof RECEIVED_AT - 1);
-    PUT(PyBytes_AS_STRING(args[3]), received_len);
-    PUT(EVENT, sizeof EVENT - 1);
-    PUT(PyBytes_AS_STRING(args[4]), name_len);
-    PUT(FIELDS, sizeof FIELDS - 1);
-#undef PUT
-    out = write_fields(out, raw, &scan);
-    *out++ = '}';
-    if (out - first != total) {
-        Py_DECREF(result);
-        PyErr_SetString(PyExc_SystemError, "amid._speedups.record_json: size mismatch");
-        return NULL;
-    }
-    return result;
+    return build_record((const unsigned char *)PyBytes_AS_STRING(args[0]), PyBytes_GET_SIZE(args[0]),
+                        (const unsigned char *)PyBytes_AS_STRING(args[1]), PyBytes_GET_SIZE(args[1]),
+                        seq_text, seq_len,
+                        (const unsigned char *)PyBytes_AS_STRING(args[3]), PyBytes_GET_SIZE(args[3]),
+                        (const unsigned char *)PyBytes_AS_STRING(args[4]), PyBytes_GET_SIZE(args[4]),
+                        raw, &scan);
 }
 
 /* ------------------------------------------------------------------ objects built in C
@@ -601,6 +631,254 @@ done:
     return result;
 }
 
+/* Records: Record.of_event and Record.jsons for exactly the bound Record class. */
+enum { RC_ID, RC_NAME, RC_SERVER, RC_RECEIVED_AT, RC_JSON, RC_DATA, RC_EVENT, RC_SIZE, RC_RUN,
+       RC_SLOTS };
+static const char *const record_slot_names[RC_SLOTS] = {
+    "_id", "name", "server", "received_at", "_json", "_data", "_event", "size", "_run"};
+static PyTypeObject *record_type;
+static Py_ssize_t record_offsets[RC_SLOTS];
+
+static PyObject *bind_record(PyObject *module, PyObject *cls) {
+    (void)module;
+    if (!PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "bind_record(Record)");
+        return NULL;
+    }
+    Py_ssize_t offsets[RC_SLOTS];
+    if (slot_offsets((PyTypeObject *)cls, record_slot_names, RC_SLOTS, offsets) < 0)
+        return NULL;
+    memcpy(record_offsets, offsets, sizeof offsets);
+    Py_INCREF(cls);
+    Py_XSETREF(record_type, (PyTypeObject *)cls);
+    Py_RETURN_NONE;
+}
+
+static int records_bound(void) {
+    if (event_type == NULL || record_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "amid._speedups: bind_event() and bind_record() first");
+        return 0;
+    }
+    return 1;
+}
+
+/* records_of(events, run) -> list[Record] | None: [Record.of_event(e, run) for e in events];
+ * None (Python makes them) unless every event is an Event whose slots are all set, with
+ * bytes for raw. */
+static PyObject *records_of(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 2 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "records_of(events: list, run)");
+        return NULL;
+    }
+    if (!records_bound())
+        return NULL;
+    PyObject *events = args[0], *run = args[1];
+    const Py_ssize_t n = PyList_GET_SIZE(events);
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *event = PyList_GET_ITEM(events, k);
+        if (!Py_IS_TYPE(event, event_type) || SLOT(event, event_offsets[EV_NAME]) == NULL
+                || SLOT(event, event_offsets[EV_SERVER]) == NULL
+                || SLOT(event, event_offsets[EV_RECEIVED_AT]) == NULL
+                || SLOT(event, event_offsets[EV_RAW]) == NULL
+                || !PyBytes_Check(SLOT(event, event_offsets[EV_RAW])))
+            Py_RETURN_NONE;
+    }
+    PyObject *records = PyList_New(n);
+    if (records == NULL)
+        return NULL;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *event = PyList_GET_ITEM(events, k);
+        const Py_ssize_t raw_len = PyBytes_GET_SIZE(SLOT(event, event_offsets[EV_RAW]));
+        /* records._estimated_size */
+        PyObject *size = PyLong_FromSsize_t(raw_len + (raw_len >> 2) + 256);
+        PyObject *record = size == NULL ? NULL : record_type->tp_alloc(record_type, 0);
+        if (record == NULL) {
+            Py_XDECREF(size);
+            Py_DECREF(records);
+            return NULL;
+        }
+        slot_put(record, record_offsets[RC_ID], Py_None);
+        slot_put(record, record_offsets[RC_RUN], run);
+        slot_put(record, record_offsets[RC_NAME], SLOT(event, event_offsets[EV_NAME]));
+        slot_put(record, record_offsets[RC_SERVER], SLOT(event, event_offsets[EV_SERVER]));
+        slot_put(record, record_offsets[RC_RECEIVED_AT], SLOT(event, event_offsets[EV_RECEIVED_AT]));
+        slot_put(record, record_offsets[RC_JSON], Py_None);
+        slot_put(record, record_offsets[RC_DATA], Py_None);
+        slot_put(record, record_offsets[RC_EVENT], event);
+        SLOT(record, record_offsets[RC_SIZE]) = size;
+        PyList_SET_ITEM(records, k, record);
+    }
+    return records;
+}
+
+/* What consecutive records of one batch share: the connection's id and envelope parts, and
+ * the receive time (every event of one read has the same). */
+typedef struct {
+    PyObject *server, *run, *epoch; /* borrowed: the key of parts */
+    PyObject *parts;                /* (head, mid) from Python, or NULL */
+    int received_is_float;
+    double received_value;          /* the receive time (a float) of ... */
+    PyObject *received;             /* ... its ISO bytes */
+} BatchParts;
+
+/* A plain name's bytes: ASCII with nothing JSON would escape (else NULL: Python decides). */
+static const unsigned char *plain_name(PyObject *name, Py_ssize_t *len) {
+    if (!PyUnicode_CheckExact(name) || !PyUnicode_IS_ASCII(name))
+        return NULL;
+    const unsigned char *text = PyUnicode_DATA(name);
+    const Py_ssize_t n = PyUnicode_GET_LENGTH(name);
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (text[k] < 0x20 || text[k] == '"' || text[k] == '\\' || text[k] == 0x7f)
+            return NULL;
+    }
+    *len = n;
+    return text;
+}
+
+/* The record JSON of a fresh wire record, as records.Record.json would make it; Py_None
+ * (a new reference) when Python must (anything unusual), NULL on error. */
+static PyObject *fresh_record_json(PyObject *event, PyObject *run, BatchParts *shared,
+                                   PyObject *parts_for, PyObject *iso_bytes) {
+    PyObject *server = SLOT(event, event_offsets[EV_SERVER]);
+    PyObject *epoch = SLOT(event, event_offsets[EV_EPOCH]);
+    PyObject *seq_obj = SLOT(event, event_offsets[EV_SEQ]);
+    PyObject *received_at = SLOT(event, event_offsets[EV_RECEIVED_AT]);
+    PyObject *name = SLOT(event, event_offsets[EV_NAME]);
+    PyObject *raw = SLOT(event, event_offsets[EV_RAW]);
+    if (server == NULL || epoch == NULL || seq_obj == NULL || received_at == NULL || name == NULL
+            || raw == NULL || !PyLong_CheckExact(epoch) || !PyLong_CheckExact(seq_obj)
+            || !PyBytes_Check(raw))
+        Py_RETURN_NONE;
+    Py_ssize_t name_len;
+    const unsigned char *name_text = plain_name(name, &name_len);
+    if (name_text == NULL)
+        Py_RETURN_NONE;
+    int overflow;
+    const long long seq = PyLong_AsLongLongAndOverflow(seq_obj, &overflow);
+    if (overflow)
+        Py_RETURN_NONE;
+    if (server != shared->server || run != shared->run || epoch != shared->epoch) {
+        int same = shared->parts != NULL && server == shared->server && run == shared->run;
+        if (same) {
+            same = PyObject_RichCompareBool(epoch, shared->epoch, Py_EQ);
+            if (same < 0)
+                return NULL;
+        }
+        if (!same) {
+            PyObject *parts = PyObject_CallFunctionObjArgs(parts_for, server, run, epoch, NULL);
+            if (parts == NULL)
+                return NULL;
+            if (parts != Py_None && (!PyTuple_CheckExact(parts) || PyTuple_GET_SIZE(parts) != 2
+                    || !PyBytes_Check(PyTuple_GET_ITEM(parts, 0))
+                    || !PyBytes_Check(PyTuple_GET_ITEM(parts, 1)))) {
+                Py_DECREF(parts);
+                PyErr_SetString(PyExc_TypeError, "parts_for() must give (head, mid) or None");
+                return NULL;
+            }
+            Py_XSETREF(shared->parts, parts == Py_None ? NULL : parts);
+            if (parts == Py_None)
+                Py_DECREF(parts);
+        }
+        shared->server = server;
+        shared->run = run;
+        shared->epoch = epoch;
+    }
+    if (shared->parts == NULL)
+        Py_RETURN_NONE;
+    /* A receive time that is not a float (set by a library user) is formatted every time. */
+    const int is_float = PyFloat_CheckExact(received_at);
+    if (shared->received == NULL || !is_float || !shared->received_is_float
+            || PyFloat_AS_DOUBLE(received_at) != shared->received_value) {
+        PyObject *received = PyObject_CallOneArg(iso_bytes, received_at);
+        if (received == NULL)
+            return NULL;
+        if (!PyBytes_Check(received)) {
+            Py_DECREF(received);
+            PyErr_SetString(PyExc_TypeError, "iso_bytes() must give bytes");
+            return NULL;
+        }
+        Py_XSETREF(shared->received, received);
+        shared->received_is_float = is_float;
+        shared->received_value = is_float ? PyFloat_AS_DOUBLE(received_at) : 0.0;
+    }
+    const unsigned char *raw_bytes = (const unsigned char *)PyBytes_AS_STRING(raw);
+    Scan scan;
+    if (scan_fields(raw_bytes, PyBytes_GET_SIZE(raw), &scan) != SCAN_OK)
+        Py_RETURN_NONE;
+    char seq_text[24];
+    const int seq_len = format_int(seq_text, seq);
+    PyObject *head = PyTuple_GET_ITEM(shared->parts, 0), *mid = PyTuple_GET_ITEM(shared->parts, 1);
+    return build_record((const unsigned char *)PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head),
+                        (const unsigned char *)PyBytes_AS_STRING(mid), PyBytes_GET_SIZE(mid),
+                        seq_text, seq_len,
+                        (const unsigned char *)PyBytes_AS_STRING(shared->received),
+                        PyBytes_GET_SIZE(shared->received), name_text, name_len, raw_bytes, &scan);
+}
+
+/* records_json(records, parts_for, iso_bytes) -> list[bytes] | None: [r.json for r in records],
+ * the fresh wire records built here and kept in their _json slot; any other record asks its
+ * own json property. None (Python does it all) unless every item is a bound Record.
+ * parts_for(server, run, epoch) gives (head, mid) as record_json() takes them, or None. */
+static PyObject *records_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "records_json(records, parts_for, iso_bytes)");
+        return NULL;
+    }
+    if (!records_bound())
+        return NULL;
+    PyObject *seq = PySequence_Fast(args[0], "records_json() expects a list or tuple");
+    if (seq == NULL)
+        return NULL;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *out = NULL;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (!Py_IS_TYPE(items[k], record_type)) {
+            out = Py_NewRef(Py_None);
+            goto done;
+        }
+    }
+    out = PyList_New(n);
+    if (out == NULL)
+        goto done;
+    BatchParts shared = {NULL, NULL, NULL, NULL, 0, 0.0, NULL};
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *record = items[k];
+        PyObject *json = SLOT(record, record_offsets[RC_JSON]);
+        if (json != NULL && json != Py_None) {
+            PyList_SET_ITEM(out, k, Py_NewRef(json));
+            continue;
+        }
+        PyObject *event = SLOT(record, record_offsets[RC_EVENT]);
+        PyObject *run = SLOT(record, record_offsets[RC_RUN]);
+        PyObject *built = NULL;
+        if (json != NULL && event != NULL && Py_IS_TYPE(event, event_type) && run != NULL
+                && SLOT(record, record_offsets[RC_ID]) == Py_None && PyUnicode_CheckExact(run)) {
+            built = fresh_record_json(event, run, &shared, args[1], args[2]);
+            if (built == NULL)
+                break;
+        }
+        if (built == NULL || built == Py_None) {
+            Py_XDECREF(built);
+            built = PyObject_GetAttrString(record, "json"); /* the property: Python's rules */
+            if (built == NULL)
+                break;
+        } else {
+            Py_SETREF(SLOT(record, record_offsets[RC_JSON]), Py_NewRef(built));
+        }
+        PyList_SET_ITEM(out, k, built);
+    }
+    Py_XDECREF(shared.parts);
+    Py_XDECREF(shared.received);
+    if (PyErr_Occurred())
+        Py_CLEAR(out);
+done:
+    Py_DECREF(seq);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"fields_json", fields_json, METH_O,
      "fields_json(raw: bytes) -> bytes | bool | None\n\n"
@@ -614,6 +892,12 @@ static PyMethodDef methods[] = {
     {"frame_crlf", (PyCFunction)(void (*)(void))frame_crlf, METH_FASTCALL,
      "frame_crlf(buf, max_message_bytes, max_fields) -> (messages, consumed, others) | None\n\n"
      "Parser._feed_crlf in one pass; see amid.ami.protocol."},
+    {"bind_record", bind_record, METH_O,
+     "bind_record(Record) -> None\n\nThe class records_of() makes and records_json() reads."},
+    {"records_of", (PyCFunction)(void (*)(void))records_of, METH_FASTCALL,
+     "records_of(events, run) -> list | None\n\n[Record.of_event(e, run) for e in events]."},
+    {"records_json", (PyCFunction)(void (*)(void))records_json, METH_FASTCALL,
+     "records_json(records, parts_for, iso_bytes) -> list | None\n\n[r.json for r in records]."},
     {NULL, NULL, 0, NULL},
 };
 

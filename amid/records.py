@@ -24,7 +24,8 @@ from typing import Any
 
 from pydantic_core import from_json as _from_json
 
-from amid._encode import encode_record, event_json, format_iso, record_dict, record_json, record_jsons
+from amid._encode import (encode_record, event_json, format_iso, record_dict, record_head_mid,
+                          record_json, record_jsons, receive_time_bytes)
 
 __all__ = ["Record", "format_iso"]
 
@@ -92,10 +93,24 @@ class Record:
                 self._json = encode_record(self.data)
         return self._json
 
+    @classmethod
+    def of_events(cls, events: list[Any], run: str) -> "list[Record]":
+        """``[Record.of_event(event, run) for event in events]`` (the router's read path)."""
+        if _records_of is not None and cls is Record:
+            records = _records_of(events, run)
+            if records is not None:
+                return records
+        of_event = cls.of_event
+        return [of_event(event, run) for event in events]
+
     @staticmethod
     def jsons(records: "list[Record] | tuple[Record, ...]") -> list[bytes]:
         """``[record.json for record in records]``, built in one pass where needed (a sink's
         batch: the records of one read share their envelope parts)."""
+        if _records_json is not None:
+            built = _records_json(records, record_head_mid, receive_time_bytes)
+            if built is not None:
+                return built
         todo = [record for record in records
                 if record._json is None and record._event is not None and record._id is None]
         if todo:
@@ -160,3 +175,15 @@ def _parse_iso(text: str) -> float:
     secs = calendar.timegm(time.strptime(base, "%Y-%m-%dT%H:%M:%S"))
     return secs + (int(frac) / 10 ** len(frac) if frac else 0.0)
 
+
+
+# The optional C accelerator (amid/_speedups.c) makes and encodes the read path's records in
+# one call per read or batch; without it, the Python above does the same.
+try:
+    from amid import _speedups
+except ImportError:
+    _records_of = _records_json = None
+else:
+    _speedups.bind_record(Record)
+    _records_of = _speedups.records_of
+    _records_json = _speedups.records_json

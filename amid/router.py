@@ -103,8 +103,7 @@ class Router:
         read path). Records are made once and shared by the sinks; each sink takes its
         accepted ones in one call. Never blocks."""
         run = self.run_id
-        of_event = Record.of_event
-        records = [of_event(event, run) for event in events]
+        records = Record.of_events(events, run)
         for flt, runner in self._routes:
             if flt.accepts_all:
                 runner.offer_many(records)

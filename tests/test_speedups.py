@@ -288,3 +288,143 @@ def test_bind_event_refuses_what_it_cannot_fill() -> None:
         bind_event(Event, Plain(b"Event: x"))  # the template must be of the class itself
     with pytest.raises(TypeError):
         frame_crlf("Event: A\r\n\r\n", 100, 100)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- records in C
+
+from amid import records as records_module  # noqa: E402
+from amid._speedups import records_json, records_of  # noqa: E402
+from amid.records import Record  # noqa: E402
+
+RECORD_SLOTS = ("_id", "name", "server", "received_at", "_json", "_data", "_event", "size", "_run")
+
+
+def record_slots(record: Record) -> tuple:
+    return tuple(getattr(record, slot) for slot in RECORD_SLOTS)
+
+
+def wire_event(raw: bytes, server: object, epoch: object, seq: object, received_at: object,
+               name: object = None) -> Event:
+    event = Event(raw)
+    event.server, event.epoch, event.seq, event.received_at = server, epoch, seq, received_at
+    if name is not None:
+        event.name = name
+    return event
+
+
+_SERVERS = st.sampled_from(["pbx-1", "pbx-2", 'p"q', "pbx-é", "\udcff", ""])
+_RAWS = st.sampled_from([b"Event: Newchannel\r\nChannel: PJSIP/1\r\nUniqueid: 1.1",
+                         b'Event: UserEvent\r\nData: say "hi"\r\nData: again',
+                         b"Event: Caf\xc3\xa9\r\nK: v", b"Event: Bad\r\nK: \xff",
+                         b"Event: X\r\nno colon", b"Event: Y"])
+_EVENTS = st.builds(
+    wire_event, raw=_RAWS, server=_SERVERS,
+    epoch=st.sampled_from([0, 1, 7, 2 ** 70, True]),
+    seq=st.one_of(st.integers(-5, 10 ** 6), st.sampled_from([2 ** 63 - 1, 2 ** 63, -(2 ** 63) - 1])),
+    received_at=st.sampled_from([1764400000.25, 1764400000.25, 1764400001.5, 0.0, 1764400002]),
+    name=st.sampled_from([None, None, "Newchannel", 'Q"uote', "Café", "Tab\t", "\udcff"]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(events=st.lists(_EVENTS, max_size=12), run=st.sampled_from(["run1", 'r"2', "ré"]),
+       touch=st.lists(st.sampled_from(["id", "json", "data", "none"]), max_size=12),
+       synthetic=st.booleans())
+def test_c_record_batches_equal_python_records(events, run, touch, synthetic) -> None:
+    """Records made and encoded in C are the records Python makes, slot for slot, whatever
+    the servers, epochs, sequence numbers, receive times, names and messages; records whose
+    id, JSON or dict was already asked for, and records amid made itself, mixed in."""
+    made = records_of(events, run)
+    expected = [Record.of_event(event, run) for event in events]
+    assert [record_slots(r) for r in made] == [record_slots(r) for r in expected]
+    for record, other, what in zip(made, expected, touch):  # what sinks may have asked already
+        for one in (record, other):
+            if what == "id":
+                one.id
+            elif what == "json":
+                one.json
+            elif what == "data":
+                one.data
+    if synthetic:
+        gap = Record.synthetic(id="pbx-1:run1:0:0", server="pbx-1", name="AmidGap", fields={"Lost": "3"})
+        made, expected = made + [gap], expected + [gap]
+    got = records_json(made, _encode.record_head_mid, _encode.receive_time_bytes)
+    assert got == [record.json for record in expected]
+    assert [record_slots(r) for r in made] == [record_slots(r) for r in expected]  # _json kept
+
+
+def test_record_batches_use_the_accelerator_only_for_exact_records_and_events() -> None:
+    class MyRecord(Record):
+        __slots__ = ()
+
+    event = wire_event(b"Event: A\r\nK: v", "pbx-1", 1, 5, 1764400000.0)
+    assert records_of([event, "not an event"], "run1") is None
+    assert records_of([Event(b"Event: A")], "run1") is not None  # a fresh Event has every slot
+    unset = Event.__new__(Event)
+    assert records_of([unset], "run1") is None
+    mine = MyRecord.of_event(event, "run1")
+    assert records_json([mine], _encode.record_head_mid, _encode.receive_time_bytes) is None
+    assert Record.jsons([mine]) == [Record.of_event(event, "run1").json]
+    assert Record.jsons((Record.of_event(event, "run1"),)) == [mine.json]  # a tuple too
+    with pytest.raises(TypeError):
+        records_json(None, _encode.record_head_mid, _encode.receive_time_bytes)
+    with pytest.raises(AttributeError):  # an unset slot raises as in Python
+        Record.jsons([Record.of_event(unset, "run1")])
+
+
+def test_parts_are_asked_once_per_connection_and_time_once_per_value() -> None:
+    calls: list[tuple] = []
+
+    def parts_for(server, run, epoch):
+        calls.append(("parts", server, epoch))
+        return _encode.record_head_mid(server, run, epoch)
+
+    def iso(ts):
+        calls.append(("time", ts))
+        return _encode.receive_time_bytes(ts)
+
+    events = [wire_event(b"Event: A\r\nK: v", server, epoch, seq, ts)
+              for seq, (server, epoch, ts) in enumerate(
+                  [("a", 1, 1.5), ("a", 1, 1.5), ("a", 1, 2.5), ("b", 1, 2.5), ("b", 1, 2.5), ("a", 2, 2.5)])]
+    records = records_of(events, "run1")
+    assert records_json(records, parts_for, iso) == [Record.of_event(e, "run1").json for e in events]
+    assert calls == [("parts", "a", 1), ("time", 1.5), ("time", 2.5), ("parts", "b", 1),
+                     ("parts", "a", 2)]
+
+
+def test_records_in_c_do_not_leak() -> None:
+    events = [wire_event(b"Event: Newchannel\r\nChannel: PJSIP/%d\r\nUniqueid: 1.%d" % (i, i),
+                         "pbx-1", 1, i, 1764400000.0 + i // 50) for i in range(200)]
+
+    def cycle() -> None:
+        records = records_of(events, "run1")
+        records_json(records, _encode.record_head_mid, _encode.receive_time_bytes)
+
+    for _ in range(30):
+        cycle()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(300):
+            cycle()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 64 * 1024, grown
+
+
+def test_the_record_accelerator_is_in_use() -> None:
+    assert records_module._records_of is records_of
+    assert records_module._records_json is records_json
+
+
+def test_a_record_whose_id_was_asked_keeps_that_id() -> None:
+    # The id is fixed when first asked (e.g. by a dead-letter line), even if the event's seq
+    # changes later: the batch encoder must then leave the record to Python's event_json.
+    event = wire_event(b"Event: A\r\nK: v", "pbx-1", 1, 5, 1764400000.0)
+    (record,) = records_of([event], "run1")
+    assert record.id == "pbx-1:run1:1:5"
+    event.seq = 6
+    (json,) = records_json([record], _encode.record_head_mid, _encode.receive_time_bytes)
+    assert json.startswith(b'{"id":"pbx-1:run1:1:5","server":"pbx-1","epoch":1,"seq":6,')
