@@ -20,6 +20,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -433,6 +434,15 @@ static int slot_offsets(PyTypeObject *cls, const char *const *names, int count,
         PyErr_Format(PyExc_TypeError, "%s: not a plain class with __slots__", cls->tp_name);
         return -1;
     }
+    /* tp_alloc skips tp_new: only Python classes over object (no dict, Exception, ... base
+     * whose invariants its tp_new sets) may be filled this way. */
+    for (const PyTypeObject *base = cls; base != &PyBaseObject_Type; base = base->tp_base) {
+        if (base == NULL || !(base->tp_flags & Py_TPFLAGS_HEAPTYPE)
+                || base->tp_dealloc != cls->tp_dealloc) {
+            PyErr_Format(PyExc_TypeError, "%s: not a plain class with __slots__", cls->tp_name);
+            return -1;
+        }
+    }
     for (int k = 0; k < count; k++) {
         PyObject *descr = PyObject_GetAttrString((PyObject *)cls, names[k]);
         if (descr == NULL)
@@ -445,6 +455,8 @@ static int slot_offsets(PyTypeObject *cls, const char *const *names, int count,
                 && member->offset >= (Py_ssize_t)sizeof(PyObject)
                 && member->offset + (Py_ssize_t)sizeof(PyObject *) <= cls->tp_basicsize;
             offsets[k] = member->offset;
+            for (int j = 0; j < k; j++)
+                ok = ok && offsets[j] != offsets[k]; /* one slot under two names */
         }
         Py_DECREF(descr);
         if (!ok) {
@@ -485,6 +497,13 @@ static PyObject *bind_event(PyObject *module, PyObject *const *args, Py_ssize_t 
             PyErr_Format(PyExc_TypeError, "the template Event has no %s", event_slot_names[k]);
             return NULL;
         }
+    }
+    if (event_type != NULL) {
+        /* Bound once per process: the objects being built hold the first binding's state. */
+        if (event_type == cls)
+            Py_RETURN_NONE;
+        PyErr_SetString(PyExc_RuntimeError, "bind_event(): already bound to another class");
+        return NULL;
     }
     for (int k = 0; k < EV_SLOTS; k++) {
         event_offsets[k] = offsets[k];
@@ -546,7 +565,7 @@ static PyObject *new_event(const unsigned char *start, Py_ssize_t len) {
  * turns into messages). */
 static PyObject *frame_crlf(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyLong_Check(args[1]) || !PyLong_Check(args[2])) {
+    if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError,
                         "frame_crlf(buf: bytes, max_message_bytes: int, max_fields: int)");
         return NULL;
@@ -555,9 +574,18 @@ static PyObject *frame_crlf(PyObject *module, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_RuntimeError, "frame_crlf() before bind_event()");
         return NULL;
     }
-    const Py_ssize_t max_bytes = PyLong_AsSsize_t(args[1]), max_fields = PyLong_AsSsize_t(args[2]);
+    if (!PyBytes_CheckExact(args[0]) || !PyLong_Check(args[1]) || !PyLong_Check(args[2]))
+        Py_RETURN_NONE; /* a bytearray, float bounds...: Python frames it */
+    /* Bounds beyond 64 bits act as none (or, negative, as always exceeded), as in Python. */
+    int over_bytes, over_fields;
+    long long max_bytes = PyLong_AsLongLongAndOverflow(args[1], &over_bytes);
+    long long max_fields = PyLong_AsLongLongAndOverflow(args[2], &over_fields);
     if ((max_bytes == -1 || max_fields == -1) && PyErr_Occurred())
         return NULL;
+    if (over_bytes)
+        max_bytes = over_bytes > 0 ? LLONG_MAX : LLONG_MIN;
+    if (over_fields)
+        max_fields = over_fields > 0 ? LLONG_MAX : LLONG_MIN;
     const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(args[0]);
     const Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
 
@@ -631,6 +659,46 @@ done:
     return result;
 }
 
+/* stamp_events(events, server, epoch, last_seq, received_at) -> bool: the session's envelope
+ * on every event of one read (event k gets seq last_seq + 1 + k), as AMIClient's dispatch loop
+ * sets it. False, with nothing changed, unless every item is an Event of the bound class and
+ * the sequence numbers stay within 63 bits (the Python loop then does it). */
+static PyObject *stamp_events(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 5 || !PyList_Check(args[0]) || !PyLong_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "stamp_events(events: list, server, epoch, last_seq: int, received_at)");
+        return NULL;
+    }
+    if (event_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "stamp_events() before bind_event()");
+        return NULL;
+    }
+    PyObject *events = args[0];
+    const Py_ssize_t n = PyList_GET_SIZE(events);
+    int overflow;
+    const long long last = PyLong_AsLongLongAndOverflow(args[3], &overflow);
+    if (last == -1 && PyErr_Occurred())
+        return NULL;
+    if (overflow || last < 0 || last > LLONG_MAX - n)
+        Py_RETURN_FALSE;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (!Py_IS_TYPE(PyList_GET_ITEM(events, k), event_type))
+            Py_RETURN_FALSE;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *seq = PyLong_FromLongLong(last + 1 + k);
+        if (seq == NULL)
+            return NULL; /* events before k are stamped: the caller treats this as fatal */
+        PyObject *event = PyList_GET_ITEM(events, k);
+        Py_XSETREF(SLOT(event, event_offsets[EV_SERVER]), Py_NewRef(args[1]));
+        Py_XSETREF(SLOT(event, event_offsets[EV_EPOCH]), Py_NewRef(args[2]));
+        Py_XSETREF(SLOT(event, event_offsets[EV_SEQ]), seq);
+        Py_XSETREF(SLOT(event, event_offsets[EV_RECEIVED_AT]), Py_NewRef(args[4]));
+    }
+    Py_RETURN_TRUE;
+}
+
 /* Records: Record.of_event and Record.jsons for exactly the bound Record class. */
 enum { RC_ID, RC_NAME, RC_SERVER, RC_RECEIVED_AT, RC_JSON, RC_DATA, RC_EVENT, RC_SIZE, RC_RUN,
        RC_SLOTS };
@@ -648,6 +716,12 @@ static PyObject *bind_record(PyObject *module, PyObject *cls) {
     Py_ssize_t offsets[RC_SLOTS];
     if (slot_offsets((PyTypeObject *)cls, record_slot_names, RC_SLOTS, offsets) < 0)
         return NULL;
+    if (record_type != NULL) {
+        if (record_type == (PyTypeObject *)cls)
+            Py_RETURN_NONE;
+        PyErr_SetString(PyExc_RuntimeError, "bind_record(): already bound to another class");
+        return NULL;
+    }
     memcpy(record_offsets, offsets, sizeof offsets);
     Py_INCREF(cls);
     Py_XSETREF(record_type, (PyTypeObject *)cls);
@@ -892,6 +966,9 @@ static PyMethodDef methods[] = {
     {"frame_crlf", (PyCFunction)(void (*)(void))frame_crlf, METH_FASTCALL,
      "frame_crlf(buf, max_message_bytes, max_fields) -> (messages, consumed, others) | None\n\n"
      "Parser._feed_crlf in one pass; see amid.ami.protocol."},
+    {"stamp_events", (PyCFunction)(void (*)(void))stamp_events, METH_FASTCALL,
+     "stamp_events(events, server, epoch, last_seq, received_at) -> bool\n\n"
+     "The session's envelope on one read's events; see amid.ami.session."},
     {"bind_record", bind_record, METH_O,
      "bind_record(Record) -> None\n\nThe class records_of() makes and records_json() reads."},
     {"records_of", (PyCFunction)(void (*)(void))records_of, METH_FASTCALL,

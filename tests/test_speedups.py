@@ -286,8 +286,33 @@ def test_bind_event_refuses_what_it_cannot_fill() -> None:
         bind_event(NoSlots, NoSlots())
     with pytest.raises(TypeError):
         bind_event(Event, Plain(b"Event: x"))  # the template must be of the class itself
-    with pytest.raises(TypeError):
-        frame_crlf("Event: A\r\n\r\n", 100, 100)  # type: ignore[arg-type]
+    class Twice(Event):  # one slot under two names: written twice, one object leaked
+        __slots__ = ()
+    Twice.name = Event.raw
+
+    class OverDict(dict):  # tp_new of the base would be skipped: a crash waiting to happen
+        __slots__ = ("raw", "name", "_fields", "_index", "server", "epoch", "seq", "received_at")
+
+    for cls in (Twice, OverDict):
+        template = cls.__new__(cls)
+        for slot in OverDict.__slots__:
+            setattr(template, slot, None)
+        with pytest.raises(TypeError):
+            bind_event(cls, template)
+    with pytest.raises(RuntimeError):  # bound once per process
+        bind_event(Plain, Plain(b"Event: x"))
+    bind_event(Event, Event(b"Event: y"))  # the same class again: nothing changes
+    assert Parser(expect_banner=False).feed(b"Event: A\r\n\r\n")[0].server == ""
+    assert frame_crlf("Event: A\r\n\r\n", 100, 100) is None  # not bytes: Python frames it
+
+
+@pytest.mark.parametrize("bounds", [dict(max_message_bytes=10 ** 30), dict(max_fields=10 ** 30),
+                                    dict(max_message_bytes=1e6), dict(max_message_bytes=-(10 ** 30))])
+def test_any_bounds_frame_as_in_python(bounds) -> None:
+    data = b"Event: A\r\nK: v\r\n\r\nEvent: B\r\n\r\n"
+    with_c = outcome(data, [], expect_banner=False, **bounds)
+    with python_framing():
+        assert with_c == outcome(data, [], expect_banner=False, **bounds)
 
 
 # ---------------------------------------------------------------- records in C
@@ -428,3 +453,61 @@ def test_a_record_whose_id_was_asked_keeps_that_id() -> None:
     event.seq = 6
     (json,) = records_json([record], _encode.record_head_mid, _encode.receive_time_bytes)
     assert json.startswith(b'{"id":"pbx-1:run1:1:5","server":"pbx-1","epoch":1,"seq":6,')
+
+
+# ---------------------------------------------------------------- the session's envelope in C
+
+from amid.ami import session as session_module  # noqa: E402
+from amid.ami.session import MAX_EVENT_NAMES, AMIClient  # noqa: E402
+from amid._speedups import stamp_events  # noqa: E402
+
+
+def dispatched(reads: list[bytes], *, stamp, names_before: int = 0, seq: int = 0):
+    """Feed ``reads`` through a client with only a batch listener (the daemon's setup)."""
+    saved = session_module._stamp_events
+    session_module._stamp_events = stamp
+    try:
+        client = AMIClient("127.0.0.1", 5038, username="u", secret="s", name="pbx-1")
+        client.epoch = 3
+        client._seq = seq
+        for i in range(names_before):
+            client.stats.events_by_name[f"Known{i}"] = 1
+        batches: list[list[Event]] = []
+        client.add_batch_listener(lambda events: batches.append(list(events)))
+        parser = Parser(expect_banner=False)
+        for read in reads:
+            client._dispatch_messages(parser.feed(read))
+    finally:
+        session_module._stamp_events = saved
+    stamps = [[(e.name, e.server, e.epoch, e.seq, type(e.received_at)) for e in b] for b in batches]
+    stats = client.stats
+    return (stamps, client._seq, stats.events_total, dict(stats.events_by_name),
+            client._last_shutdown_event, stats.last_event_time is not None)
+
+
+_NAMES = st.sampled_from([b"Newchannel", b"Hangup", b"Shutdown", b"New1", b"New2"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(reads=st.lists(st.lists(st.one_of(_NAMES.map(lambda n: b"Event: %s\r\nK: v\r\n\r\n" % n),
+                                         st.just(b"Response: Success\r\nActionID: x\r\n\r\n")),
+                               max_size=6).map(b"".join), max_size=6),
+       names_before=st.sampled_from([0, MAX_EVENT_NAMES - 2, MAX_EVENT_NAMES]),
+       seq=st.sampled_from([0, 41, 2 ** 63 - 3, 2 ** 64]))
+def test_c_envelope_equals_the_dispatch_loop(reads, names_before, seq) -> None:
+    """Sequence numbers, server, epoch, receive time, per-name counts (bounded), the Shutdown
+    flag and the batches are what the Python loop gives, with responses mixed in and sequence
+    numbers past 63 bits."""
+    with_c = dispatched(reads, stamp=stamp_events, names_before=names_before, seq=seq)
+    assert with_c == dispatched(reads, stamp=None, names_before=names_before, seq=seq)
+
+
+def test_stamp_events_changes_nothing_unless_it_can_do_all() -> None:
+    events = Parser(expect_banner=False).feed(b"Event: A\r\n\r\nEvent: B\r\n\r\n")
+    assert stamp_events(events + ["x"], "s", 1, 0, 1.0) is False
+    assert stamp_events(events, "s", 1, 2 ** 63 - 2, 1.0) is False  # B's seq would pass 63 bits
+    assert [(e.server, e.seq) for e in events] == [("", 0), ("", 0)]
+    assert stamp_events(events, "s", 1, 2 ** 63 - 3, 1.5) is True
+    assert [(e.server, e.epoch, e.seq, e.received_at) for e in events] == [
+        ("s", 1, 2 ** 63 - 2, 1.5), ("s", 1, 2 ** 63 - 1, 1.5)]
+    assert session_module._stamp_events is stamp_events

@@ -19,7 +19,8 @@ import logging
 import random
 import ssl as _ssl
 import time
-from collections import deque
+from collections import Counter, deque
+from operator import attrgetter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -37,7 +38,13 @@ log = logging.getLogger("amid.ami")
 
 DEFAULT_PORT = 5038
 MAX_EVENT_NAMES = 1000
+_name_of = attrgetter("name")
 MAX_HANDLER_CACHE = 1024
+
+try:  # the optional C accelerator (amid/_speedups.c); the dispatch loop does the same without
+    from amid._speedups import stamp_events as _stamp_events
+except ImportError:
+    _stamp_events = None
 
 # One generator for every client of the process, so ActionIDs never repeat across sessions
 # (Asterisk broadcasts OriginateResponse events, with their ActionID, to every session).
@@ -759,6 +766,25 @@ class AMIClient:
         by_name = stats.events_by_name
         listeners = self._listeners
         want_handlers = bool(self._handlers_exact or self._handlers_glob or self._handlers_any)
+        if (_stamp_events is not None and not listeners and not want_handlers and not self._lists
+                and self._batch_listeners and messages
+                and _stamp_events(messages, self.name, self.epoch, self._seq, now)):
+            # The daemon's read path: only events, only batch listeners. The C accelerator
+            # stamped them all as the loop below would; names are counted per distinct name.
+            self._seq += len(messages)
+            for name, count in Counter(map(_name_of, messages)).items():
+                if name in by_name:
+                    by_name[name] += count
+                elif len(by_name) < MAX_EVENT_NAMES:
+                    by_name[name] = count
+                else:
+                    by_name["other"] += count
+                if name == "Shutdown":
+                    self._last_shutdown_event = True
+            stats.events_total += len(messages)
+            stats.last_event_time = now
+            self._call_batch_listeners(messages)
+            return
         server, epoch = self.name, self.epoch
         batch: list[Event] | None = [] if self._batch_listeners else None
         first_seq = self._seq
@@ -799,12 +825,15 @@ class AMIClient:
             stats.events_total += self._seq - first_seq
             stats.last_event_time = now
         if batch:
-            for batch_listener in self._batch_listeners:
-                try:
-                    batch_listener(batch)
-                except Exception as exc:
-                    self._handler_failed(exc, f"batch listener {_callable_name(batch_listener)}",
-                                         batch[0].name)
+            self._call_batch_listeners(batch)
+
+    def _call_batch_listeners(self, batch: list[Event]) -> None:
+        for batch_listener in self._batch_listeners:
+            try:
+                batch_listener(batch)
+            except Exception as exc:
+                self._handler_failed(exc, f"batch listener {_callable_name(batch_listener)}",
+                                     batch[0].name)
 
     def _on_response(self, response: Response) -> None:
         action_id = response.get("ActionID")
