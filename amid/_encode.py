@@ -26,14 +26,11 @@ from pydantic_core import PydanticSerializationError, from_json, to_json
 
 from amid.ami.protocol import Event, recover_bytes
 
-try:
-    from amid._speedups import fields_json as _fields_json_c
-    from amid._speedups import record_json as _record_json_c
-except ImportError:  # not built (no compiler at install time): the pure-Python path below
-    _fields_json_c = _record_json_c = None
+from amid._accel import SPEEDUPS, speedups
 
-#: "c" when the C accelerator is in use, else "python" (``amid --version`` shows it).
-SPEEDUPS = "c" if _fields_json_c is not None else "python"
+# The C accelerator, when in use (see amid._accel); else the pure-Python path below.
+_fields_json_c = speedups.fields_json if speedups is not None else None
+_record_json_c = speedups.record_json if speedups is not None else None
 
 # Every byte that may stand in a JSON string as it is: not a control character (CR and LF are
 # the line separators and are checked by counting), not '"', not '\\', not DEL.

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from amid import __version__
-from amid._encode import SPEEDUPS
+from amid._accel import REASON, SPEEDUPS
 
 log = logging.getLogger("amid.cli")
 
@@ -66,13 +66,13 @@ def _non_negative(text: str) -> float:
 def _speedups_text() -> str:
     if SPEEDUPS == "c":
         return "C accelerator"
-    return "pure Python: the C accelerator was not built (no C compiler at install time)"
+    return f"pure Python: {REASON}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amid", description="Asterisk Manager Interface event daemon")
     parser.add_argument("--version", action="version",
-                        version=f"amid {__version__} (record JSON: {_speedups_text()})")
+                        version=f"amid {__version__} (read path: {_speedups_text()})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def logging_args(p: argparse.ArgumentParser, default_format: str | None = None,

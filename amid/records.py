@@ -177,13 +177,13 @@ def _parse_iso(text: str) -> float:
 
 
 
-# The optional C accelerator (amid/_speedups.c) makes and encodes the read path's records in
+# The optional C accelerator (see amid._accel) makes and encodes the read path's records in
 # one call per read or batch; without it, the Python above does the same.
-try:
-    from amid import _speedups
-except ImportError:
-    _records_of = _records_json = None
-else:
+from amid._accel import speedups as _speedups  # noqa: E402  (binds Record, defined above)
+
+if _speedups is not None:
     _speedups.bind_record(Record)
     _records_of = _speedups.records_of
     _records_json = _speedups.records_json
+else:
+    _records_of = _records_json = None

@@ -689,12 +689,12 @@ class ActionIdGenerator:
         return f"{self.prefix}{next(self._counter)}"
 
 
-# The optional C accelerator (amid/_speedups.c) frames CRLF streams and builds the Events
+# The optional C accelerator (see amid._accel) frames CRLF streams and builds the Events
 # itself; without it, Parser._feed_crlf does the same in Python.
-try:
-    from amid import _speedups
-except ImportError:
-    _frame_crlf = None
-else:
+from amid._accel import speedups as _speedups  # noqa: E402  (binds Event, defined above)
+
+if _speedups is not None:
     _speedups.bind_event(Event, Event(b"Event: x"))
     _frame_crlf = _speedups.frame_crlf
+else:
+    _frame_crlf = None

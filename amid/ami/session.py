@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from amid._accel import speedups as _speedups
 from amid.ami.protocol import (ActionIdGenerator, DEFAULT_MAX_MESSAGE_BYTES, Event, Parser, RemoteProtocolError, Response, encode_action)
 from amid.ami.stats import SessionStats
 
@@ -41,10 +42,8 @@ MAX_EVENT_NAMES = 1000
 _name_of = attrgetter("name")
 MAX_HANDLER_CACHE = 1024
 
-try:  # the optional C accelerator (amid/_speedups.c); the dispatch loop does the same without
-    from amid._speedups import stamp_events as _stamp_events
-except ImportError:
-    _stamp_events = None
+# The optional C accelerator (see amid._accel); the dispatch loop does the same without it.
+_stamp_events = _speedups.stamp_events if _speedups is not None else None
 
 # One generator for every client of the process, so ActionIDs never repeat across sessions
 # (Asterisk broadcasts OriginateResponse events, with their ActionID, to every session).
