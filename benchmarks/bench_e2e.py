@@ -203,12 +203,14 @@ def _amid_command() -> list[str]:
 
 
 @contextlib.contextmanager
-def amid_daemon(workdir: Path, config: dict) -> Iterator[subprocess.Popen]:
+def amid_daemon(workdir: Path, config: dict, env: dict[str, str] | None = None
+                ) -> Iterator[subprocess.Popen]:
     path = workdir / "amid.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     log = (workdir / "amid.log").open("wb")
     proc = subprocess.Popen([*_amid_command(), "run", "--config", str(path), "--log-level", "warning"],
-                            cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+                            cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                            env=None if env is None else {**os.environ, **env})
     try:
         yield proc
     finally:
@@ -306,8 +308,10 @@ def _run_phase(name: str, source: Source, tailer: Tailer, pid: int, rate: float,
                  "" if complete else f"{count - written:,} of {count:,} events never written")
 
 
-def run_scenario(*, all_sinks: bool, rates: list[int], seconds: float, flat_out: int) -> dict:
-    """One amid process, the phases run one after the other against it."""
+def run_scenario(*, all_sinks: bool, rates: list[int], seconds: float, flat_out: int,
+                 env: dict[str, str] | None = None) -> dict:
+    """One amid process (``env`` added to its environment), the phases run one after the
+    other against it."""
     with tempfile.TemporaryDirectory(prefix="amid-e2e-") as tmp:
         workdir = Path(tmp)
         jsonl = workdir / "events.jsonl"
@@ -322,7 +326,7 @@ def run_scenario(*, all_sinks: bool, rates: list[int], seconds: float, flat_out:
                        "overflow": "drop_oldest"}]
         phases: list[Phase] = []
         try:
-            with amid_daemon(workdir, _config(workdir, source.port, http_port, sinks)) as proc:
+            with amid_daemon(workdir, _config(workdir, source.port, http_port, sinks), env) as proc:
                 _wait_file(jsonl, proc, 20)
                 source.wait_sessions(1, 20)
                 tailer = Tailer(jsonl)
@@ -438,8 +442,14 @@ def run(quick: bool) -> tuple[str, dict]:
     out = []
     file_only = run_scenario(all_sinks=False, rates=[1000, 10_000, 40_000], seconds=seconds,
                              flat_out=flat_out)
+    # The same daemon without its C accelerator: what a machine without a compiler gets.
+    pure = run_scenario(all_sinks=False, rates=[], seconds=seconds, flat_out=flat_out,
+                        env={"AMID_PURE_PYTHON": "1"})
+    pure_flat = pure["phases"][-1]
+    pure_flat.name = "flat out, pure Python (`AMID_PURE_PYTHON=1`)"
     out.append("**File sink only** (JSONL, `fsync: interval`, batch `max_wait: 0`); latency = line "
-               "seen written − `received_at`:\n\n" + markdown_table(HEADER, _phase_rows(file_only["phases"]))
+               "seen written − `received_at`:\n\n"
+               + markdown_table(HEADER, _phase_rows(file_only["phases"] + [pure_flat]))
                + f"\n\nRSS after warm-up {file_only['rss_idle'] / 1024:.0f} MiB, after all phases "
                  f"{file_only['rss_steady'] / 1024:.0f} MiB, {SETTLE_SECONDS:.0f} s later (queues empty) "
                  f"{file_only['rss_settled'] / 1024:.0f} MiB, peak (VmHWM) {file_only['hwm'] / 1024:.0f} MiB.")
@@ -462,7 +472,7 @@ def run(quick: bool) -> tuple[str, dict]:
         f"and drains within each half); webhook queue at the end "
         f"{outage['queue_events'] or 0:,.0f} events / {(outage['queue_bytes'] or 0) / 1024**2:.1f} MiB, "
         f"dropped (queue_full) {outage['dropped'] or 0:,.0f}.")
-    return "\n\n".join(out), {"file": file_only, "all": every, "outage": outage}
+    return "\n\n".join(out), {"file": file_only, "pure": pure, "all": every, "outage": outage}
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from amid import _encode
+from amid import _accel
 from amid.ami.protocol import Event, Parser
+from amid.ami.session import AMIClient
 from amid.records import Record
 
 from benchmarks import prototypes
-from benchmarks.common import Samples, markdown_table, ratio_text, s09a_messages, with_channel_vars
+from benchmarks.common import (Samples, markdown_table, pure_python, ratio_text, s09a_messages,
+                               with_channel_vars)
 
 READ_SIZE = 64 * 1024
 
@@ -72,39 +74,42 @@ def amid_to_dict(chunks: Sequence[bytes]) -> int:
     return count
 
 
-def _records_json(chunks: Sequence[bytes]) -> int:
+def amid_lazy_python(chunks: Sequence[bytes]) -> int:
+    """(a) without the C accelerator."""
+    with pure_python():
+        return amid_lazy(chunks)
+
+
+def _read_path(chunks: Sequence[bytes]) -> int:
+    """The daemon's read path, minus the socket and the sink queues: framing, the session's
+    envelope (server, epoch, seq, receive time) and its batch listener, which makes the read's
+    records (what the router does) and encodes them as a sink's batch (``Record.jsons``)."""
     parser = Parser(expect_banner=False)
-    count = 0
+    client = AMIClient("127.0.0.1", 5038, username="bench", secret="bench", name="bench")
+    encoded = 0
+
+    def encode(events: list[Event]) -> None:
+        nonlocal encoded
+        encoded += len(Record.jsons(Record.of_events(events, "run")))
+    client.add_batch_listener(encode)
     for data in chunks:
-        now = time.time()
-        records = []
-        for msg in parser.feed(data):
-            if type(msg) is Event:  # the two responses in the capture are not records
-                msg.server, msg.epoch, msg.received_at = "bench", 1, now
-                msg.seq = count
-                records.append(Record.of_event(msg, "run"))
-            count += 1
-        Record.jsons(records)
-    return count
+        client._dispatch_messages(parser.feed(data))
+    if encoded != client.stats.events_total:
+        raise AssertionError(f"{encoded} records for {client.stats.events_total} events")
+    return parser.messages_total  # the events and the capture's two responses
 
 
 def amid_record_json(chunks: Sequence[bytes]) -> int:
-    """amid framing + the record JSON every sink receives, as the daemon builds it: the
-    records of one read (``Record.of_event``, what the router makes), encoded as a sink's
-    batch (``Record.jsons``), with the C accelerator."""
-    if _encode._record_json_c is None:
+    """amid's read path (see ``_read_path``) with the C accelerator."""
+    if _accel.speedups is None:
         raise RuntimeError("amid._speedups is not built: install amid with a C compiler present")
-    return _records_json(chunks)
+    return _read_path(chunks)
 
 
 def amid_record_json_python(chunks: Sequence[bytes]) -> int:
-    """The same with the accelerator switched off: amid's pure-Python fast path."""
-    saved = _encode._fields_json_c, _encode._record_json_c
-    _encode._fields_json_c = _encode._record_json_c = None
-    try:
-        return _records_json(chunks)
-    finally:
-        _encode._fields_json_c, _encode._record_json_c = saved
+    """The same without the accelerator: amid's pure-Python path."""
+    with pure_python():
+        return _read_path(chunks)
 
 
 def proto_lazy(chunks: Sequence[bytes]) -> int:
@@ -156,10 +161,11 @@ class Contender:
 CONTENDERS = [
     Contender("floor: split + dict (pure Python)", floor_parse, False),
     Contender("amid (a) framing + lazy messages", amid_lazy, True),
+    Contender("amid (a) framing + lazy messages (pure Python)", amid_lazy_python, True),
     Contender("amid (b) framing + all fields decoded", amid_fields, True),
     Contender("amid (b') framing + to_dict()", amid_to_dict, True),
-    Contender("amid framing + record JSON (C accelerator)", amid_record_json, True),
-    Contender("amid framing + record JSON (pure Python)", amid_record_json_python, True),
+    Contender("amid read path: framing, envelope, records, record JSON", amid_record_json, True),
+    Contender("amid read path (pure Python)", amid_record_json_python, True),
 ]
 
 PROTOTYPES = [
