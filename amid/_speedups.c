@@ -962,6 +962,117 @@ done:
     return out;
 }
 
+/* ------------------------------------------------------------------ decoded fields
+ *
+ * parse_fields(raw) -> list[tuple[str, str]] | None: Message.fields for the usual message,
+ * ASCII "Key: Value" lines joined by CRLF, each key ending at the line's first colon, which
+ * a space follows (the value is the rest of the line, ": " included). Anything else (a
+ * non-ASCII byte, a bare LF, a line without ": " after its key) is None: amid.ami.protocol's
+ * _parse_fields decodes it, and gives the same pairs for what this takes (tests compare). */
+
+static inline uint64_t field_specials(uint64_t x) {
+    return has_zero_byte(x ^ (ONES * ':')) | has_zero_byte(x ^ (ONES * '\r'))
+        | has_zero_byte(x ^ (ONES * '\n')) | (x & HIGHS);
+}
+
+/* The first ':', CR, LF or non-ASCII byte at or after i (the NUL at raw[size] if none). */
+static inline Py_ssize_t skip_field_text(const unsigned char *raw, Py_ssize_t i, Py_ssize_t size) {
+    while (i + 8 <= size) {
+        const uint64_t mask = field_specials(load_le64(raw + i));
+        if (mask)
+            return i + (__builtin_ctzll(mask) >> 3);
+        i += 8;
+    }
+    while (i < size && raw[i] != ':' && raw[i] != '\r' && raw[i] != '\n' && raw[i] < 0x80)
+        i++;
+    return i;
+}
+
+static PyObject *ascii_text(const unsigned char *start, Py_ssize_t len) {
+    PyObject *text = PyUnicode_New(len, 127);
+    if (text != NULL)
+        memcpy(PyUnicode_DATA(text), start, (size_t)len);
+    return text;
+}
+
+/* Keys repeat on every event: one str per key, kept per slot of a small table. */
+#define KEY_SLOTS 512
+static PyObject *key_cache[KEY_SLOTS];
+
+static PyObject *field_key(const unsigned char *start, Py_ssize_t len) {
+    if (len > 64)
+        return ascii_text(start, len);
+    const unsigned int slot = key_hash(start, len) & (KEY_SLOTS - 1);
+    PyObject *known = key_cache[slot];
+    if (known != NULL && PyUnicode_GET_LENGTH(known) == len
+            && memcmp(PyUnicode_DATA(known), start, (size_t)len) == 0)
+        return Py_NewRef(known);
+    PyObject *key = ascii_text(start, len);
+    if (key != NULL)
+        Py_XSETREF(key_cache[slot], Py_NewRef(key));
+    return key;
+}
+
+static PyObject *parse_fields(PyObject *module, PyObject *arg) {
+    (void)module;
+    if (!PyBytes_CheckExact(arg))
+        Py_RETURN_NONE;
+    const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(arg);
+    const Py_ssize_t size = PyBytes_GET_SIZE(arg);
+    if (size == 0)
+        Py_RETURN_NONE;
+    PyObject *fields = PyList_New(0);
+    if (fields == NULL)
+        return NULL;
+    Py_ssize_t i = 0;
+    while (1) {
+        const Py_ssize_t key_start = i;
+        /* the key: up to the first colon (a lone CR is text; LF, CRLF or the end is not) */
+        while (1) {
+            i = skip_field_text(raw, i, size);
+            if (i < size && raw[i] == '\r' && !(i + 1 < size && raw[i + 1] == '\n')) {
+                i++;
+                continue;
+            }
+            break;
+        }
+        if (i >= size || raw[i] != ':' || i + 1 >= size || raw[i + 1] != ' ')
+            goto python_decides;
+        const Py_ssize_t key_end = i;
+        i += 2;
+        /* the value: the rest of the line, up to CRLF or the end */
+        while (1) {
+            i = skip_field_text(raw, i, size);
+            if (i >= size)
+                break;
+            if (raw[i] == ':' || (raw[i] == '\r' && !(i + 1 < size && raw[i + 1] == '\n'))) {
+                i++;
+                continue;
+            }
+            if (raw[i] == '\r')
+                break; /* CRLF */
+            goto python_decides; /* a bare LF or a non-ASCII byte */
+        }
+        PyObject *key = field_key(raw + key_start, key_end - key_start);
+        PyObject *value = key == NULL ? NULL : ascii_text(raw + key_end + 2, i - key_end - 2);
+        PyObject *pair = value == NULL ? NULL : PyTuple_Pack(2, key, value);
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+        if (pair == NULL || PyList_Append(fields, pair) < 0) {
+            Py_XDECREF(pair);
+            Py_DECREF(fields);
+            return NULL;
+        }
+        Py_DECREF(pair);
+        if (i >= size)
+            return fields;
+        i += 2; /* past CRLF: the next line (an empty last line has no colon: Python's) */
+    }
+python_decides:
+    Py_DECREF(fields);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"fields_json", fields_json, METH_O,
      "fields_json(raw: bytes) -> bytes | bool | None\n\n"
@@ -970,6 +1081,9 @@ static PyMethodDef methods[] = {
     {"record_json", (PyCFunction)(void (*)(void))record_json, METH_FASTCALL,
      "record_json(head, mid, seq, received_at, name, raw) -> bytes | bool | None\n\n"
      "A whole record JSON around fields_json(raw); see amid._encode.record_json."},
+    {"parse_fields", parse_fields, METH_O,
+     "parse_fields(raw: bytes) -> list[tuple[str, str]] | None\n\n"
+     "Message.fields of a plain ASCII message; see amid.ami.protocol._parse_fields."},
     {"bind_event", (PyCFunction)(void (*)(void))bind_event, METH_FASTCALL,
      "bind_event(Event, template) -> None\n\nThe class frame_crlf() makes, and its defaults."},
     {"frame_crlf", (PyCFunction)(void (*)(void))frame_crlf, METH_FASTCALL,

@@ -26,6 +26,7 @@ def pure_python():
     from amid import _encode, records
     from amid.ami import protocol, session
     hooks = [(_encode, "_fields_json_c"), (_encode, "_record_json_c"), (protocol, "_frame_crlf"),
+             (protocol, "_parse_fields_c"),
              (session, "_stamp_events"), (records, "_records_of"), (records, "_records_json")]
     saved = [getattr(module, name) for module, name in hooks]
     for module, name in hooks:

@@ -176,7 +176,8 @@ from amid.ami.protocol import Parser
 from amid.ami.session import AMIClient
 from amid.records import Record
 hooks = (_encode._fields_json_c, _encode._record_json_c, protocol._frame_crlf,
-         session._stamp_events, records._records_of, records._records_json)
+         protocol._parse_fields_c, session._stamp_events, records._records_of,
+         records._records_json)
 print(_accel.SPEEDUPS, _accel.REASON, sum(h is not None for h in hooks), file=sys.stderr)
 client = AMIClient("127.0.0.1", 5038, username="u", secret="s", name="pbx-1")
 out = []
@@ -205,7 +206,7 @@ def test_amid_pure_python_switches_the_accelerator_off_with_the_same_records(tmp
                               capture_output=True, timeout=120, check=True)
         runs[pure] = (done.stderr.decode().strip(), done.stdout)
     assert runs["1"][0] == "python AMID_PURE_PYTHON is set 0"
-    assert runs[""][0] == "c  6"
+    assert runs[""][0] == "c  7"
     assert runs["1"][1] == runs[""][1] and runs[""][1].count(b"\n") > 10_000
 
 
@@ -561,3 +562,63 @@ def test_stamp_events_changes_nothing_unless_it_can_do_all() -> None:
     assert [(e.server, e.epoch, e.seq, e.received_at) for e in events] == [
         ("s", 1, 2 ** 63 - 2, 1.5), ("s", 1, 2 ** 63 - 1, 1.5)]
     assert session_module._stamp_events is stamp_events
+
+
+# ---------------------------------------------------------------- decoded fields in C
+
+from amid._speedups import parse_fields  # noqa: E402
+
+
+def python_fields(raw: bytes) -> list[tuple[str, str]]:
+    saved = protocol._parse_fields_c
+    protocol._parse_fields_c = None
+    try:
+        return protocol._parse_fields(raw)
+    finally:
+        protocol._parse_fields_c = saved
+
+
+_FIELD_PIECES = st.sampled_from([b"a", b"Key", b"x y", b":", b": ", b" ", b'"', b"\\", b"\r\n",
+                                 b"\r", b"\n", b"\t", b"\x00", b"\xc3\xa9", b"\xff",
+                                 b"Uniqueid: 1700000000.1", b"01234567890123456789"])
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_FIELD_PIECES, max_size=24).map(b"".join))
+@example(b"A: b\r\nA: c")
+@example(b"A: b: c\r\nK\r: v\r")
+@example(b"A:b")
+@example(b"A: b\r\n")
+def test_c_fields_equal_python_fields(raw: bytes) -> None:
+    got = parse_fields(raw)
+    expected = python_fields(raw)
+    if got is None:  # only what the Python fast path would not take either, or non-ASCII
+        assert not raw.isascii() or b"\n" in raw.replace(b"\r\n", b"") or any(
+            ": " not in line or ":" in line.partition(": ")[0] for line in raw.decode().split("\r\n"))
+    else:
+        assert got == expected
+        assert all(type(k) is str and type(v) is str for k, v in got)
+    assert Message(raw).fields == expected
+
+
+def test_field_keys_that_share_a_cache_slot_stay_apart() -> None:
+    raw = b"\r\n".join(b"Key%d: v%d" % (i, i) for i in range(3000))
+    assert parse_fields(raw) == [(f"Key{i}", f"v{i}") for i in range(3000)]
+    long_key = b"K" * 100
+    assert parse_fields(long_key + b": v") == [("K" * 100, "v")]
+
+
+def test_c_fields_do_not_leak() -> None:
+    raw = b"\r\n".join(b"Key%d: value %d" % (i % 20, i) for i in range(40))
+    for _ in range(50):
+        parse_fields(raw)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(2000):
+            parse_fields(raw)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 64 * 1024, grown
+    assert protocol._parse_fields_c is parse_fields

@@ -103,6 +103,10 @@ def _split_lines(text: str) -> list[str]:
 
 
 def _parse_fields(raw: bytes) -> list[tuple[str, str]]:
+    if _parse_fields_c is not None:  # plain ASCII messages, in C (see the end of this module)
+        parsed = _parse_fields_c(raw)
+        if parsed is not None:
+            return parsed
     fields: list[tuple[str, str]] = []
     append = fields.append
     try:
@@ -690,11 +694,13 @@ class ActionIdGenerator:
 
 
 # The optional C accelerator (see amid._accel) frames CRLF streams and builds the Events
-# itself; without it, Parser._feed_crlf does the same in Python.
+# itself, and decodes plain messages' fields; without it, Parser._feed_crlf and
+# _parse_fields do the same in Python.
 from amid._accel import speedups as _speedups  # noqa: E402  (binds Event, defined above)
 
 if _speedups is not None:
     _speedups.bind_event(Event, Event(b"Event: x"))
     _frame_crlf = _speedups.frame_crlf
+    _parse_fields_c = _speedups.parse_fields
 else:
-    _frame_crlf = None
+    _frame_crlf = _parse_fields_c = None
