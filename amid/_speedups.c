@@ -1053,13 +1053,20 @@ static PyObject *parse_fields(PyObject *module, PyObject *arg) {
                 break; /* CRLF */
             goto python_decides; /* a bare LF or a non-ASCII byte */
         }
-        PyObject *key = field_key(raw + key_start, key_end - key_start);
+        PyObject *pair = PyTuple_New(2);
+        PyObject *key = pair == NULL ? NULL : field_key(raw + key_start, key_end - key_start);
         PyObject *value = key == NULL ? NULL : ascii_text(raw + key_end + 2, i - key_end - 2);
-        PyObject *pair = value == NULL ? NULL : PyTuple_Pack(2, key, value);
-        Py_XDECREF(key);
-        Py_XDECREF(value);
-        if (pair == NULL || PyList_Append(fields, pair) < 0) {
+        if (value == NULL) {
+            Py_XDECREF(key);
             Py_XDECREF(pair);
+            Py_DECREF(fields);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(pair, 0, key);
+        PyTuple_SET_ITEM(pair, 1, value);
+        PyObject_GC_UnTrack(pair); /* two strs: what the collector would find out itself */
+        if (PyList_Append(fields, pair) < 0) {
+            Py_DECREF(pair);
             Py_DECREF(fields);
             return NULL;
         }
