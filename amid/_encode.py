@@ -38,13 +38,22 @@ _SAFE_BYTES = bytes(b for b in range(256) if not (b < 0x20 or b in b'"\\\x7f')) 
 _SAFE_BYTES_NO_CRLF = _SAFE_BYTES[:-2]
 
 
+_last_second: tuple[int, str] = (-1, "")
+
+
 def format_iso(ts: float) -> str:
     """Unix seconds -> ``2026-11-28T03:21:41.214512Z`` (UTC, microseconds)."""
+    global _last_second
     whole = int(ts)
     micros = int(round((ts - whole) * 1_000_000))
     if micros == 1_000_000:
         whole, micros = whole + 1, 0
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros:06d}Z"
+    # Every read gets its own receive time, but the seconds part changes once a second: it is
+    # kept (one tuple, replaced whole, so threads never see half of it).
+    last = _last_second
+    if last[0] != whole:
+        last = _last_second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{last[1]}.{micros:06d}Z"
 
 
 class _IsoCache:

@@ -717,3 +717,21 @@ def test_record_jsons_of_a_mixed_batch_equals_each_record_s_json(fields_impl):
                     for r in records]
         assert Record.jsons(records) == expected
         assert [r.json for r in records] == expected  # kept on the records
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=4e9, allow_nan=False), min_size=1, max_size=8))
+def test_receive_times_format_as_strftime_does_whatever_came_before(stamps):
+    import time as _time
+
+    from amid._encode import format_iso
+
+    def reference(ts: float) -> str:
+        whole = int(ts)
+        micros = int(round((ts - whole) * 1_000_000))
+        if micros == 1_000_000:
+            whole, micros = whole + 1, 0
+        return _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(whole)) + f".{micros:06d}Z"
+    for ts in stamps + stamps[::-1]:  # the cached second must never leak into another one
+        assert format_iso(ts) == reference(ts)
+    assert format_iso(1764400000.9999996) == "2025-11-29T07:06:41.000000Z"
