@@ -251,8 +251,10 @@ def event_json(event: Event, record_id: str) -> bytes:
         # The id, the server name and the event name (normally the first field's value) may
         # have been set by a library user to anything (quotes, line breaks, lone surrogates):
         # those take the general path.
+        texts = (record_id, event.server, event.name)
         try:
-            outside = (record_id + event.server + event.name).encode()
+            # (not str: a library user's value; the general path shows it as JSON has it)
+            outside = "".join(texts).encode() if all(type(t) is str for t in texts) else b"\n"
         except UnicodeEncodeError:
             outside = b"\n"
         if not outside.translate(None, _SAFE_BYTES_NO_CRLF):

@@ -423,11 +423,17 @@ static PyObject *record_json(PyObject *module, PyObject *const *args, Py_ssize_t
  * instance Python made. Only objects of exactly the bound classes are made or read here.
  *
  * UNTRACKED: the Events and Records made here are left out of the cyclic garbage collector's
- * lists (as CPython does for tuples and dicts that hold only atoms). No reference cycle can
- * run through them: an Event holds bytes, strs, numbers and, built later, lists and dicts of
- * strs; a Record holds those and its Event. Under load the sinks' queues hold up to hundreds
- * of thousands of them, which each collection would otherwise traverse. Reference counting
- * frees them as before. */
+ * lists (as CPython does for tuples and dicts that hold only atoms). amid never makes a
+ * reference cycle through them: an Event holds bytes, strs, numbers and, built later, lists
+ * and dicts of strs; a Record holds those and its Event. (A library user who stores in an
+ * Event's slot an object that refers back to the Event makes a cycle the collector will not
+ * free; nothing else changes.) Under load the sinks' queues hold up to hundreds of thousands
+ * of them, which each collection would otherwise traverse. Reference counting frees them as
+ * before.
+ *
+ * Python code can run inside these functions (the collector's finalizers on an allocation,
+ * the callbacks of records_json, a slot's old value released): they work on tuples that own
+ * the objects, and hold every object they use across such a point. */
 
 #if PY_VERSION_HEX < 0x030C0000
 #include "structmember.h"
@@ -682,29 +688,39 @@ static PyObject *stamp_events(PyObject *module, PyObject *const *args, Py_ssize_
         PyErr_SetString(PyExc_RuntimeError, "stamp_events() before bind_event()");
         return NULL;
     }
-    PyObject *events = args[0];
-    const Py_ssize_t n = PyList_GET_SIZE(events);
     int overflow;
     const long long last = PyLong_AsLongLongAndOverflow(args[3], &overflow);
     if (last == -1 && PyErr_Occurred())
         return NULL;
+    /* A snapshot that owns the events: releasing a slot's old value below may run Python
+     * (a __del__) that changes the list. */
+    PyObject *events = PyList_AsTuple(args[0]);
+    if (events == NULL)
+        return NULL;
+    const Py_ssize_t n = PyTuple_GET_SIZE(events);
+    PyObject *result = Py_False;
     if (overflow || last < 0 || last > LLONG_MAX - n)
-        Py_RETURN_FALSE;
+        goto done;
     for (Py_ssize_t k = 0; k < n; k++) {
-        if (!Py_IS_TYPE(PyList_GET_ITEM(events, k), event_type))
-            Py_RETURN_FALSE;
+        if (!Py_IS_TYPE(PyTuple_GET_ITEM(events, k), event_type))
+            goto done;
     }
     for (Py_ssize_t k = 0; k < n; k++) {
         PyObject *seq = PyLong_FromLongLong(last + 1 + k);
-        if (seq == NULL)
-            return NULL; /* events before k are stamped: the caller treats this as fatal */
-        PyObject *event = PyList_GET_ITEM(events, k);
+        if (seq == NULL) {
+            result = NULL; /* events before k are stamped: the caller treats this as fatal */
+            goto done;
+        }
+        PyObject *event = PyTuple_GET_ITEM(events, k);
         Py_XSETREF(SLOT(event, event_offsets[EV_SERVER]), Py_NewRef(args[1]));
         Py_XSETREF(SLOT(event, event_offsets[EV_EPOCH]), Py_NewRef(args[2]));
         Py_XSETREF(SLOT(event, event_offsets[EV_SEQ]), seq);
         Py_XSETREF(SLOT(event, event_offsets[EV_RECEIVED_AT]), Py_NewRef(args[4]));
     }
-    Py_RETURN_TRUE;
+    result = Py_True;
+done:
+    Py_DECREF(events);
+    return Py_XNewRef(result);
 }
 
 /* Records: Record.of_event and Record.jsons for exactly the bound Record class. */
@@ -749,42 +765,53 @@ static int records_bound(void) {
  * bytes for raw. */
 static PyObject *records_of(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    if (nargs != 2 || !PyList_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "records_of(events: list, run)");
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "records_of(events, run)");
         return NULL;
     }
     if (!records_bound())
         return NULL;
-    PyObject *events = args[0], *run = args[1];
-    const Py_ssize_t n = PyList_GET_SIZE(events);
-    for (Py_ssize_t k = 0; k < n; k++) {
-        PyObject *event = PyList_GET_ITEM(events, k);
-        if (!Py_IS_TYPE(event, event_type) || SLOT(event, event_offsets[EV_NAME]) == NULL
-                || SLOT(event, event_offsets[EV_SERVER]) == NULL
-                || SLOT(event, event_offsets[EV_RECEIVED_AT]) == NULL
-                || SLOT(event, event_offsets[EV_RAW]) == NULL
-                || !PyBytes_Check(SLOT(event, event_offsets[EV_RAW])))
-            Py_RETURN_NONE;
-    }
-    PyObject *records = PyList_New(n);
-    if (records == NULL)
+    /* A snapshot that owns the events (allocating may run the collector, and finalizers). */
+    PyObject *events = PySequence_Tuple(args[0]);
+    if (events == NULL)
         return NULL;
+    PyObject *run = args[1];
+    const Py_ssize_t n = PyTuple_GET_SIZE(events);
+    PyObject *records = PyList_New(n);
+    if (records == NULL) {
+        Py_DECREF(events);
+        return NULL;
+    }
     for (Py_ssize_t k = 0; k < n; k++) {
-        PyObject *event = PyList_GET_ITEM(events, k);
-        const Py_ssize_t raw_len = PyBytes_GET_SIZE(SLOT(event, event_offsets[EV_RAW]));
-        /* records._estimated_size */
+        PyObject *event = PyTuple_GET_ITEM(events, k);
+        if (!Py_IS_TYPE(event, event_type))
+            goto python_decides;
+        PyObject *record = record_type->tp_alloc(record_type, 0);
+        if (record == NULL)
+            goto error;
+        /* The event's slots are checked after the allocation and used before anything else
+         * can run Python. */
+        PyObject *raw = SLOT(event, event_offsets[EV_RAW]);
+        PyObject *name = SLOT(event, event_offsets[EV_NAME]);
+        PyObject *server = SLOT(event, event_offsets[EV_SERVER]);
+        PyObject *received_at = SLOT(event, event_offsets[EV_RECEIVED_AT]);
+        if (raw == NULL || name == NULL || server == NULL || received_at == NULL
+                || !PyBytes_CheckExact(raw)) {
+            Py_DECREF(record);
+            goto python_decides;
+        }
+        const Py_ssize_t raw_len = PyBytes_GET_SIZE(raw);
+        /* records._estimated_size; an int allocation runs no Python */
         PyObject *size = PyLong_FromSsize_t(raw_len + (raw_len >> 2) + 256);
-        PyObject *record = size == NULL ? NULL : record_type->tp_alloc(record_type, 0);
-        if (record == NULL) {
-            Py_XDECREF(size);
-            Py_DECREF(records);
-            return NULL;
+        if (size == NULL) {
+            Py_DECREF(record);
+            goto error;
         }
         slot_put(record, record_offsets[RC_ID], Py_None);
         slot_put(record, record_offsets[RC_RUN], run);
-        slot_put(record, record_offsets[RC_NAME], SLOT(event, event_offsets[EV_NAME]));
-        slot_put(record, record_offsets[RC_SERVER], SLOT(event, event_offsets[EV_SERVER]));
-        slot_put(record, record_offsets[RC_RECEIVED_AT], SLOT(event, event_offsets[EV_RECEIVED_AT]));
+        slot_put(record, record_offsets[RC_NAME], name);
+        slot_put(record, record_offsets[RC_SERVER], server);
+        slot_put(record, record_offsets[RC_RECEIVED_AT], received_at);
         slot_put(record, record_offsets[RC_JSON], Py_None);
         slot_put(record, record_offsets[RC_DATA], Py_None);
         slot_put(record, record_offsets[RC_EVENT], event);
@@ -792,18 +819,35 @@ static PyObject *records_of(PyObject *module, PyObject *const *args, Py_ssize_t 
         PyObject_GC_UnTrack(record); /* see UNTRACKED */
         PyList_SET_ITEM(records, k, record);
     }
+    Py_DECREF(events);
     return records;
+python_decides:
+    Py_DECREF(records);
+    Py_DECREF(events);
+    Py_RETURN_NONE;
+error:
+    Py_DECREF(records);
+    Py_DECREF(events);
+    return NULL;
 }
 
 /* What consecutive records of one batch share: the connection's id and envelope parts, and
- * the receive time (every event of one read has the same). */
+ * the receive time (every event of one read has the same). Every reference here is owned. */
 typedef struct {
-    PyObject *server, *run, *epoch; /* borrowed: the key of parts */
+    PyObject *server, *run, *epoch; /* the key of parts */
     PyObject *parts;                /* (head, mid) from Python, or NULL */
     int received_is_float;
     double received_value;          /* the receive time (a float) of ... */
     PyObject *received;             /* ... its ISO bytes */
 } BatchParts;
+
+static void batch_parts_clear(BatchParts *shared) {
+    Py_CLEAR(shared->server);
+    Py_CLEAR(shared->run);
+    Py_CLEAR(shared->epoch);
+    Py_CLEAR(shared->parts);
+    Py_CLEAR(shared->received);
+}
 
 /* A plain name's bytes: ASCII with nothing JSON would escape (else NULL: Python decides). */
 static const unsigned char *plain_name(PyObject *name, Py_ssize_t *len) {
@@ -823,80 +867,93 @@ static const unsigned char *plain_name(PyObject *name, Py_ssize_t *len) {
  * (a new reference) when Python must (anything unusual), NULL on error. */
 static PyObject *fresh_record_json(PyObject *event, PyObject *run, BatchParts *shared,
                                    PyObject *parts_for, PyObject *iso_bytes) {
-    PyObject *server = SLOT(event, event_offsets[EV_SERVER]);
-    PyObject *epoch = SLOT(event, event_offsets[EV_EPOCH]);
-    PyObject *seq_obj = SLOT(event, event_offsets[EV_SEQ]);
-    PyObject *received_at = SLOT(event, event_offsets[EV_RECEIVED_AT]);
-    PyObject *name = SLOT(event, event_offsets[EV_NAME]);
-    PyObject *raw = SLOT(event, event_offsets[EV_RAW]);
-    if (server == NULL || epoch == NULL || seq_obj == NULL || received_at == NULL || name == NULL
-            || raw == NULL || !PyLong_CheckExact(epoch) || !PyLong_CheckExact(seq_obj)
-            || !PyBytes_Check(raw))
-        Py_RETURN_NONE;
+    /* The callbacks below run Python, which could rebind the event's slots: hold them. */
+    enum { SERVER, EPOCH, SEQ, RECEIVED_AT, NAME, RAW, HELD };
+    static const int which[HELD] = {EV_SERVER, EV_EPOCH, EV_SEQ, EV_RECEIVED_AT, EV_NAME, EV_RAW};
+    PyObject *held[HELD];
+    for (int k = 0; k < HELD; k++) {
+        held[k] = SLOT(event, event_offsets[which[k]]);
+        if (held[k] == NULL) /* unset: the property raises AttributeError, as Python does */
+            Py_RETURN_NONE;
+    }
+    for (int k = 0; k < HELD; k++)
+        Py_INCREF(held[k]);
+    PyObject *result = NULL;
+    PyObject *server = held[SERVER], *epoch = held[EPOCH], *received_at = held[RECEIVED_AT];
+    if (!PyLong_CheckExact(epoch) || !PyLong_CheckExact(held[SEQ]) || !PyBytes_Check(held[RAW]))
+        goto python_decides;
     Py_ssize_t name_len;
-    const unsigned char *name_text = plain_name(name, &name_len);
+    const unsigned char *name_text = plain_name(held[NAME], &name_len);
     if (name_text == NULL)
-        Py_RETURN_NONE;
+        goto python_decides;
     int overflow;
-    const long long seq = PyLong_AsLongLongAndOverflow(seq_obj, &overflow);
+    const long long seq = PyLong_AsLongLongAndOverflow(held[SEQ], &overflow);
     if (overflow)
-        Py_RETURN_NONE;
+        goto python_decides;
     if (server != shared->server || run != shared->run || epoch != shared->epoch) {
         int same = shared->parts != NULL && server == shared->server && run == shared->run;
         if (same) {
             same = PyObject_RichCompareBool(epoch, shared->epoch, Py_EQ);
             if (same < 0)
-                return NULL;
+                goto done;
         }
         if (!same) {
             PyObject *parts = PyObject_CallFunctionObjArgs(parts_for, server, run, epoch, NULL);
             if (parts == NULL)
-                return NULL;
+                goto done;
             if (parts != Py_None && (!PyTuple_CheckExact(parts) || PyTuple_GET_SIZE(parts) != 2
                     || !PyBytes_Check(PyTuple_GET_ITEM(parts, 0))
                     || !PyBytes_Check(PyTuple_GET_ITEM(parts, 1)))) {
                 Py_DECREF(parts);
                 PyErr_SetString(PyExc_TypeError, "parts_for() must give (head, mid) or None");
-                return NULL;
+                goto done;
             }
-            Py_XSETREF(shared->parts, parts == Py_None ? NULL : parts);
             if (parts == Py_None)
-                Py_DECREF(parts);
+                Py_CLEAR(parts);
+            Py_XSETREF(shared->parts, parts);
         }
-        shared->server = server;
-        shared->run = run;
-        shared->epoch = epoch;
+        Py_XSETREF(shared->server, Py_NewRef(server));
+        Py_XSETREF(shared->run, Py_NewRef(run));
+        Py_XSETREF(shared->epoch, Py_NewRef(epoch));
     }
     if (shared->parts == NULL)
-        Py_RETURN_NONE;
+        goto python_decides;
     /* A receive time that is not a float (set by a library user) is formatted every time. */
     const int is_float = PyFloat_CheckExact(received_at);
     if (shared->received == NULL || !is_float || !shared->received_is_float
             || PyFloat_AS_DOUBLE(received_at) != shared->received_value) {
         PyObject *received = PyObject_CallOneArg(iso_bytes, received_at);
         if (received == NULL)
-            return NULL;
+            goto done;
         if (!PyBytes_Check(received)) {
             Py_DECREF(received);
             PyErr_SetString(PyExc_TypeError, "iso_bytes() must give bytes");
-            return NULL;
+            goto done;
         }
         Py_XSETREF(shared->received, received);
         shared->received_is_float = is_float;
         shared->received_value = is_float ? PyFloat_AS_DOUBLE(received_at) : 0.0;
     }
-    const unsigned char *raw_bytes = (const unsigned char *)PyBytes_AS_STRING(raw);
+    /* From here on nothing runs Python. */
+    const unsigned char *raw_bytes = (const unsigned char *)PyBytes_AS_STRING(held[RAW]);
     Scan scan;
-    if (scan_fields(raw_bytes, PyBytes_GET_SIZE(raw), &scan) != SCAN_OK)
-        Py_RETURN_NONE;
+    if (scan_fields(raw_bytes, PyBytes_GET_SIZE(held[RAW]), &scan) != SCAN_OK)
+        goto python_decides;
     char seq_text[24];
     const int seq_len = format_int(seq_text, seq);
     PyObject *head = PyTuple_GET_ITEM(shared->parts, 0), *mid = PyTuple_GET_ITEM(shared->parts, 1);
-    return build_record((const unsigned char *)PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head),
-                        (const unsigned char *)PyBytes_AS_STRING(mid), PyBytes_GET_SIZE(mid),
-                        seq_text, seq_len,
-                        (const unsigned char *)PyBytes_AS_STRING(shared->received),
-                        PyBytes_GET_SIZE(shared->received), name_text, name_len, raw_bytes, &scan);
+    result = build_record((const unsigned char *)PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head),
+                          (const unsigned char *)PyBytes_AS_STRING(mid), PyBytes_GET_SIZE(mid),
+                          seq_text, seq_len,
+                          (const unsigned char *)PyBytes_AS_STRING(shared->received),
+                          PyBytes_GET_SIZE(shared->received), name_text, name_len, raw_bytes, &scan);
+    goto done;
+python_decides:
+    result = Py_NewRef(Py_None);
+done:
+    for (int k = 0; k < HELD; k++)
+        Py_DECREF(held[k]);
+    return result;
 }
 
 /* records_json(records, parts_for, iso_bytes) -> list[bytes] | None: [r.json for r in records],
@@ -911,14 +968,14 @@ static PyObject *records_json(PyObject *module, PyObject *const *args, Py_ssize_
     }
     if (!records_bound())
         return NULL;
-    PyObject *seq = PySequence_Fast(args[0], "records_json() expects a list or tuple");
-    if (seq == NULL)
+    /* A snapshot that owns the records: the callbacks run Python, which may change the list. */
+    PyObject *records = PySequence_Tuple(args[0]);
+    if (records == NULL)
         return NULL;
-    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+    const Py_ssize_t n = PyTuple_GET_SIZE(records);
     PyObject *out = NULL;
     for (Py_ssize_t k = 0; k < n; k++) {
-        if (!Py_IS_TYPE(items[k], record_type)) {
+        if (!Py_IS_TYPE(PyTuple_GET_ITEM(records, k), record_type)) {
             out = Py_NewRef(Py_None);
             goto done;
         }
@@ -928,7 +985,7 @@ static PyObject *records_json(PyObject *module, PyObject *const *args, Py_ssize_
         goto done;
     BatchParts shared = {NULL, NULL, NULL, NULL, 0, 0.0, NULL};
     for (Py_ssize_t k = 0; k < n; k++) {
-        PyObject *record = items[k];
+        PyObject *record = PyTuple_GET_ITEM(records, k);
         PyObject *json = SLOT(record, record_offsets[RC_JSON]);
         if (json != NULL && json != Py_None) {
             PyList_SET_ITEM(out, k, Py_NewRef(json));
@@ -939,7 +996,11 @@ static PyObject *records_json(PyObject *module, PyObject *const *args, Py_ssize_
         PyObject *built = NULL;
         if (json != NULL && event != NULL && Py_IS_TYPE(event, event_type) && run != NULL
                 && SLOT(record, record_offsets[RC_ID]) == Py_None && PyUnicode_CheckExact(run)) {
+            Py_INCREF(event);
+            Py_INCREF(run);
             built = fresh_record_json(event, run, &shared, args[1], args[2]);
+            Py_DECREF(event);
+            Py_DECREF(run);
             if (built == NULL)
                 break;
         }
@@ -949,16 +1010,15 @@ static PyObject *records_json(PyObject *module, PyObject *const *args, Py_ssize_
             if (built == NULL)
                 break;
         } else {
-            Py_SETREF(SLOT(record, record_offsets[RC_JSON]), Py_NewRef(built));
+            Py_XSETREF(SLOT(record, record_offsets[RC_JSON]), Py_NewRef(built));
         }
         PyList_SET_ITEM(out, k, built);
     }
-    Py_XDECREF(shared.parts);
-    Py_XDECREF(shared.received);
+    batch_parts_clear(&shared);
     if (PyErr_Occurred())
         Py_CLEAR(out);
 done:
-    Py_DECREF(seq);
+    Py_DECREF(records);
     return out;
 }
 

@@ -625,3 +625,54 @@ def test_c_fields_do_not_leak() -> None:
         tracemalloc.stop()
     assert grown < 64 * 1024, grown
     assert protocol._parse_fields_c is parse_fields
+
+
+def test_records_of_takes_any_sequence_and_exact_bytes_only() -> None:
+    class Sized(bytes):
+        def __len__(self) -> int:
+            return 1000
+
+    events = [wire_event(b"Event: A\r\nK: v", "pbx-1", 1, 5, 1764400000.0)]
+    assert [record_slots(r) for r in records_of(tuple(events), "run1")] == \
+        [record_slots(Record.of_event(e, "run1")) for e in events]
+    odd = wire_event(Sized(b"Event: A\r\nK: v"), "pbx-1", 1, 5, 1764400000.0)
+    assert records_of([odd], "run1") is None  # Python sizes it with len()
+    assert Record.of_events([odd], "run1")[0].size == Record.of_event(odd, "run1").size
+
+
+def test_a_record_with_an_id_and_a_server_that_is_no_str_encodes_either_way() -> None:
+    # A library user's Event with a non-str server: the id-bearing path must not concatenate.
+    event = wire_event(b"Event: A\r\nV: 1\r\nV: 2", 5, 1, 5, 1764400000.0)
+    record = Record.of_event(event, "run1")
+    record.id
+    with_c = Record.jsons([record])
+    record._json = None
+    with pure_python_records():
+        assert Record.jsons([record]) == with_c
+
+
+@contextlib.contextmanager
+def pure_python_records():
+    saved = (records_module._records_json, _encode._fields_json_c, _encode._record_json_c)
+    records_module._records_json = _encode._fields_json_c = _encode._record_json_c = None
+    try:
+        yield
+    finally:
+        records_module._records_json, _encode._fields_json_c, _encode._record_json_c = saved
+
+
+def test_callbacks_that_change_the_batch_cannot_break_it() -> None:
+    """Python run from inside the C (the parts callback, a finalizer) may empty the list or
+    rebind an event's slots: the C holds what it uses (found by a second reader under ASan)."""
+    events = [wire_event(b"Event: A\r\nK: v%d" % i, "pbx-1", 1, i, 1764400000.0) for i in range(50)]
+    records = records_of(events, "run1")
+    expected = [Record.of_event(e, "run1").json for e in events]
+
+    def parts_for(server, run, epoch):
+        records.clear()                     # the caller's list, emptied mid-call
+        for event in events:
+            event.raw = b"Event: B\r\nK: changed"  # slots rebound mid-call
+        return _encode.record_head_mid(server, run, epoch)
+    got = records_json(records, parts_for, _encode.receive_time_bytes)
+    assert len(got) == 50 and got[0] == expected[0]  # the first was held; the rest see the new raw
+    assert all(b'"K":"changed"' in json for json in got[1:])
