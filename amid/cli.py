@@ -26,6 +26,7 @@ from typing import Any
 
 from amid import __version__
 from amid._accel import REASON, SPEEDUPS
+from amid.ami.address import format_host
 
 log = logging.getLogger("amid.cli")
 
@@ -168,8 +169,8 @@ def _client_from_args(args: argparse.Namespace, **kw: Any):
         raise SystemExit("amid: --username is required (or set AMID_USERNAME)")
     try:
         host, port = parse_host(args.host) if args.port is None else (args.host, args.port)
-    except ValueError:
-        raise SystemExit(f"amid: --host {args.host!r} is not HOST[:PORT]") from None
+    except ValueError as exc:
+        raise SystemExit(f"amid: --host {args.host!r} is not HOST[:PORT]: {exc}") from None
     tls = None
     if args.tls:
         if args.tls_ca and not Path(args.tls_ca).is_file():  # the ssl error does not name it
@@ -366,8 +367,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         what = f"replaying {args.replay}" if args.replay else "user amid / secret amidsecret"
         if args.tls_cert:
             what = f"TLS; {what}"
-        shown = f"[{host}]" if ":" in host else host  # an IPv6 address, as --listen takes it
-        print(f"amid simulate: listening on {shown}:{port} ({what})", file=sys.stderr)
+        print(f"amid simulate: listening on {format_host(host)}:{port} ({what})", file=sys.stderr)
 
     async def main() -> int:
         task = asyncio.create_task(serve_forever(args.listen, ready=listening, **options))

@@ -76,6 +76,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from amid.ami.address import split_host_port
 from amid.units import (Duration, PositiveDuration, PositiveSize, Size, parse_duration,
                         parse_size)
 
@@ -179,27 +180,6 @@ def _none_is_empty_section(value: Any) -> Any:
 
 def _one_or_more(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
-
-
-def split_host_port(text: str) -> tuple[str, int | None]:
-    """Split ``host:port``, ``[v6]:port``, ``[v6]`` or a bare host/IPv6 address.
-
-    Raises ValueError when the port part is not a number in 0..65535.
-    """
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"invalid address {text!r}")
-        port_text = rest[1:] if rest else None
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    else:  # no colon, or a bare IPv6 address
-        host, port_text = text, None
-    if port_text is None:
-        return host, None
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"invalid port {port_text!r} in {text!r}")
-    return host, int(port_text)
 
 
 _EVENT_CLASSES = frozenset({

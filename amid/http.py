@@ -20,6 +20,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from amid.ami.address import format_host, split_host_port
+
 __all__ = ["DEFAULT_HEALTHCHECK_URL", "HealthCheck", "HealthServer", "healthcheck", "parse_listen"]
 
 log = logging.getLogger("amid.http")
@@ -41,22 +43,17 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
     Port 0 asks the OS for a free port. Raises ValueError naming the problem otherwise.
     """
-    if listen.startswith("["):
-        address, bracket, rest = listen[1:].partition("]")
-        if not bracket or not rest.startswith(":"):
-            raise ValueError(f"listen {listen!r}: expected [address]:port")
-        host, port_text = address, rest[1:]
-    else:
-        host, colon, port_text = listen.rpartition(":")
-        if not colon:
-            raise ValueError(f"listen {listen!r}: expected host:port")
-        if ":" in host:
-            raise ValueError(f"listen {listen!r}: put an IPv6 address in brackets, e.g. [::1]:9180")
+    if not listen.startswith("[") and listen.count(":") > 1:
+        raise ValueError(f"listen {listen!r}: put an IPv6 address in brackets, e.g. [::1]:9180")
+    try:
+        host, port = split_host_port(listen)
+    except ValueError as exc:
+        raise ValueError(f"listen {listen!r}: {exc} (expected host:port, a port from 0 to 65535)") from None
+    if port is None:
+        raise ValueError(f"listen {listen!r}: expected host:port or [address]:port")
     if not host:
         raise ValueError(f"listen {listen!r}: missing host (use 0.0.0.0 or [::] for every interface)")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"listen {listen!r}: port must be a number from 0 to 65535")
-    return host, int(port_text)
+    return host, port
 
 
 class HealthServer:
@@ -107,8 +104,8 @@ class HealthServer:
             raise
         self._runner = runner
         self._bound_port = runner.addresses[0][1]
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        log.info("metrics and health on http://%s:%d/metrics, /livez, /readyz", host, self._bound_port)
+        log.info("metrics and health on http://%s:%d/metrics, /livez, /readyz",
+                 format_host(self._host), self._bound_port)
 
     async def close(self) -> None:
         """Stop serving and release the socket. Idempotent."""

@@ -6,6 +6,8 @@ import asyncio
 import logging
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from amid.ami.session import (AMIClient, AMIConnectionError, ActionTimeout, ConnectionState,
                               LoginError, is_error, is_success, parse_host)
@@ -37,6 +39,18 @@ async def next_change(changes, state: ConnectionState, timeout: float = 5.0):
                 return change
 
 
+@settings(max_examples=300, deadline=None)
+@given(host=st.one_of(st.from_regex(r"[a-z0-9.-]{1,20}", fullmatch=True),
+                      st.ip_addresses().map(str)),
+       port=st.integers(0, 65535))
+def test_every_address_amid_shows_reads_back(host, port):
+    """format_host and split_host_port (amid.ami.address) are one pair for every part of amid
+    (servers, listen addresses, sink peers): what one writes, the other reads."""
+    from amid.ami.address import format_host, split_host_port
+    assert split_host_port(f"{format_host(host)}:{port}") == (host, port)
+    assert split_host_port(format_host(host)) == (host, None)
+
+
 def test_parse_host_forms():
     assert parse_host("pbx") == ("pbx", 5038)
     assert parse_host("pbx:5039") == ("pbx", 5039)
@@ -44,8 +58,10 @@ def test_parse_host_forms():
     assert parse_host("[::1]") == ("::1", 5038)
     assert parse_host("pbx", default_port=1234) == ("pbx", 1234)
     assert AMIClient("pbx:7000", username="u", secret="s").port == 7000
-    for bad in ("pbx:99999", "pbx:0"):  # the socket layer would wrap 99999 to 34463 silently
-        with pytest.raises(ValueError, match="is not in 1-65535"):
+    for bad, says in (("pbx:99999", "invalid port '99999'"), ("pbx:0", "is not in 1-65535"),
+                      ("[::1]x", "invalid address"), ("pbx:port", "invalid port")):
+        # (the socket layer would wrap 99999 to 34463 silently)
+        with pytest.raises(ValueError, match=says):
             AMIClient(bad, username="u", secret="s")
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from amid._accel import speedups as _speedups
+from amid.ami.address import split_host_port
 from amid.ami.protocol import (ActionIdGenerator, DEFAULT_MAX_MESSAGE_BYTES, Event, Parser, RemoteProtocolError, Response, encode_action)
 from amid.ami.stats import SessionStats
 
@@ -115,14 +116,10 @@ def is_error(response: Response | None) -> bool:
 
 
 def parse_host(host: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """``"pbx"`` -> ``("pbx", 5038)``; ``"pbx:5039"``; ``"[::1]:5038"``; ``"::1"``."""
-    if host.startswith("["):
-        addr, _, rest = host[1:].partition("]")
-        return addr, int(rest[1:]) if rest.startswith(":") else default_port
-    if host.count(":") == 1:
-        addr, _, port = host.partition(":")
-        return addr, int(port)
-    return host, default_port
+    """``"pbx"`` -> ``("pbx", 5038)``; ``"pbx:5039"``; ``"[::1]:5038"``; ``"::1"``. Raises
+    ValueError for anything else (a port that is not a number in 0..65535, stray text)."""
+    addr, port = split_host_port(host)
+    return addr, default_port if port is None else port
 
 
 def make_ssl_context(*, ca_file: str | None = None, verify: bool = True,

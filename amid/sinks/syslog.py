@@ -46,6 +46,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 
 from amid._encode import format_iso_cached
+from amid.ami.address import format_host
 from amid.records import Record
 from amid.sinks.base import SinkError
 from amid.units import PositiveDuration, Size
@@ -116,8 +117,7 @@ class Endpoint:
     def __str__(self) -> str:
         if self.transport == "unix":
             return f"unix://{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.transport}://{host}:{self.port}"
+        return f"{self.transport}://{format_host(self.host)}:{self.port}"
 
 
 def parse_address(address: str) -> Endpoint:

@@ -47,6 +47,7 @@ import pydantic
 from multidict import CIMultiDict
 from pydantic_core import PydanticCustomError
 
+from amid.ami.address import format_host
 from amid.records import Record
 from amid.sinks.base import SinkDisabled, SinkError, SinkRejected
 from amid.units import PositiveDuration
@@ -236,9 +237,7 @@ def redact_url(url: str) -> str:
     secret (many services hand out webhook urls like ``/services/<token>``).
     """
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
+    host = format_host(parts.hostname or "")
     netloc = host if parts.port is None else f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, netloc, "", "", ""))
 

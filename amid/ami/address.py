@@ -1,0 +1,32 @@
+"""``host[:port]`` text, the one way amid reads and shows it (AMI servers, listen addresses,
+syslog and webhook peers): ``pbx``, ``pbx:5039``, ``[2001:db8::1]:5038``, ``[2001:db8::1]``,
+or a bare IPv6 address (which has no port)."""
+
+from __future__ import annotations
+
+
+def split_host_port(text: str) -> tuple[str, int | None]:
+    """Split ``host:port``, ``[v6]:port``, ``[v6]`` or a bare host/IPv6 address; the port is
+    None when there is none.
+
+    Raises ValueError when the text is malformed or the port is not a number in 0..65535.
+    """
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"invalid address {text!r}")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:  # no colon, or a bare IPv6 address
+        host, port_text = text, None
+    if port_text is None:
+        return host, None
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"invalid port {port_text!r} in {text!r}")
+    return host, int(port_text)
+
+
+def format_host(host: str) -> str:
+    """``host`` as it stands before ``:port``: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
