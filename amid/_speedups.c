@@ -1,5 +1,14 @@
-/* amid._speedups: the record JSON's hot loop in C (optional; amid._encode has the same rules in
- * pure Python and uses them when this module is not built).
+/* amid._speedups: the read path's hot loops in C (optional: amid._accel says whether it runs;
+ * each Python module that uses it keeps the same rules in Python, used when it is not built).
+ *
+ * What is here, in the order a read goes through it:
+ *   frame_crlf     Parser._feed_crlf: a read's bytes framed into Events (amid.ami.protocol)
+ *   stamp_events   the session's envelope on a read's events (amid.ami.session)
+ *   records_of     the router's Record per event (amid.records)
+ *   records_json   a sink batch's record JSON (amid.records, amid._encode)
+ *   parse_fields   Message.fields of a plain message, when a handler reads them
+ *   fields_json, record_json   one message's fields / record JSON (amid._encode)
+ * Each returns None (or False) for whatever it does not take, and the caller's Python does it.
  *
  * fields_json(raw) turns one AMI message ("Key: Value" lines joined by CRLF, the terminator
  * already removed by the framing) into the JSON object of its fields, {"Key":"Value",...},
