@@ -26,7 +26,7 @@ from pydantic_core import PydanticSerializationError, from_json, to_json
 
 from amid.ami.protocol import Event, recover_bytes
 
-from amid._accel import SPEEDUPS, speedups
+from amid._accel import speedups
 
 # The C accelerator, when in use (see amid._accel); else the pure-Python path below.
 _fields_json_c = speedups.fields_json if speedups is not None else None

@@ -176,7 +176,6 @@ def _parse_iso(text: str) -> float:
     return secs + (int(frac) / 10 ** len(frac) if frac else 0.0)
 
 
-
 # The optional C accelerator (see amid._accel) makes and encodes the read path's records in
 # one call per read or batch; without it, the Python above does the same.
 from amid._accel import speedups as _speedups  # noqa: E402  (binds Record, defined above)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from pydantic_core import to_json
 
-from amid import _encode
+from amid import _accel, _encode
 from amid._encode import fields_json_fast_py
 from amid.ami import protocol
 from amid.ami.protocol import BANNER_PREFIX, Event, Message, Parser, RemoteProtocolError
@@ -37,7 +37,7 @@ except ImportError:
 
 
 def test_the_accelerator_is_in_use() -> None:
-    assert _encode.SPEEDUPS == "c"
+    assert _accel.SPEEDUPS == "c"
     assert _encode._fields_json_c is fields_json_c
     assert protocol._frame_crlf is frame_crlf
 

@@ -20,9 +20,9 @@ import random
 import ssl as _ssl
 import time
 from collections import Counter, deque
-from operator import attrgetter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Literal
 
 from amid._accel import speedups as _speedups
@@ -40,8 +40,8 @@ log = logging.getLogger("amid.ami")
 
 DEFAULT_PORT = 5038
 MAX_EVENT_NAMES = 1000
-_name_of = attrgetter("name")
 MAX_HANDLER_CACHE = 1024
+_name_of = attrgetter("name")
 
 # The optional C accelerator (see amid._accel); the dispatch loop does the same without it.
 _stamp_events = _speedups.stamp_events if _speedups is not None else None

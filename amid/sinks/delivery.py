@@ -37,10 +37,10 @@ import os
 import random
 import time
 from collections import Counter, deque
-from itertools import repeat, starmap
-from operator import attrgetter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat, starmap
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
