@@ -259,3 +259,15 @@ def test_build_context_holds_what_the_dockerfile_copies_and_nothing_else() -> No
     for private in (".git/config", ".venv/bin/python", "tests/test_deploy.py", "amid/__pycache__/x.pyc",
                     "amid/ami/__pycache__/protocol.cpython-311.pyc", "benchmarks/run.py"):
         assert not sent_to_docker(private, patterns), private
+
+
+def test_ci_runs_the_readme_s_test_command_as_written() -> None:
+    """CI runs on a clean clone exactly what a new user types: the README's second command."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```sh\n", 1)[1].split("```", 1)[0]
+    test_command = block.splitlines()[1].split("#", 1)[0].strip()
+    assert test_command == "scripts/test.sh"
+    ci = (REPO_ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    commands = [line.strip() for line in ci.splitlines() if line.strip() and not line.startswith("#")]
+    assert commands[-1] == test_command
+    assert os.access(REPO_ROOT / ".ci" / "run", os.X_OK) and os.access(REPO_ROOT / "scripts" / "test.sh", os.X_OK)
