@@ -169,8 +169,8 @@ def _client_from_args(args: argparse.Namespace, **kw: Any):
         raise SystemExit("amid: --username is required (or set AMID_USERNAME)")
     try:
         host, port = parse_host(args.host) if args.port is None else (args.host, args.port)
-    except ValueError as exc:
-        raise SystemExit(f"amid: --host {args.host!r} is not HOST[:PORT]: {exc}") from None
+    except ValueError:
+        raise SystemExit(f"amid: --host {args.host!r} is not HOST[:PORT]") from None
     tls = None
     if args.tls:
         if args.tls_ca and not Path(args.tls_ca).is_file():  # the ssl error does not name it

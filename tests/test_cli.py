@@ -140,10 +140,9 @@ async def test_wrong_secret_is_one_clear_line_without_the_secret(sim, command):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--host", "pbx:abc"], "amid: --host 'pbx:abc' is not HOST[:PORT]: invalid port 'abc' in 'pbx:abc'"),
-    (["--host", "127.0.0.1:99999"],
-     "amid: --host '127.0.0.1:99999' is not HOST[:PORT]: invalid port '99999' in '127.0.0.1:99999'"),
-    (["--host", "127.0.0.1:0"], "amid: port 0 is not in 1-65535"),
+    (["--host", "pbx:abc"], "amid: --host 'pbx:abc' is not HOST[:PORT]"),
+    (["--host", "127.0.0.1:99999"], "amid: port 99999 is not in 1-65535"),
+    (["--host", "[::1]x"], "amid: --host '[::1]x' is not HOST[:PORT]"),
     (["--tls", "--tls-ca", "no-such-ca.pem"], "amid: no --tls-ca file no-such-ca.pem"),
 ])
 async def test_a_bad_host_or_ca_file_is_one_line(args, message):

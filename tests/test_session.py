@@ -58,9 +58,10 @@ def test_parse_host_forms():
     assert parse_host("[::1]") == ("::1", 5038)
     assert parse_host("pbx", default_port=1234) == ("pbx", 1234)
     assert AMIClient("pbx:7000", username="u", secret="s").port == 7000
-    for bad, says in (("pbx:99999", "invalid port '99999'"), ("pbx:0", "is not in 1-65535"),
-                      ("[::1]x", "invalid address"), ("pbx:port", "invalid port")):
-        # (the socket layer would wrap 99999 to 34463 silently)
+    for bad in ("pbx:99999", "pbx:0"):  # the socket layer would wrap 99999 to 34463 silently
+        with pytest.raises(ValueError, match="is not in 1-65535"):
+            AMIClient(bad, username="u", secret="s")
+    for bad, says in (("[::1]x", "invalid address"), ("pbx:port", "invalid port")):
         with pytest.raises(ValueError, match=says):
             AMIClient(bad, username="u", secret="s")
 

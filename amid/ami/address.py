@@ -5,21 +5,27 @@ or a bare IPv6 address (which has no port)."""
 from __future__ import annotations
 
 
+def split_host(text: str) -> tuple[str, str | None]:
+    """``host`` and the text of its port (None when there is none), not checked: ``pbx:abc``
+    gives ``("pbx", "abc")``. Raises ValueError for an unclosed bracket or text after one."""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"invalid address {text!r}")
+        return host, rest[1:] if rest else None
+    if text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        return host, port_text
+    return text, None  # no colon, or a bare IPv6 address
+
+
 def split_host_port(text: str) -> tuple[str, int | None]:
     """Split ``host:port``, ``[v6]:port``, ``[v6]`` or a bare host/IPv6 address; the port is
     None when there is none.
 
     Raises ValueError when the text is malformed or the port is not a number in 0..65535.
     """
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"invalid address {text!r}")
-        port_text = rest[1:] if rest else None
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    else:  # no colon, or a bare IPv6 address
-        host, port_text = text, None
+    host, port_text = split_host(text)
     if port_text is None:
         return host, None
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:

@@ -26,7 +26,7 @@ from operator import attrgetter
 from typing import Any, Literal
 
 from amid._accel import speedups as _speedups
-from amid.ami.address import split_host_port
+from amid.ami.address import split_host
 from amid.ami.protocol import (ActionIdGenerator, DEFAULT_MAX_MESSAGE_BYTES, Event, Parser, RemoteProtocolError, Response, encode_action)
 from amid.ami.stats import SessionStats
 
@@ -117,9 +117,14 @@ def is_error(response: Response | None) -> bool:
 
 def parse_host(host: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
     """``"pbx"`` -> ``("pbx", 5038)``; ``"pbx:5039"``; ``"[::1]:5038"``; ``"::1"``. Raises
-    ValueError for anything else (a port that is not a number in 0..65535, stray text)."""
-    addr, port = split_host_port(host)
-    return addr, default_port if port is None else port
+    ValueError for a port that is not a number or stray text; :class:`AMIClient` checks the
+    port's range itself."""
+    addr, port_text = split_host(host)
+    if port_text is None:
+        return addr, default_port
+    if not port_text.isdigit():
+        raise ValueError(f"invalid port {port_text!r} in {host!r}")
+    return addr, int(port_text)
 
 
 def make_ssl_context(*, ca_file: str | None = None, verify: bool = True,
