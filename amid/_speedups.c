@@ -2,7 +2,7 @@
  * each Python module that uses it keeps the same rules in Python, used when it is not built).
  *
  * What is here, in the order a read goes through it:
- *   frame_crlf     Parser._feed_crlf: a read's bytes framed into Events (amid.ami.protocol)
+ *   frame_crlf     _frame_crlf_py: a read's bytes framed into Events (amid.ami.protocol)
  *   stamp_events   the session's envelope on a read's events (amid.ami.session)
  *   records_of     the router's Record per event (amid.records)
  *   records_json   a sink batch's record JSON (amid.records, amid._encode)
@@ -612,7 +612,7 @@ static PyObject *new_event(const unsigned char *start, Py_ssize_t len) {
 
 /* frame_crlf(buf, max_message_bytes, max_fields) -> (messages, consumed, others) | None
  *
- * amid.ami.protocol.Parser._feed_crlf in one pass: None unless every LF in buf follows a CR
+ * amid.ami.protocol._frame_crlf_py in C: None unless every LF in buf follows a CR
  * (else, or when a message or the unfinished rest is near a bound, Python frames the read);
  * otherwise buf[:consumed] split on CRLF CRLF, each message an Event when it starts with
  * "Event: ", else its bytes (others counts those: blank ones and other kinds, which Python
@@ -678,7 +678,7 @@ static PyObject *frame_crlf(PyObject *module, PyObject *const *args, Py_ssize_t 
             p = nl + 1;
         }
     }
-    /* Near a bound, the general framing applies the exact rules (as _feed_crlf). */
+    /* Near a bound, the general framing applies the exact rules (as _frame_crlf_py). */
     if ((count && (longest > max_bytes || longest >= max_fields)) || size - start > max_bytes)
         goto python_decides;
 
@@ -1195,7 +1195,7 @@ static PyMethodDef methods[] = {
      "bind_event(Event, template) -> None\n\nThe class frame_crlf() makes, and its defaults."},
     {"frame_crlf", (PyCFunction)(void (*)(void))frame_crlf, METH_FASTCALL,
      "frame_crlf(buf, max_message_bytes, max_fields) -> (messages, consumed, others) | None\n\n"
-     "Parser._feed_crlf in one pass; see amid.ami.protocol."},
+     "_frame_crlf_py in C; see amid.ami.protocol."},
     {"stamp_events", (PyCFunction)(void (*)(void))stamp_events, METH_FASTCALL,
      "stamp_events(events, server, epoch, last_seq, received_at) -> bool\n\n"
      "The session's envelope on one read's events; see amid.ami.session."},

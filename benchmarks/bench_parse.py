@@ -13,13 +13,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from amid import _accel
+from amid._accel import pure_python
 from amid.ami.protocol import Event, Parser
 from amid.ami.session import AMIClient
 from amid.records import Record
 
 from benchmarks import prototypes
-from benchmarks.common import (Samples, markdown_table, pure_python, ratio_text, s09a_messages,
-                               with_channel_vars)
+from benchmarks.common import Samples, markdown_table, ratio_text, s09a_messages, with_channel_vars
 
 READ_SIZE = 64 * 1024
 

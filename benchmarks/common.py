@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import re
@@ -16,26 +15,6 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 S09A = FIXTURES / "s09a_burst200_listener.raw"
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-
-
-@contextlib.contextmanager
-def pure_python():
-    """amid's read path without its C accelerator, in this process (what ``AMID_PURE_PYTHON=1``
-    gives a new process): every module's hook to it switched off (tests/test_speedups.py checks
-    the same list)."""
-    from amid import _encode, records
-    from amid.ami import protocol, session
-    hooks = [(_encode, "_fields_json_c"), (_encode, "_record_json_c"), (protocol, "_frame_crlf"),
-             (protocol, "_parse_fields_c"),
-             (session, "_stamp_events"), (records, "_records_of"), (records, "_records_json")]
-    saved = [getattr(module, name) for module, name in hooks]
-    for module, name in hooks:
-        setattr(module, name, None)
-    try:
-        yield
-    finally:
-        for (module, name), value in zip(hooks, saved):
-            setattr(module, name, value)
 
 
 # ---------------------------------------------------------------------------------- streams

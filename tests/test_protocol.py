@@ -360,16 +360,11 @@ def test_arbitrary_bytes_give_messages_or_remote_protocol_error_only(blob, banne
 @contextlib.contextmanager
 def fields_path(which: str):
     """Run the record JSON with the C accelerator ("c", when built) or without it ("python")."""
-    from amid import _encode
-    saved = _encode._fields_json_c, _encode._record_json_c
-    if which == "c" and saved[0] is None:
+    from amid import _accel
+    if which == "c" and _accel.speedups is None:
         pytest.skip("amid._speedups is not built")
-    if which == "python":
-        _encode._fields_json_c = _encode._record_json_c = None
-    try:
+    with _accel.pure_python() if which == "python" else contextlib.nullcontext():
         yield
-    finally:
-        _encode._fields_json_c, _encode._record_json_c = saved
 
 
 FIELDS_PATHS = pytest.mark.parametrize("fields_impl", ["c", "python"])

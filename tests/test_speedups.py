@@ -36,6 +36,17 @@ except ImportError:
                 allow_module_level=True)
 
 
+def test_pure_python_switches_every_hook_off_and_back() -> None:
+    """The comparisons below run the Python side under _accel.pure_python(): it must really
+    switch the accelerator off, everywhere, and put it back."""
+    before = [getattr(module, name) for module, name in _accel.hooks()]
+    assert all(hook is not None for hook in before)
+    with _accel.pure_python():
+        assert all(getattr(module, name) is None for module, name in _accel.hooks())
+        assert type(Parser(expect_banner=False).feed(b"Event: A\r\n\r\n")[0]) is Event
+    assert [getattr(module, name) for module, name in _accel.hooks()] == before
+
+
 def test_the_accelerator_is_in_use() -> None:
     assert _accel.SPEEDUPS == "c"
     assert _encode._fields_json_c is fields_json_c
@@ -169,16 +180,12 @@ def test_version_says_whether_the_accelerator_is_in_use(speedups, reason, says, 
 _PURE_PYTHON_CHECK = """
 import re
 import sys
-from amid import _accel, _encode
-from amid.ami import protocol, session
-from amid import records
+from amid import _accel
 from amid.ami.protocol import Parser
 from amid.ami.session import AMIClient
 from amid.records import Record
-hooks = (_encode._fields_json_c, _encode._record_json_c, protocol._frame_crlf,
-         protocol._parse_fields_c, session._stamp_events, records._records_of,
-         records._records_json)
-print(_accel.SPEEDUPS, _accel.REASON, sum(h is not None for h in hooks), file=sys.stderr)
+on = sum(getattr(module, name) is not None for module, name in _accel.hooks())
+print(_accel.SPEEDUPS, _accel.REASON, on, file=sys.stderr)
 client = AMIClient("127.0.0.1", 5038, username="u", secret="s", name="pbx-1")
 out = []
 client.add_batch_listener(lambda events: out.extend(Record.jsons(Record.of_events(events, "run1"))))
@@ -206,21 +213,11 @@ def test_amid_pure_python_switches_the_accelerator_off_with_the_same_records(tmp
                               capture_output=True, timeout=120, check=True)
         runs[pure] = (done.stderr.decode().strip(), done.stdout)
     assert runs["1"][0] == "python AMID_PURE_PYTHON is set 0"
-    assert runs[""][0] == "c  7"
+    assert runs[""][0] == f"c  {len(_accel.hooks())}"
     assert runs["1"][1] == runs[""][1] and runs[""][1].count(b"\n") > 10_000
 
 
 # ---------------------------------------------------------------- framing and Events in C
-
-@contextlib.contextmanager
-def python_framing():
-    saved = protocol._frame_crlf
-    protocol._frame_crlf = None
-    try:
-        yield
-    finally:
-        protocol._frame_crlf = saved
-
 
 def envelope(m: Message) -> tuple:
     """Everything a message holds, the Event slots set at creation included."""
@@ -263,7 +260,7 @@ def test_c_framing_gives_what_python_framing_gives(tokens, banner, cuts, bounds)
     data = (BANNER if banner else b"") + b"".join(tokens)
     kw = dict(bounds, expect_banner=banner)
     with_c = outcome(data, cuts, **kw)
-    with python_framing():
+    with _accel.pure_python():
         assert with_c == outcome(data, cuts, **kw)
 
 
@@ -361,7 +358,7 @@ def test_bind_event_refuses_what_it_cannot_fill() -> None:
 def test_any_bounds_frame_as_in_python(bounds) -> None:
     data = b"Event: A\r\nK: v\r\n\r\nEvent: B\r\n\r\n"
     with_c = outcome(data, [], expect_banner=False, **bounds)
-    with python_framing():
+    with _accel.pure_python():
         assert with_c == outcome(data, [], expect_banner=False, **bounds)
 
 
@@ -513,11 +510,10 @@ from amid.ami.session import MAX_EVENT_NAMES, AMIClient  # noqa: E402
 from amid._speedups import stamp_events  # noqa: E402
 
 
-def dispatched(reads: list[bytes], *, stamp, names_before: int = 0, seq: int = 0):
-    """Feed ``reads`` through a client with only a batch listener (the daemon's setup)."""
-    saved = session_module._stamp_events
-    session_module._stamp_events = stamp
-    try:
+def dispatched(reads: list[bytes], *, pure: bool, names_before: int = 0, seq: int = 0):
+    """Feed ``reads`` through a client with only a batch listener (the daemon's setup), with
+    the C accelerator (``pure`` false) or without it."""
+    with _accel.pure_python() if pure else contextlib.nullcontext():
         client = AMIClient("127.0.0.1", 5038, username="u", secret="s", name="pbx-1")
         client.epoch = 3
         client._seq = seq
@@ -528,8 +524,6 @@ def dispatched(reads: list[bytes], *, stamp, names_before: int = 0, seq: int = 0
         parser = Parser(expect_banner=False)
         for read in reads:
             client._dispatch_messages(parser.feed(read))
-    finally:
-        session_module._stamp_events = saved
     stamps = [[(e.name, e.server, e.epoch, e.seq, type(e.received_at)) for e in b] for b in batches]
     stats = client.stats
     return (stamps, client._seq, stats.events_total, dict(stats.events_by_name),
@@ -549,8 +543,8 @@ def test_c_envelope_equals_the_dispatch_loop(reads, names_before, seq) -> None:
     """Sequence numbers, server, epoch, receive time, per-name counts (bounded), the Shutdown
     flag and the batches are what the Python loop gives, with responses mixed in and sequence
     numbers past 63 bits."""
-    with_c = dispatched(reads, stamp=stamp_events, names_before=names_before, seq=seq)
-    assert with_c == dispatched(reads, stamp=None, names_before=names_before, seq=seq)
+    with_c = dispatched(reads, pure=False, names_before=names_before, seq=seq)
+    assert with_c == dispatched(reads, pure=True, names_before=names_before, seq=seq)
 
 
 def test_stamp_events_changes_nothing_unless_it_can_do_all() -> None:
@@ -570,12 +564,8 @@ from amid._speedups import parse_fields  # noqa: E402
 
 
 def python_fields(raw: bytes) -> list[tuple[str, str]]:
-    saved = protocol._parse_fields_c
-    protocol._parse_fields_c = None
-    try:
+    with _accel.pure_python():
         return protocol._parse_fields(raw)
-    finally:
-        protocol._parse_fields_c = saved
 
 
 _FIELD_PIECES = st.sampled_from([b"a", b"Key", b"x y", b":", b": ", b" ", b'"', b"\\", b"\r\n",
@@ -647,18 +637,8 @@ def test_a_record_with_an_id_and_a_server_that_is_no_str_encodes_either_way() ->
     record.id
     with_c = Record.jsons([record])
     record._json = None
-    with pure_python_records():
+    with _accel.pure_python():
         assert Record.jsons([record]) == with_c
-
-
-@contextlib.contextmanager
-def pure_python_records():
-    saved = (records_module._records_json, _encode._fields_json_c, _encode._record_json_c)
-    records_module._records_json = _encode._fields_json_c = _encode._record_json_c = None
-    try:
-        yield
-    finally:
-        records_module._records_json, _encode._fields_json_c, _encode._record_json_c = saved
 
 
 def test_callbacks_that_change_the_batch_cannot_break_it() -> None:

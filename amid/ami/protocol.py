@@ -394,6 +394,35 @@ def _message_for(raw: bytes) -> Message:
     return _KINDS.get(key.strip().lower(), Message)(raw, name)
 
 
+def _frame_crlf_py(buf: bytes, max_bytes: int, max_fields: int
+                   ) -> tuple[list[Any], int, int] | None:
+    """A read framed on CRLF CRLF: ``(messages, consumed, others)``, each message an
+    :class:`Event` when it starts with ``Event: `` (the common case, decoded as ``_decode``
+    does), else its bytes (``others`` counts them); None when ``buf`` holds a bare LF or a
+    message near a bound. ``amid._speedups.frame_crlf`` is the same in C."""
+    if buf.count(b"\n") != buf.count(b"\r\n"):
+        return None
+    *complete, rest = buf.split(b"\r\n\r\n")
+    if complete:
+        # A message of max_fields lines has at least that many bytes: only long ones count.
+        longest = max(map(len, complete))
+        if longest > max_bytes or longest >= max_fields:
+            return None
+    if len(rest) > max_bytes:
+        return None
+    messages: list[Any] = []
+    append = messages.append
+    others = 0
+    for raw in complete:
+        if raw[:7] == b"Event: ":
+            end = raw.find(b"\r\n")
+            append(Event(raw, (raw[7:end] if end >= 0 else raw[7:]).decode("utf-8", "surrogateescape")))
+        else:
+            append(raw)
+            others += 1
+    return messages, len(buf) - len(rest), others
+
+
 def _ami_major(banner: str) -> int:
     version = banner.rpartition("/")[2]
     head = version.split(".", 1)[0]
@@ -490,18 +519,16 @@ class Parser:
             self._scan_from = 0
         if not self._legacy_follows:
             # No bare LF anywhere: the only terminator is CRLF CRLF (the stream as Asterisk
-            # writes it), and one pass frames every message of the read.
-            if _frame_crlf is not None:
-                framed = _frame_crlf(buf, self.max_message_bytes, self.max_fields)
-                if framed is not None:
-                    return self._framed(buf, *framed)
-            elif buf.count(b"\n") == buf.count(b"\r\n"):
-                return self._feed_crlf(buf)
+            # writes it), and one pass frames every message of the read (None: anything else,
+            # or a message near a bound, which the general loop frames by the exact rules).
+            framed = (_frame_crlf or _frame_crlf_py)(buf, self.max_message_bytes, self.max_fields)
+            if framed is not None:
+                return self._framed(buf, *framed)
         return self._feed_general(buf)
 
     def _framed(self, buf: bytes, messages: list, consumed: int, others: int) -> list[Message]:
-        """Take what the C framing made of a read (see ``amid._speedups.frame_crlf``): the
-        same as :meth:`_feed_crlf`, with the messages other than events still bytes."""
+        """Take what the CRLF framing made of a read: events, and the other messages (other
+        kinds, stray blank lines) still as bytes."""
         if others:
             out: list[Message] = []
             append = out.append
@@ -581,35 +608,6 @@ class Parser:
         self._buf = buf[pos:] if rest else b""
         # Resume the terminator search a little before the end of what we already scanned.
         self._scan_from = max(0, rest - 3)
-        self.messages_total += len(out)
-        return out
-
-    def _feed_crlf(self, buf: bytes) -> list[Message]:
-        """The CRLF-only framing in Python (``amid._speedups.frame_crlf`` is the same in C)."""
-        *complete, rest = buf.split(b"\r\n\r\n")
-        if complete:
-            # Bounds, checked in C over the whole read; a message of max_fields lines has at
-            # least that many bytes, so only long ones are counted. Near a bound, the general
-            # loop frames the read and applies the exact rules.
-            longest = max(map(len, complete))
-            if longest > self.max_message_bytes or longest >= self.max_fields:
-                return self._feed_general(buf)
-        if len(rest) > self.max_message_bytes:
-            return self._feed_general(buf)
-        out: list[Message] = []
-        append = out.append
-        for raw in complete:
-            if raw[:7] == b"Event: ":  # the common case, built inline (decoded as _decode does)
-                end = raw.find(b"\r\n")
-                append(Event(raw, (raw[7:end] if end >= 0 else raw[7:]).decode("utf-8", "surrogateescape")))
-                continue
-            if not raw or raw[:1] in _CR_LF:
-                raw = raw.lstrip(b"\r\n")  # stray blank lines between messages
-                if not raw:
-                    continue
-            append(_message_for(raw))
-        self._buf = rest
-        self._scan_from = max(0, len(rest) - 3)
         self.messages_total += len(out)
         return out
 
@@ -694,8 +692,8 @@ class ActionIdGenerator:
 
 
 # The optional C accelerator (see amid._accel) frames CRLF streams and builds the Events
-# itself, and decodes plain messages' fields; without it, Parser._feed_crlf and
-# _parse_fields do the same in Python.
+# itself, and decodes plain messages' fields; without it, _frame_crlf_py and _parse_fields do
+# the same in Python.
 from amid._accel import speedups as _speedups  # noqa: E402  (binds Event, defined above)
 
 if _speedups is not None:
