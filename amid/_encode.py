@@ -211,39 +211,6 @@ def record_json(event: Event, run: str) -> bytes:
     return encode_record(record_dict(event, f"{event.server}:{run}:{epoch}:{seq}"))
 
 
-def record_jsons(events: list[Event], run: str) -> list[bytes]:
-    """``[record_json(event, run) for event in events]``, with what consecutive events share
-    (the connection's parts, the receive time) looked up once per run of them: the form a
-    sink's batch takes."""
-    out: list[bytes] = []
-    append = out.append
-    build_c = _record_json_c
-    plain_get = _plain_text.get
-    key: tuple[str, str, int] | None = None
-    parts: _RecordParts | None = None
-    last_ts: float | None = None
-    received = b""
-    for event in events:
-        epoch, seq, name = event.epoch, event.seq, event.name
-        name = plain_get(name, _MISSING) if type(name) is str else _MISSING
-        if (build_c is None or type(epoch) is not int or type(seq) is not int
-                or name is _MISSING or name is None):
-            append(record_json(event, run))
-            continue
-        if key is None or key[0] != event.server or key[2] != epoch:
-            key = (event.server, run, epoch)
-            parts = _record_parts(event.server, run, epoch)
-        if parts is None:
-            append(record_json(event, run))
-            continue
-        ts = event.received_at
-        if ts != last_ts:
-            last_ts, received = ts, _iso_bytes(ts)
-        built = build_c(parts.head, parts.mid, seq, received, name, event.raw)
-        append(built if built else record_json(event, run))
-    return out
-
-
 def event_json(event: Event, record_id: str) -> bytes:
     """The record JSON of an event (fast path when the message allows it)."""
     fields = fields_json_fast(event.raw)

@@ -25,7 +25,7 @@ from typing import Any
 from pydantic_core import from_json as _from_json
 
 from amid._encode import (encode_record, event_json, format_iso, record_dict, record_head_mid,
-                          record_json, record_jsons, receive_time_bytes)
+                          record_json, receive_time_bytes)
 
 __all__ = ["Record", "format_iso"]
 
@@ -105,22 +105,12 @@ class Record:
 
     @staticmethod
     def jsons(records: "list[Record] | tuple[Record, ...]") -> list[bytes]:
-        """``[record.json for record in records]``, built in one pass where needed (a sink's
-        batch: the records of one read share their envelope parts)."""
+        """``[record.json for record in records]``: a sink's batch, encoded in one C call
+        where the accelerator is in use (the records of a read share their envelope parts)."""
         if _records_json is not None:
             built = _records_json(records, record_head_mid, receive_time_bytes)
             if built is not None:
                 return built
-        todo = [record for record in records
-                if record._json is None and record._event is not None and record._id is None]
-        if todo:
-            run = todo[0]._run
-            if all(record._run == run for record in todo):
-                jsons = record_jsons([r._event for r in todo], run)
-                for record, built in zip(todo, jsons):
-                    record._json = built
-                if len(todo) == len(records):  # the usual batch: fresh records off the wire
-                    return jsons
         return [record.json for record in records]
 
     @property

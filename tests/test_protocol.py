@@ -690,7 +690,7 @@ def test_record_json_template_is_exact_for_any_server_and_run(server, run, field
 
 
 @FIELDS_PATHS
-def test_record_jsons_of_a_mixed_batch_equals_each_record_s_json(fields_impl):
+def test_a_batch_s_json_of_a_mixed_batch_equals_each_record_s_json(fields_impl):
     """The batch form gives each record exactly its own JSON: wire events of two servers and
     epochs, receive times changing mid-batch, names and values that need the general path,
     records made by amid and read back from a spool."""

@@ -190,19 +190,7 @@ class SinkRunner:
 
     def offer(self, record: Record) -> None:
         """Queue ``record`` for delivery. Never blocks or awaits; drops are counted."""
-        stats = self.stats
-        stats.received_total += 1
-        if self._mode is _Mode.MEMORY and not self._closed and not self._disabled:
-            # The usual case, inline (_queue_fits + _push): this runs for every event on the
-            # AMI read path.
-            size = record.size
-            if (stats.queue_events < self._max_queue_events
-                    and stats.queue_bytes + size <= self._max_queue_bytes):
-                self._queue.append(record)
-                stats.queue_events += 1
-                stats.queue_bytes += size
-                self._wakeup.set()
-                return
+        self.stats.received_total += 1
         if self._closed:
             self._drop(1, "shutdown")
             return
@@ -232,12 +220,11 @@ class SinkRunner:
         daemon's read path hands over every event of one read this way)."""
         if not records:
             return
-        stats = self.stats
         if self._mode is _Mode.MEMORY and not self._closed and not self._disabled:
             count = len(records)
             size = sum(map(_size_of, records))
-            if (stats.queue_events + count <= self._max_queue_events
-                    and stats.queue_bytes + size <= self._max_queue_bytes):
+            if self._queue_fits(size, count):
+                stats = self.stats
                 stats.received_total += count
                 self._queue.extend(records)
                 stats.queue_events += count
@@ -281,8 +268,9 @@ class SinkRunner:
         if stats.last_success_time is None:
             stats.last_success_time = previous.last_success_time
 
-    def _queue_fits(self, size: int) -> bool:
-        return (self.stats.queue_events < self._max_queue_events
+    def _queue_fits(self, size: int, count: int = 1) -> bool:
+        """Whether ``count`` more records of ``size`` bytes in all stay within the bounds."""
+        return (self.stats.queue_events + count <= self._max_queue_events
                 and self.stats.queue_bytes + size <= self._max_queue_bytes)
 
     def _push(self, record: Record) -> None:
