@@ -567,22 +567,33 @@ static PyObject *bind_event(PyObject *module, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
-/* Event names repeat on every event: the decoded (ASCII) name is kept per slot of a small
- * table, looked up by the bytes, so each event shares one str instead of decoding its own. */
-#define NAME_SLOTS 256
-static PyObject *name_cache[NAME_SLOTS];
+/* A str of ASCII bytes (checked by the caller): no decoding. */
+static PyObject *ascii_text(const unsigned char *start, Py_ssize_t len) {
+    PyObject *text = PyUnicode_New(len, 127);
+    if (text != NULL)
+        memcpy(PyUnicode_DATA(text), start, (size_t)len);
+    return text;
+}
 
-static PyObject *event_name(const unsigned char *start, Py_ssize_t len) {
-    const unsigned int slot = key_hash(start, len) & (NAME_SLOTS - 1);
-    PyObject *known = name_cache[slot];
+/* Texts that repeat on every event (event names, field keys) are made once: each is kept per
+ * slot of a small table (slots: a power of two), found by its bytes, so events share one str
+ * instead of each decoding its own. Only ASCII texts of up to 64 bytes are kept. */
+static PyObject *shared_text(PyObject **table, unsigned int slots, const unsigned char *start,
+                             Py_ssize_t len, int ascii) {
+    const unsigned int slot = key_hash(start, len) & (slots - 1);
+    PyObject *known = table[slot];
     if (known != NULL && PyUnicode_GET_LENGTH(known) == len
             && memcmp(PyUnicode_DATA(known), start, (size_t)len) == 0)
         return Py_NewRef(known);
-    PyObject *name = PyUnicode_DecodeUTF8((const char *)start, len, "surrogateescape");
-    if (name != NULL && PyUnicode_IS_ASCII(name) && len <= 64)
-        Py_XSETREF(name_cache[slot], Py_NewRef(name));
-    return name;
+    PyObject *text = ascii ? ascii_text(start, len)
+        : PyUnicode_DecodeUTF8((const char *)start, len, "surrogateescape");
+    if (text != NULL && len <= 64 && PyUnicode_IS_ASCII(text))
+        Py_XSETREF(table[slot], Py_NewRef(text));
+    return text;
 }
+
+#define NAME_SLOTS 256
+static PyObject *name_cache[NAME_SLOTS];
 
 static PyObject *new_event(const unsigned char *start, Py_ssize_t len) {
     /* The name: "Event: " up to the first CRLF (the framing let no bare LF through). */
@@ -591,7 +602,7 @@ static PyObject *new_event(const unsigned char *start, Py_ssize_t len) {
     PyObject *raw = PyBytes_FromStringAndSize((const char *)start, len);
     if (raw == NULL)
         return NULL;
-    PyObject *name = event_name(start + 7, name_len);
+    PyObject *name = shared_text(name_cache, NAME_SLOTS, start + 7, name_len, 0);
     if (name == NULL) {
         Py_DECREF(raw);
         return NULL;
@@ -1088,30 +1099,8 @@ static inline Py_ssize_t skip_field_text(const unsigned char *raw, Py_ssize_t i,
     return i;
 }
 
-static PyObject *ascii_text(const unsigned char *start, Py_ssize_t len) {
-    PyObject *text = PyUnicode_New(len, 127);
-    if (text != NULL)
-        memcpy(PyUnicode_DATA(text), start, (size_t)len);
-    return text;
-}
-
-/* Keys repeat on every event: one str per key, kept per slot of a small table. */
 #define KEY_SLOTS 512
 static PyObject *key_cache[KEY_SLOTS];
-
-static PyObject *field_key(const unsigned char *start, Py_ssize_t len) {
-    if (len > 64)
-        return ascii_text(start, len);
-    const unsigned int slot = key_hash(start, len) & (KEY_SLOTS - 1);
-    PyObject *known = key_cache[slot];
-    if (known != NULL && PyUnicode_GET_LENGTH(known) == len
-            && memcmp(PyUnicode_DATA(known), start, (size_t)len) == 0)
-        return Py_NewRef(known);
-    PyObject *key = ascii_text(start, len);
-    if (key != NULL)
-        Py_XSETREF(key_cache[slot], Py_NewRef(key));
-    return key;
-}
 
 static PyObject *parse_fields(PyObject *module, PyObject *arg) {
     (void)module;
@@ -1154,7 +1143,8 @@ static PyObject *parse_fields(PyObject *module, PyObject *arg) {
             goto python_decides; /* a bare LF or a non-ASCII byte */
         }
         PyObject *pair = PyTuple_New(2);
-        PyObject *key = pair == NULL ? NULL : field_key(raw + key_start, key_end - key_start);
+        PyObject *key = pair == NULL ? NULL
+            : shared_text(key_cache, KEY_SLOTS, raw + key_start, key_end - key_start, 1);
         PyObject *value = key == NULL ? NULL : ascii_text(raw + key_end + 2, i - key_end - 2);
         if (value == NULL) {
             Py_XDECREF(key);
