@@ -1,6 +1,6 @@
-"""``host[:port]`` text, the one way amid reads and shows it (AMI servers, listen addresses,
-syslog and webhook peers): ``pbx``, ``pbx:5039``, ``[2001:db8::1]:5038``, ``[2001:db8::1]``,
-or a bare IPv6 address (which has no port)."""
+"""``host[:port]`` text, read one way (AMI servers in the config and the library, the http
+listen address) and shown one way (those and the sink peers): ``pbx``, ``pbx:5039``,
+``[2001:db8::1]:5038``, ``[2001:db8::1]``, or a bare IPv6 address (which has no port)."""
 
 from __future__ import annotations
 
