@@ -45,7 +45,7 @@ __all__ = [
 DISCONNECT_REASONS = ("eof", "ping_timeout", "protocol_error", "connect_error", "login_failed",
                       "server_shutdown", "error", "closed")
 DROP_REASONS = ("queue_full", "spool_full", "spool_corrupt", "spool_io", "disabled", "shutdown")
-SINK_STATES = ("starting", "ok", "retrying", "disabled", "closed")
+SINK_STATES = ("starting", "ok", "retrying", "disabled", "closing", "closed")
 
 # Event names beyond the per-server budget are summed under this label value.
 OTHER_EVENT = "other"

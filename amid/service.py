@@ -35,7 +35,7 @@ from amid.logs import set_log_level
 from amid.records import Record, format_iso
 from amid.router import EventFilter, Router
 from amid.sinks.base import PluginLoadError, load_plugin_factories
-from amid.sinks.delivery import SinkRunner, SinkStats
+from amid.sinks.delivery import RunnerSettings, SinkRunner, SinkStats
 
 log = logging.getLogger("amid.service")
 
@@ -158,15 +158,7 @@ class Daemon:
                         extra={"sink": cfg.name})
         factory = self.types.factories[cfg.type]
         sink = factory(cfg.name, cfg.options)
-        runner = SinkRunner(
-            sink, name=cfg.name, max_queue_events=cfg.queue.max_events,
-            max_queue_bytes=cfg.queue.max_bytes, overflow=cfg.overflow,
-            spool_dir=self._spool_dir(cfg) if cfg.overflow == "spool" else None,
-            spool_max_bytes=cfg.spool.max_bytes, spool_fallback=cfg.spool.fallback,
-            spool_fsync_interval=cfg.spool.fsync_interval, batch_max_events=cfg.batch.max_events,
-            batch_max_bytes=cfg.batch.max_bytes, batch_max_wait=cfg.batch.max_wait,
-            retry_min_delay=cfg.retry.min_delay, retry_max_delay=cfg.retry.max_delay,
-            attempt_timeout=cfg.retry.attempt_timeout, dead_letter_path=cfg.dead_letter)
+        runner = SinkRunner(sink, RunnerSettings.of_sink(cfg, spool_dir))
         return _SinkSlot(cfg, sink, runner, EventFilter(cfg.include, cfg.exclude, cfg.match))
 
     def _update_routes(self) -> None:

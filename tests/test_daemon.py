@@ -300,7 +300,7 @@ async def test_a_reconfigured_sink_keeps_counting_where_its_predecessor_stopped(
         stats = daemon.server_stats["pbx1"]
         sim.originate("Local/200@test", exten="100")
         await wait_until(lambda: len(read_jsonl(events_file)) >= CALL_EVENTS)
-        await wait_until(lambda: daemon.sinks["file"].runner.stats.queue_events == 0)
+        await wait_until(lambda: daemon.sinks["file"].runner.stats.sent_total >= CALL_EVENTS)
         before = await scrape(daemon.http.port)
         config = yaml.safe_load(path.read_text())
         config["sinks"][0]["batch"]["max_events"] = 7   # a changed sink: a new runner
@@ -583,7 +583,8 @@ async def test_a_reload_waits_for_a_background_sink_start_and_its_successor_gets
         tmp_path, sim, monkeypatch):
     import threading
 
-    import amid.sinks.delivery as delivery
+    import amid.sinks.buffer as delivery
+    from amid.sinks.lifecycle import RunnerState
     path = write_config(tmp_path, sim, [{"name": "a", "type": "file", "path": str(tmp_path / "a.jsonl")}])
     daemon, task = await start_daemon(path)
     release = threading.Event()
@@ -618,7 +619,7 @@ async def test_a_reload_waits_for_a_background_sink_start_and_its_successor_gets
         release.set()
         assert await reload
         assert daemon.sinks["b"] is not first_b
-        assert first_b.runner._closed and first_b.runner._spool._closed
+        assert first_b.runner.state is RunnerState.CLOSED and first_b.runner._spool._spool._closed
         await wait_until(lambda: daemon.sinks["b"].runner.accepting)
     finally:
         release.set()

@@ -14,7 +14,7 @@ import pytest
 
 from amid.records import Record, format_iso
 from amid.sinks.base import Sink, SinkDisabled, SinkError, SinkRejected
-from amid.sinks.delivery import SinkRunner, SinkStats
+from amid.sinks.delivery import RunnerSettings, SinkRunner, SinkStats
 from amid.sinks.spool import Spool
 
 BASE_TIME = 1_800_000_000.0
@@ -98,7 +98,8 @@ def make_runner(sink: ScriptedSink, **overrides: Any) -> SinkRunner:
         "batch_max_bytes": 1 << 20, "batch_max_wait": 0.0, "retry_min_delay": 0.001,
         "retry_max_delay": 0.004, "dead_letter_path": None, "sleep": RecordedSleep()}
     params.update(overrides)
-    return SinkRunner(sink, **params)
+    injected = {key: params.pop(key) for key in ("clock", "rng", "sleep", "wall_clock") if key in params}
+    return SinkRunner(sink, RunnerSettings(**params), **injected)
 
 
 def assert_invariant(stats: SinkStats) -> None:
@@ -258,6 +259,17 @@ async def test_drop_warnings_are_rate_limited(caplog: pytest.LogCaptureFixture) 
 
 # -- retries ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("rng_value", [0.0, 0.3, 0.999])
+def test_backoff_never_goes_below_min_delay_and_is_always_jittered(rng_value: float) -> None:
+    runner = make_runner(ScriptedSink(), rng=lambda: rng_value, retry_min_delay=0.5,
+                         retry_max_delay=30.0)
+    delays = [runner._backoff(attempt, None) for attempt in range(12)]
+    assert all(0.5 <= d <= 30.0 for d in delays), delays
+    other = make_runner(ScriptedSink(), rng=lambda: (rng_value + 0.5) % 1, retry_min_delay=0.5,
+                        retry_max_delay=30.0)
+    assert all(a != b for a, b in zip(delays, [other._backoff(n, None) for n in range(12)])), \
+        "every delay, the first and the capped ones included, depends on the jitter"
+
 async def test_retry_resends_the_same_batch_with_jittered_backoff_and_retry_after(
         caplog: pytest.LogCaptureFixture) -> None:
     sink = ScriptedSink()
@@ -273,9 +285,9 @@ async def test_retry_resends_the_same_batch_with_jittered_backoff_and_retry_afte
     await runner.start()
     assert await runner.drain(5)
     assert sink.attempts == [[0, 1, 2]] * 11, "the same batch, again and again"
-    assert sleep.delays[:5] == [7.0, 1.0, 2.0, 2.0, 2.0], \
-        "Retry-After honoured, then 0.5 * min(4, 1 * 2**n)"
-    assert all(d <= 4.0 for d in sleep.delays[1:])
+    assert sleep.delays[:5] == [7.0, 3.0, 3.0, 3.0, 3.0], \
+        "Retry-After honoured, then min(4, 1 * 2**(n+1)) * (0.5 + 0.5 * 0.5)"
+    assert all(1.0 <= d <= 4.0 for d in sleep.delays[1:])
     stats = runner.stats
     assert (stats.failed_attempts_total, stats.retried_total, stats.sent_total) == (10, 10, 3)
     assert stats.state == "ok"
@@ -425,7 +437,20 @@ def spool_runner(sink: ScriptedSink, spool_dir: Path, **overrides: Any) -> SinkR
     return make_runner(sink, **params)
 
 
-async def test_spool_overflow_keeps_order_and_delivers_the_in_flight_batch_once(tmp_path: Path) -> None:
+def records_on_disk(spool_dir: Path) -> list[int]:
+    """Sequence numbers of every record in the spool's segment files, read as another process
+    would (the bytes the kernel has, no fsync needed): what survives ``kill -9``."""
+    from amid.sinks.spool import parse_frames
+    seqs = []
+    for number, segment in enumerate(sorted(spool_dir.glob("*.seg"))):
+        data = segment.read_bytes()
+        seqs += [Record.from_json(f.payload).data["seq"]
+                 for f in parse_frames(data, number, 0, final=True) if f.payload is not None]
+    return seqs
+
+
+async def test_the_spool_is_write_ahead_every_record_reaches_the_kernel_in_the_same_turn(
+        tmp_path: Path) -> None:
     sink = ScriptedSink()
     sink.gate = asyncio.Event()
     runner = spool_runner(sink, tmp_path, batch_max_events=4)
@@ -433,19 +458,21 @@ async def test_spool_overflow_keeps_order_and_delivers_the_in_flight_batch_once(
     runner.offer(make_record(0))
     await sink.until(lambda: len(sink.attempts) == 1)   # record 0 is in flight, blocked
     for n in range(1, 30):
-        runner.offer(make_record(n))
+        runner.offer_many([make_record(n)])
+    await asyncio.sleep(0)  # one turn of the loop: the write is due by its end
+    assert records_on_disk(tmp_path) == list(range(30)), \
+        "every record offered is in the kernel's hands (the one in flight too, until acked)"
     stats = runner.stats
-    assert stats.spool_events > 0 and stats.queue_events == 0, "the queue moved to the spool"
+    assert stats.spool_events == 29 and stats.queue_events == 0, "nothing waits in memory"
     assert runner.accepting
     assert_invariant(stats)
     sink.gate.set()
     assert await runner.drain(5)
-    assert sink.delivered() == list(range(30)), "in order, and the shadow copy is not resent"
+    assert sink.delivered() == list(range(30)), "in order, each once"
     assert stats.spool_events == 0 and stats.sent_total == 30
     assert_invariant(stats)
-    # Back to memory once the spool is empty.
     runner.offer(make_record(30))
-    assert (stats.spool_events, stats.queue_events) == (0, 1), "back to the memory queue"
+    assert (stats.spool_events, stats.queue_events) == (1, 0), "the spool stays the head of the line"
     assert await runner.drain(5)
     assert sink.delivered()[-1] == 30
     await runner.close(1)
@@ -456,7 +483,7 @@ async def test_spooled_and_queued_records_survive_a_restart_in_order(tmp_path: P
     down.gate = asyncio.Event()   # the peer hangs: nothing is ever confirmed
     first = spool_runner(down, tmp_path, max_queue_events=10, batch_max_events=4)
     await first.start()
-    for n in range(8):            # fits in memory: only close() spools these
+    for n in range(8):            # spooled at once (write-ahead), never confirmed
         first.offer(make_record(n))
     await down.until(lambda: len(down.attempts) == 1)
     await first.close(0.01)
@@ -732,7 +759,7 @@ async def test_a_small_spool_uses_segments_that_keep_its_disk_use_near_the_cap(t
     runner = make_runner(ScriptedSink(), overflow="spool", spool_dir=tmp_path / "sp",
                          spool_max_bytes=1 << 20)
     await runner.start()
-    assert runner._spool.segment_bytes == (1 << 20) // 8
+    assert runner._spool._spool.segment_bytes == (1 << 20) // 8
     await runner.close(1.0)
 
 
@@ -751,7 +778,7 @@ async def test_spilling_sizes_records_by_their_json_not_the_estimate(tmp_path):
     stats = runner.stats
     # 12 KB each: two fit in 30 KB. Sized by the estimate (2.8 KB), the spool refused the
     # whole spill and every record went to the fallback while the spool stayed empty.
-    assert stats.spool_events >= 1 and 0 < stats.spool_bytes <= 30_000
+    assert stats.spool_events + stats.in_flight_events >= 1 and 0 < stats.spool_bytes <= 30_000
     assert_invariant(stats)
     sink.gate.set()
     await runner.close(1.0)

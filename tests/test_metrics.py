@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import asyncio
 import os
 import platform
@@ -17,6 +19,7 @@ from amid.ami.stats import SessionStats
 from amid.http import HealthServer
 from amid.metrics import DISCONNECT_REASONS, DROP_REASONS, SINK_STATES, AmidCollector, build_registry
 from amid.sinks.delivery import SinkStats
+from amid.sinks.queue import SizedQueue
 from promparse import Samples, key, parse, scrape, scrape_text, total
 
 
@@ -140,8 +143,9 @@ async def test_sink_values_follow_stats(world: World, http: HealthServer) -> Non
     stats.dead_lettered_total = 4
     stats.truncated_total = 6
     stats.spool_corrupt_records_total = 7
-    stats.queue_events, stats.queue_bytes = 15, 4096
-    stats.spool_events, stats.spool_bytes = 8, 2048
+    stats.queue = SizedQueue(100, 1 << 20)
+    stats.queue.events, stats.queue.bytes = 15, 4096
+    stats.spool = SimpleNamespace(waiting=8, bytes_used=2048)  # what the collector reads of it
     stats.in_flight_events = 2
     stats.last_success_time = 1_700_000_123.25
     for latency in (0.02, 45.0, 90.0):

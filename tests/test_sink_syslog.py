@@ -647,7 +647,7 @@ async def slow_receiver_gets_every_message(tmp_path: Path) -> None:
 
 
 async def test_truncation_is_counted_once_per_delivered_message_and_reaches_the_metrics(tmp_path):
-    from amid.sinks.delivery import SinkRunner
+    from amid.sinks.delivery import RunnerSettings, SinkRunner
     peer = DatagramPeer(tmp_path / "dev-log")
     sink = syslog.create("s", Options(address=f"unix://{peer.path}", udp_max_bytes=600))
     big = rec("big", fields={"Note": "é" * 1000})
@@ -656,10 +656,10 @@ async def test_truncation_is_counted_once_per_delivered_message_and_reaches_the_
     assert sink.stats.truncated_total == 0
     await peer.start()
     runner = SinkRunner(
-        sink, name="s", max_queue_events=100, max_queue_bytes=1 << 20, overflow="drop_newest",
+        sink, RunnerSettings(name="s", max_queue_events=100, max_queue_bytes=1 << 20, overflow="drop_newest",
         spool_dir=None, spool_max_bytes=1 << 20, spool_fallback="drop_newest",
         spool_fsync_interval=0.1, batch_max_events=10, batch_max_bytes=1 << 20,
-        batch_max_wait=0.0, retry_min_delay=0.001, retry_max_delay=0.01, dead_letter_path=None)
+        batch_max_wait=0.0, retry_min_delay=0.001, retry_max_delay=0.01, dead_letter_path=None))
     try:
         await waited(runner.start())
         for record in (big, rec("small"), big):

@@ -17,7 +17,7 @@ import pytest
 
 from amid.sinks import webhook
 from amid.sinks.base import Sink, SinkDisabled, SinkError, SinkRejected
-from amid.sinks.delivery import SinkRunner
+from amid.sinks.delivery import RunnerSettings, SinkRunner
 from http_receiver import HttpReceiver, Reply, verify_signature
 from sink_contract import SinkContract, make_records
 
@@ -453,11 +453,11 @@ async def test_outage_every_event_arrives_and_duplicates_stay_within_one_batch(
         receiver, tmp_path):
     sink = FailureCountingSink(webhook.create("hook", {"url": receiver.url, "secret": "s3cret"}))
     runner = SinkRunner(
-        sink, name="hook", max_queue_events=20, max_queue_bytes=1 << 20, overflow="spool",
+        sink, RunnerSettings(name="hook", max_queue_events=20, max_queue_bytes=1 << 20, overflow="spool",
         spool_dir=tmp_path / "spool", spool_max_bytes=1 << 22, spool_fallback="drop_newest",
         spool_fsync_interval=0.005, batch_max_events=10, batch_max_bytes=1 << 20,
         batch_max_wait=0.005, retry_min_delay=0.005, retry_max_delay=0.05,
-        dead_letter_path=tmp_path / "dead.jsonl")
+        dead_letter_path=tmp_path / "dead.jsonl"))
     records = make_records(130)
     await runner.start()
     try:

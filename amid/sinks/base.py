@@ -57,6 +57,25 @@ class Sink(Protocol):
         """Release resources. Must be idempotent."""
 
 
+@runtime_checkable
+class SendsNowait(Protocol):
+    """Optional: a sink that can often deliver a batch at once, without awaiting (a small
+    append to an open file). The runner tries this first on its hot path, which saves the
+    wake-up of its worker task and a timer for every AMI read."""
+
+    def send_nowait(self, batch: Sequence[Record]) -> bool:
+        """Deliver ``batch`` now and return True, or do nothing and return False (the runner
+        then calls :meth:`Sink.send`). May raise SinkError like ``send``; never blocks long."""
+
+
+@runtime_checkable
+class Reopenable(Protocol):
+    """Optional: a sink that reopens its files on SIGHUP (logrotate's ``postrotate``)."""
+
+    def reopen(self) -> None:
+        """Reopen before the next write."""
+
+
 # A sink factory takes the sink's name and its type-specific options (the config keys the
 # sink type owns, already validated by its own options model) and returns a Sink.
 SinkFactory = Callable[[str, Mapping[str, Any]], Sink]

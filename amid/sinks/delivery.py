@@ -1,55 +1,58 @@
 """SinkRunner: the delivery machinery in front of every sink.
 
-One runner per sink owns a bounded in-memory queue (bounded in events and bytes), the overflow
-policy, an optional disk spool, batching, retries with backoff, the dead-letter file and the
-counters. The AMI reader only ever calls :meth:`SinkRunner.offer`, which never blocks or
-awaits, so a slow or dead sink cannot delay the session or another sink.
+One runner per sink owns a bounded in-memory queue (:class:`~amid.sinks.queue.SizedQueue`),
+the overflow policy, an optional write-ahead spool (:class:`~amid.sinks.buffer.SpoolBuffer`),
+batching, retries with backoff, the dead-letter file and the counters. The AMI reader only ever
+calls :meth:`SinkRunner.offer_many` (or :meth:`offer`), which never blocks or awaits, so a slow
+or dead sink cannot delay the session or another sink. Its lifecycle is one
+:class:`~amid.sinks.lifecycle.RunnerState` with a table of legal moves.
 
-Ordering with a spool. The runner is in one of two modes:
+Head of the line:
 
-* ``MEMORY``: the queue is the head of the line (the normal case).
-* ``SPOOL``: the spool is the head of the line; the queue holds only records newer than
-  everything spooled. It is entered when the queue overflows (the whole queue moves to the
-  spool, oldest first), when records are recovered from the spool on start, and when the sink
-  is disabled. New records are appended behind the spool, and the queue only takes records
-  once the spool is full. The worker returns to ``MEMORY`` once the spool is empty.
+* ``drop_oldest`` / ``drop_newest``: the memory queue. Records offered during one turn of the
+  event loop are delivered together on the next turn: straight from the loop when the sink can
+  deliver without waiting (:class:`~amid.sinks.base.SendsNowait`, a small file append), else by
+  the worker task. A full queue drops by the policy, counted.
+* ``spool`` (durable): every record goes to the spool first, written to the kernel within the
+  same turn of the loop (it survives ``kill -9`` from then on; a power cut can take what was not
+  yet fsynced, at most ``fsync_interval``). The worker reads batches back from the spool head
+  and acknowledges them only after the sink confirmed them, so on restart delivery resumes in
+  order with what was not confirmed. Only when the spool is full do records wait in the memory
+  queue behind it (not durable there), bounded, and the spool's ``fallback`` applies to it.
 
-A memory batch that is being sent while the queue overflows is also copied to the spool head
-("shadowed"), so if it is never confirmed (sink disabled, shutdown) it is still first in line
-after a restart; if it is confirmed, its copy is skipped without being sent again.
-
-Accounting invariant (checked by the metrics tests at scrape time)::
+Accounting invariant (checked by the tests at scrape time)::
 
     received_total == sent_total + sum(dropped_total.values()) + dead_lettered_total
                       + queue_events + spool_events + in_flight_events
 
-``received_total`` includes records recovered from the spool when the runner starts
-(also shown as ``recovered_total``), so the invariant holds across restarts. A runner
-replaced on reload by :meth:`SinkRunner.detach` adds ``handed_over_total`` to the right-hand side.
+``received_total`` includes records recovered from the spool when the runner starts (also shown
+as ``recovered_total``), so the invariant holds across restarts. A runner replaced on reload by
+:meth:`SinkRunner.detach` adds ``handed_over_total`` to the right-hand side.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import os
 import random
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat, starmap
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from amid.ami.stats import Histogram
 from amid.records import Record
-from amid.sinks.base import Sink, SinkDisabled, SinkError, SinkRejected
-from amid.sinks.spool import DEFAULT_SEGMENT_BYTES, HEADER_SIZE, Spool, SpoolFull, SpoolPosition
+from amid.sinks.base import SendsNowait, Sink, SinkDisabled, SinkError, SinkRejected
+from amid.sinks.buffer import SpoolBuffer
+from amid.sinks.lifecycle import RunnerState, check_move
+from amid.sinks.queue import SizedQueue
+from amid.sinks.spool import SpoolPosition
 
-__all__ = ["DELIVERY_LATENCY_BUCKETS", "DROP_REASONS", "SinkRunner", "SinkStats"]
+__all__ = ["DELIVERY_LATENCY_BUCKETS", "DROP_REASONS", "RunnerSettings", "SinkRunner", "SinkStats"]
 
 log = logging.getLogger("amid.sinks.delivery")
 
@@ -64,25 +67,66 @@ DROP_REASONS = ("queue_full", "spool_full", "disabled", "shutdown", "spool_corru
 DROP_WARNING_INTERVAL = 10.0
 # A peer's Retry-After is honoured, but an absurd value must not park a sink for days.
 RETRY_AFTER_CAP = 3600.0
-# Records skipped per spool read when discarding already-delivered shadow copies.
-_SKIP_READ_EVENTS = 4096
+HOPELESS_START_FAILURES = 3  # failed opens in a row after which shutdown stops waiting for a sink
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """What a runner is told by the config (a sink's ``queue``, ``overflow``, ``spool``,
+    ``batch``, ``retry`` and ``dead_letter`` keys)."""
+
+    name: str
+    max_queue_events: int = 100_000
+    max_queue_bytes: int = 64 << 20
+    overflow: Overflow = "drop_oldest"
+    spool_dir: Path | None = None
+    spool_max_bytes: int = 1 << 30
+    spool_fallback: SpoolFallback = "drop_oldest"
+    spool_fsync_interval: float = 0.1
+    batch_max_events: int = 500
+    batch_max_bytes: int = 1 << 20
+    batch_max_wait: float = 0.0
+    retry_min_delay: float = 0.5
+    retry_max_delay: float = 30.0
+    attempt_timeout: float | None = 120.0
+    dead_letter_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.overflow not in ("drop_oldest", "drop_newest", "spool"):
+            raise ValueError(f"unknown overflow policy {self.overflow!r}")
+        if self.spool_fallback not in ("drop_oldest", "drop_newest"):
+            raise ValueError(f"unknown spool fallback policy {self.spool_fallback!r}")
+        if self.overflow == "spool" and self.spool_dir is None:
+            raise ValueError("overflow 'spool' needs a spool_dir")
+        if min(self.max_queue_events, self.max_queue_bytes, self.batch_max_events,
+               self.batch_max_bytes) <= 0:
+            raise ValueError("queue and batch limits must be positive")
+
+    @classmethod
+    def of_sink(cls, cfg: Any, spool_dir: Path | None) -> RunnerSettings:
+        """From a validated ``SinkConfig`` (``spool_dir``: where its spool lives)."""
+        return cls(name=cfg.name, max_queue_events=cfg.queue.max_events,
+                   max_queue_bytes=cfg.queue.max_bytes, overflow=cfg.overflow,
+                   spool_dir=spool_dir if cfg.overflow == "spool" else None,
+                   spool_max_bytes=cfg.spool.max_bytes, spool_fallback=cfg.spool.fallback,
+                   spool_fsync_interval=cfg.spool.fsync_interval,
+                   batch_max_events=cfg.batch.max_events, batch_max_bytes=cfg.batch.max_bytes,
+                   batch_max_wait=cfg.batch.max_wait, retry_min_delay=cfg.retry.min_delay,
+                   retry_max_delay=cfg.retry.max_delay, attempt_timeout=cfg.retry.attempt_timeout,
+                   dead_letter_path=cfg.dead_letter)
 
 
 @dataclass
 class SinkStats:
     """Counters of one sink, read by amid.metrics at scrape time (see the module invariant)."""
 
-    state: str = "starting"    # starting | ok | retrying | disabled | closed
+    state: str = "starting"    # a RunnerState value (new is shown as starting)
     received_total: int = 0    # offered, plus recovered from the spool at start
     sent_total: int = 0        # confirmed by sink.send
     failed_attempts_total: int = 0
     retried_total: int = 0     # batches re-sent
-    dropped_total: Counter = field(default_factory=lambda: Counter({r: 0 for r in DROP_REASONS}))
+    dropped_total: Counter[str] = field(default_factory=lambda: Counter({r: 0 for r in DROP_REASONS}))
     dead_lettered_total: int = 0
-    queue_events: int = 0      # in the in-memory queue right now
-    queue_bytes: int = 0
-    spool_events: int = 0      # in the spool right now (not counting the batch in flight)
-    spool_bytes: int = 0
     in_flight_events: int = 0  # the batch being sent right now
     recovered_total: int = 0   # found in the spool when the runner started
     handed_over_total: int = 0  # given to a replacement runner by detach() (config reload)
@@ -91,27 +135,46 @@ class SinkStats:
     last_success_time: float | None = None  # unix time of the last confirmed send
     delivery_latency: Histogram = field(default_factory=lambda: Histogram(DELIVERY_LATENCY_BUCKETS))
     last_error: str | None = None
+    queue: SizedQueue | None = field(default=None, repr=False)
+    spool: SpoolBuffer | None = field(default=None, repr=False)
+
+    @property
+    def queue_events(self) -> int:
+        """In the in-memory queue right now."""
+        return 0 if self.queue is None else self.queue.events
+
+    @property
+    def queue_bytes(self) -> int:
+        return 0 if self.queue is None else self.queue.bytes
+
+    @property
+    def spool_events(self) -> int:
+        """In the spool right now (not counting the batch in flight)."""
+        return 0 if self.spool is None else self.spool.waiting
+
+    @property
+    def spool_bytes(self) -> int:
+        """Bytes of the spool's unconfirmed records, framing included."""
+        return 0 if self.spool is None else self.spool.bytes_used
 
 
-class _Mode(enum.Enum):
-    MEMORY = "memory"  # the queue is the head of the line
-    SPOOL = "spool"    # the spool is the head; the queue only holds newer records
-
-
-class _Outcome(enum.Enum):
-    SENT = "sent"
-    REJECTED = "rejected"
-    DISABLED = "disabled"
-
-
-@dataclass
 class _Batch:
-    records: list[Record]
-    spool_end: SpoolPosition | None = None  # set when read from the spool: ack up to here
-    shadowed: bool = False                  # a memory batch whose copy sits at the spool head
+    __slots__ = ("records", "spool_count", "spool_end")
+
+    def __init__(self, records: list[Record], spool_end: SpoolPosition | None = None,
+                 spool_count: int = 0) -> None:
+        self.records = records
+        self.spool_end = spool_end      # read from the spool: ack up to here once settled
+        self.spool_count = spool_count  # frames that ack covers
 
 
-HOPELESS_START_FAILURES = 3  # failed opens in a row after which shutdown stops waiting for a sink
+class _Handoff:
+    """A batch the hot path took but could not settle: the worker goes on from here."""
+
+    __slots__ = ("batch", "error")
+
+    def __init__(self, batch: _Batch, error: Exception | None) -> None:
+        self.batch, self.error = batch, error
 
 
 class SinkRunner:
@@ -121,119 +184,90 @@ class SinkRunner:
     ``sleep`` waits between retries; ``wall_clock`` (unix seconds) times delivery latency.
     """
 
-    def __init__(self, sink: Sink, *, name: str, max_queue_events: int, max_queue_bytes: int,
-                 overflow: Overflow, spool_dir: Path | None, spool_max_bytes: int,
-                 spool_fallback: SpoolFallback, spool_fsync_interval: float,
-                 batch_max_events: int, batch_max_bytes: int, batch_max_wait: float,
-                 retry_min_delay: float, retry_max_delay: float, dead_letter_path: Path | None,
-                 attempt_timeout: float | None = None,
+    def __init__(self, sink: Sink, settings: RunnerSettings, *,
                  clock: Callable[[], float] = time.monotonic,
                  rng: Callable[[], float] = random.random,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  wall_clock: Callable[[], float] = time.time) -> None:
-        if overflow not in ("drop_oldest", "drop_newest", "spool"):
-            raise ValueError(f"unknown overflow policy {overflow!r}")
-        if spool_fallback not in ("drop_oldest", "drop_newest"):
-            raise ValueError(f"unknown spool fallback policy {spool_fallback!r}")
-        if overflow == "spool" and spool_dir is None:
-            raise ValueError("overflow 'spool' needs a spool_dir")
-        if min(max_queue_events, max_queue_bytes, batch_max_events, batch_max_bytes) <= 0:
-            raise ValueError("queue and batch limits must be positive")
         self._sink = sink
+        self._nowait = sink if isinstance(sink, SendsNowait) else None
         self._sink_truncated_seen = 0  # the sink's own truncated_total at the last look
-        self.name = name
-        self._max_queue_events = max_queue_events
-        self._max_queue_bytes = max_queue_bytes
-        self._overflow = overflow
-        self._spool_dir = spool_dir
-        self._spool_max_bytes = spool_max_bytes
-        self._spool_fallback = spool_fallback
-        self._fsync_interval = spool_fsync_interval
-        self._batch_max_events = batch_max_events
-        self._batch_max_bytes = batch_max_bytes
-        self._batch_max_wait = batch_max_wait
-        self._retry_min_delay = retry_min_delay
-        self._retry_max_delay = retry_max_delay
-        self._attempt_timeout = attempt_timeout
-        self._dead_letter_path = dead_letter_path
-        self._clock = clock
-        self._rng = rng
-        self._sleep = sleep
-        self._wall_clock = wall_clock
+        self.settings = settings
+        self.name = settings.name
+        self._clock, self._rng, self._sleep, self._wall_clock = clock, rng, sleep, wall_clock
 
-        self.stats = SinkStats()
-        self._queue: deque[Record] = deque()
-        self._mode = _Mode.MEMORY
-        self._spool: Spool | None = None
-        self._spool_skip = 0            # delivered shadow copies at the spool head
+        self._queue = SizedQueue(settings.max_queue_events, settings.max_queue_bytes)
+        self.stats = SinkStats(queue=self._queue)
+        self._state = RunnerState.NEW
+        self._spool: SpoolBuffer | None = None
         self._in_flight: _Batch | None = None
-        self._started = False
+        self._handoff: _Handoff | None = None
         self.sink_opened = False  # sink.start() has succeeded (readiness: a sink that never opened is not)
         self._start_failures = 0  # failed start attempts so far, while it has never opened
         self._start_settled = asyncio.Event()  # the sink opened, or the worker gave up
-        self._disabled = False
-        self._draining = False
-        self._closing = False           # close() has begun
-        self._closed = False            # offers are refused from here on
+        self._draining = False    # someone waits for the queue to empty: no batch waits to fill
         self._closed_event = asyncio.Event()
-        self._wakeup = asyncio.Event()      # set by offer: there is something new
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._kicked = False      # a turn of the loop will deliver what was offered
+        self._parked = False      # the worker waits for records (the hot path may deliver)
+        self._wakeup = asyncio.Event()      # the worker has something to do
         self._progress = asyncio.Event()    # set by the worker after each batch or when idle
-        self._spool_dirty = asyncio.Event() # set when the spool has records to fsync
         self._worker: asyncio.Task[None] | None = None
-        self._sync_task: asyncio.Task[None] | None = None
         self._unreported_drops: Counter[str] = Counter()
         self._last_drop_warning: float | None = None
         self._logged_exception_types: set[type] = set()
-        self._log_extra = {"sink": name}
+        self._log_extra = {"sink": self.name}
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> RunnerState:
+        return self._state
+
+    def _move(self, new: RunnerState) -> None:
+        self._state = check_move(self._state, new)
+        self.stats.state = "starting" if new is RunnerState.NEW else new.value
+
+    def _health(self, new: RunnerState) -> None:
+        """An attempt's outcome (OK / RETRYING) moves the state only while delivering."""
+        if self._state.delivering:
+            self._move(new)
 
     # -- the hot path ----------------------------------------------------------------------
 
     def offer(self, record: Record) -> None:
         """Queue ``record`` for delivery. Never blocks or awaits; drops are counted."""
-        self.stats.received_total += 1
-        if self._closed:
-            self._drop(1, "shutdown")
-            return
-        if self._disabled and self._spool is None:
-            self._drop(1, "disabled")
-            return
-        if self._mode is _Mode.SPOOL:
-            self._push(record)
-            self._spill()
-            self._enforce_queue_bounds(self._spool_fallback, "spool_full")
-        elif self._queue_fits(record.size):
-            self._push(record)
-        elif self._overflow == "spool" and self._spool is not None:
-            self._enter_spool_mode()
-            self._push(record)
-            self._spill()
-            self._enforce_queue_bounds(self._spool_fallback, "spool_full")
-        else:
-            # Not started yet with a spool policy: the spool is not open, use its fallback.
-            policy = self._spool_fallback if self._overflow == "spool" else self._overflow
-            self._push(record)
-            self._enforce_queue_bounds(policy, "queue_full")
-        self._wakeup.set()
+        self.offer_many([record])
 
     def offer_many(self, records: list[Record]) -> None:
-        """:meth:`offer` each record, in order; all at once when they fit the queue (the
-        daemon's read path hands over every event of one read this way)."""
+        """Queue ``records`` in order (the daemon's read path hands over every event of one
+        read this way). Never blocks or awaits; drops are counted by reason."""
         if not records:
             return
-        if self._mode is _Mode.MEMORY and not self._closed and not self._disabled:
-            count = len(records)
-            size = sum(map(_size_of, records))
-            if self._queue_fits(size, count):
-                stats = self.stats
-                stats.received_total += count
-                self._queue.extend(records)
-                stats.queue_events += count
-                stats.queue_bytes += size
-                self._wakeup.set()
-                return
-        offer = self.offer
-        for record in records:
-            offer(record)
+        count = len(records)
+        self.stats.received_total += count
+        state = self._state
+        if state is RunnerState.CLOSED:
+            self._drop(count, "shutdown")
+            return
+        if self._spool is not None:
+            taken = self._spool.append(records) if not self._queue else 0
+            if taken < count:  # the spool is full: wait behind it in memory, bounded
+                self._queue.extend(records[taken:])
+                self._enforce_queue_bounds(self.settings.spool_fallback, "spool_full")
+            self._kick()
+            return
+        if state is RunnerState.DISABLED:
+            self._drop(count, "disabled")
+            return
+        size = sum(map(_size_of, records))
+        self._queue.extend(records, size)
+        if self._queue.over():
+            # Not started yet with a spool policy: the spool is not open, use its fallback.
+            policy = (self.settings.spool_fallback if self.settings.overflow == "spool"
+                      else self.settings.overflow)
+            self._enforce_queue_bounds(policy, "queue_full")
+        self._kick()
 
     def adopt(self, records: Sequence[Record]) -> None:
         """Put records a predecessor handed over (config reload, see :meth:`detach`) at the head
@@ -242,13 +276,10 @@ class SinkRunner:
         if not records:
             return
         self.stats.received_total += len(records)
-        for record in reversed(records):
-            self._queue.appendleft(record)
-            self.stats.queue_events += 1
-            self.stats.queue_bytes += record.size
-        policy = self._spool_fallback if self._overflow == "spool" else self._overflow
+        self._queue.push_front(records)
+        policy = self.settings.spool_fallback if self.settings.overflow == "spool" else self.settings.overflow
         self._enforce_queue_bounds(policy, "queue_full")
-        self._wakeup.set()
+        self._kick()
 
     def continue_counters(self, previous: SinkStats) -> None:
         """Carry a predecessor's counters over (config reload), so the sink's Prometheus
@@ -268,78 +299,58 @@ class SinkRunner:
         if stats.last_success_time is None:
             stats.last_success_time = previous.last_success_time
 
-    def _queue_fits(self, size: int, count: int = 1) -> bool:
-        """Whether ``count`` more records of ``size`` bytes in all stay within the bounds."""
-        return (self.stats.queue_events + count <= self._max_queue_events
-                and self.stats.queue_bytes + size <= self._max_queue_bytes)
-
-    def _push(self, record: Record) -> None:
-        self._queue.append(record)
-        self.stats.queue_events += 1
-        self.stats.queue_bytes += record.size
-
-    def _popleft(self) -> Record:
-        record = self._queue.popleft()
-        self.stats.queue_events -= 1
-        self.stats.queue_bytes -= record.size
-        return record
-
     def _enforce_queue_bounds(self, policy: SpoolFallback, reason: str) -> None:
         """After a push, bring the queue back within its bounds by ``policy``."""
-        stats = self.stats
-        if self._queue and self._queue[-1].size > self._max_queue_bytes:
+        queue = self._queue
+        if queue and queue.newest.size > queue.max_bytes:
             policy = "drop_newest"  # a record bigger than the whole queue must not evict it all
-        while self._queue and (stats.queue_events > self._max_queue_events
-                               or stats.queue_bytes > self._max_queue_bytes):
+        dropped = 0
+        while queue and queue.over():
             if policy == "drop_newest":
-                record = self._queue.pop()
-                stats.queue_events -= 1
-                stats.queue_bytes -= record.size
+                queue.pop()
             else:
-                self._popleft()
-            self._drop(1, reason)
+                queue.popleft()
+            dropped += 1
+        if dropped:
+            self._drop(dropped, reason)
 
-    def _enter_spool_mode(self) -> None:
-        """Make the spool the head of the line, moving memory records into it in order."""
-        assert self._spool is not None
-        self._mode = _Mode.SPOOL
-        batch = self._in_flight
-        if batch is not None and batch.spool_end is None and not batch.shadowed:
-            payloads = [r.json for r in batch.records]
-            try:
-                self._spool.append(payloads)
-            except SpoolFull:
-                pass  # not shadowed: if it is never confirmed it goes behind the spool
-            else:
-                batch.shadowed = True
-                self._spool_skip += len(payloads)
-                self._spool_dirty.set()
-        self._spill()
+    def _kick(self) -> None:
+        """Deliver what was offered on the next turn of the loop (once per turn, however many
+        reads it held): write the spool, then send at once or wake the worker."""
+        if self._kicked or self._loop is None:
+            return
+        self._kicked = True
+        self._loop.call_soon(self._on_kick)
 
-    def _spill(self) -> None:
-        """Move records from the queue head into the spool while they fit (order kept)."""
+    def _on_kick(self) -> None:
+        self._kicked = False
         spool = self._spool
-        if spool is None or not self._queue:
+        if spool is not None:
+            spool.write_now()
+        elif (self._parked and self._nowait is not None and self._handoff is None
+              and self.settings.batch_max_wait <= 0 and self._queue):
+            self._send_now()
             return
-        free = spool.free_bytes
-        payloads: list[bytes] = []
-        for record in self._queue:
-            need = HEADER_SIZE + len(record.json)  # exact: record.size is only an estimate
-            if need > free:
-                break
-            free -= need
-            payloads.append(record.json)
-        if not payloads:
-            return
+        self._wakeup.set()
+
+    def _send_now(self) -> None:
+        """The hot path: the worker is idle and the sink can deliver without waiting."""
+        assert self._nowait is not None
+        batch = self._take_from_queue()
         try:
-            spool.append(payloads)
-        except SpoolFull:  # cannot happen while this loop is the only appender; stay safe
+            done = self._nowait.send_nowait(batch.records)
+        except Exception as exc:  # the worker counts it and retries with backoff
+            self._handoff = _Handoff(batch, exc)
+            self._wakeup.set()
             return
-        for _ in payloads:
-            self._popleft()
-        self.stats.spool_events += len(payloads)
-        self.stats.spool_bytes = spool.bytes_used
-        self._spool_dirty.set()
+        if not done:
+            self._handoff = _Handoff(batch, None)
+            self._wakeup.set()
+            return
+        self._settle(batch, sent=True)
+        if self._queue:
+            self._kick()  # more than one batch's worth arrived: the next turn takes the rest
+        self._progress.set()
 
     # -- drops -----------------------------------------------------------------------------
 
@@ -364,15 +375,11 @@ class SinkRunner:
     @property
     def accepting(self) -> bool:
         """Whether the sink can take records without dropping them (for /readyz)."""
-        if not self._started or self._closing or self._disabled:
+        if not self._state.delivering or self._worker is None or self._worker.done():
             return False
-        if self._worker is None or self._worker.done():
-            return False
-        queue_has_room = (self.stats.queue_events < self._max_queue_events
-                          and self.stats.queue_bytes < self._max_queue_bytes)
         if self._spool is not None:
-            return queue_has_room or self._spool.free_bytes > HEADER_SIZE
-        return queue_has_room
+            return self._queue.has_room() or self._spool.has_room()
+        return self._queue.has_room()
 
     async def start(self) -> None:
         """Open the spool (delivering what it holds first) and start the worker task.
@@ -380,40 +387,53 @@ class SinkRunner:
         The sink's own ``start()`` runs inside the worker and is retried there, so a peer that
         is down at boot does not stop the daemon. Raises OSError if the spool cannot be opened.
         """
-        if self._started:
-            return
-        if self._closing:
-            raise RuntimeError(f"sink {self.name} is closed")
-        if self._overflow == "spool":
-            assert self._spool_dir is not None
-            # Confirmed records stay on disk until their segment is left behind: segments of
-            # an eighth of the cap keep the disk used within 1.125 x max_bytes.
-            segment = min(DEFAULT_SEGMENT_BYTES, max(64 << 10, self._spool_max_bytes // 8))
-            spool = await asyncio.to_thread(Spool, self._spool_dir, max_bytes=self._spool_max_bytes,
-                                            segment_bytes=segment)
-            if self._closing:  # detached while the spool opened: release it for the successor
-                await asyncio.to_thread(spool.close)
+        if self._state is not RunnerState.NEW:
+            if self._state in (RunnerState.CLOSING, RunnerState.CLOSED):
                 raise RuntimeError(f"sink {self.name} is closed")
-            self._spool = spool
-            recovered = spool.events_pending
-            self.stats.received_total += recovered
-            self.stats.recovered_total = recovered
-            self.stats.spool_events += recovered
-            self.stats.spool_bytes = spool.bytes_used
-            # What this open found (a damaged span is skipped, not removed: every open finds it
-            # again, so this is set, not added, and a reload does not carry it over).
-            self.stats.spool_corrupt_records_total = spool.corrupt_records_total
-            if spool.corrupt_records_total:
-                log.warning("sink %s: spool %s had %d damaged records (%d bytes), skipped",
-                            self.name, self._spool_dir, spool.corrupt_records_total,
-                            spool.corrupt_bytes_total, extra=self._log_extra)
-            if recovered:
-                log.info("sink %s: %d spooled events from a previous run are delivered first",
-                         self.name, recovered, extra=self._log_extra)
-                self._enter_spool_mode()  # records offered before start() queue behind them
-            self._sync_task = asyncio.create_task(self._sync_loop(), name=f"amid-spool-sync-{self.name}")
+            return
+        self._loop = asyncio.get_running_loop()
+        settings = self.settings
+        if settings.overflow == "spool":
+            assert settings.spool_dir is not None
+            spool = await SpoolBuffer.open(settings.spool_dir, name=self.name,
+                                           max_bytes=settings.spool_max_bytes,
+                                           fsync_interval=settings.spool_fsync_interval)
+            if self._state is not RunnerState.NEW:  # detached while it opened: let the successor have it
+                await spool.close()
+                raise RuntimeError(f"sink {self.name} is closed")
+            self._open_spool(spool)
+        self._move(RunnerState.STARTING)
         self._worker = asyncio.create_task(self._run(), name=f"amid-sink-{self.name}")
-        self._started = True
+        self._kick()
+
+    def _open_spool(self, spool: SpoolBuffer) -> None:
+        self._spool = self.stats.spool = spool
+        recovered = spool.waiting
+        self.stats.received_total += recovered
+        self.stats.recovered_total = recovered
+        # What this open found (a damaged span is skipped, not removed: every open finds it
+        # again, so this is set, not added, and a reload does not carry it over).
+        self.stats.spool_corrupt_records_total = spool.corrupt_records
+        if spool.corrupt_records:
+            log.warning("sink %s: spool %s had %d damaged records (%d bytes), skipped",
+                        self.name, spool.directory, spool.corrupt_records, spool.corrupt_bytes,
+                        extra=self._log_extra)
+        if recovered:
+            log.info("sink %s: %d spooled events from a previous run are delivered first",
+                     self.name, recovered, extra=self._log_extra)
+        # Records offered before start() go behind what the spool holds, in order.
+        self._spill()
+
+    def _spill(self) -> None:
+        """Move records waiting in memory into the spool while they fit (order kept)."""
+        if self._spool is None or not self._queue:
+            return
+        waiting = list(self._queue)
+        taken = self._spool.append(waiting)
+        for _ in range(taken):
+            self._queue.popleft()
+        if taken:
+            self._kick()  # to the kernel within this turn of the loop
 
     async def drain(self, timeout: float) -> bool:
         """Deliver what is queued (and spooled) within ``timeout``; True if all was delivered.
@@ -425,7 +445,8 @@ class SinkRunner:
         try:
             async with asyncio.timeout(timeout):
                 while not self._is_empty():
-                    if self._disabled or self._worker is None or self._worker.done():
+                    if (self._state is RunnerState.DISABLED or self._worker is None
+                            or self._worker.done()):
                         return False
                     self._progress.clear()
                     await self._progress.wait()
@@ -437,15 +458,12 @@ class SinkRunner:
 
     def _is_empty(self) -> bool:
         stats = self.stats
-        # _spool_skip: delivered copies still at the spool head; left there, a restart would
-        # send them again.
-        return (stats.queue_events == 0 and stats.spool_events == 0 and stats.in_flight_events == 0
-                and self._spool_skip == 0)
+        return stats.queue_events == 0 and stats.spool_events == 0 and stats.in_flight_events == 0
 
     async def close(self, timeout: float) -> None:
-        """Drain for up to ``timeout``, spool what is left (spool policy) or count it dropped
-        ("shutdown"), close the spool and the sink, and cancel every task. Idempotent.
-        """
+        """Drain for up to ``timeout``, leave what is left in the spool (spool policy) or count
+        it dropped ("shutdown"), close the spool and the sink, and cancel every task.
+        Idempotent."""
         await self._shut_down(timeout, hand_over=False)
 
     async def detach(self, timeout: float) -> list[Record]:
@@ -459,46 +477,43 @@ class SinkRunner:
         return await self._shut_down(timeout, hand_over=True)
 
     async def _shut_down(self, timeout: float, *, hand_over: bool) -> list[Record]:
-        if self._closing:
+        if self._state in (RunnerState.CLOSING, RunnerState.CLOSED):
             await self._closed_event.wait()
             return []
-        self._closing = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        # A sink that has failed to open again and again since it started will not deliver
+        # within the drain window either: it does not hold the shutdown up. (One failure alone
+        # is not enough: the next attempt may be about to succeed.)
+        hopeless = not self.sink_opened and self._start_failures >= HOPELESS_START_FAILURES
+        drain = (self._state.delivering and self._worker is not None and not self._worker.done()
+                 and not hopeless)
+        self._move(RunnerState.CLOSING)
         leftovers: list[Record] = []
         try:
-            # A sink that has failed to open again and again since it started will not deliver
-            # within the drain window either: it does not hold the shutdown up. (One failure
-            # alone is not enough: the next attempt may be about to succeed.)
-            hopeless = not self.sink_opened and self._start_failures >= HOPELESS_START_FAILURES
-            if self._worker is not None and not self._worker.done() and not hopeless:
+            if drain:
                 await self.drain(timeout)
-            await self._cancel_tasks()
-            self._closed = True
+            if self._worker is not None:
+                await _cancel_and_wait(self._worker)
+            self._move(RunnerState.CLOSED)
+            if self._handoff is not None:
+                self._handoff = None  # its batch is the one in flight
             if self._in_flight is not None:
                 self._return_in_flight(self._in_flight)
             if self._spool is not None:
-                self._enter_spool_mode()
+                self._spill()
                 if self._queue:
                     self._drop(len(self._queue), "spool_full")
-                    self._clear_queue()
-                try:
-                    await asyncio.to_thread(self._spool.close)
-                except OSError as exc:
-                    lost = self._spool.lost_on_close
-                    log.error("sink %s: closing the spool failed (%d events could not be "
-                              "written): %s", self.name, lost, exc, extra=self._log_extra)
-                    if lost:
-                        self.stats.spool_events -= lost
-                        self._drop(lost, "spool_io")
-                self.stats.spool_bytes = self._spool.bytes_used
+                    self._queue.clear()
+                lost = await self._spool.close()
+                if lost:
+                    self._drop(lost, "spool_io")
             if self._queue and hand_over:
-                leftovers = list(self._queue)
+                leftovers = self._queue.clear()
                 self.stats.handed_over_total += len(leftovers)
-                self._clear_queue()
             elif self._queue:
                 self._drop(len(self._queue), "shutdown")
-                self._clear_queue()
+                self._queue.clear()
             try:
                 async with asyncio.timeout(max(deadline - loop.time(), 1.0)):
                     await self._sink.close()
@@ -506,42 +521,17 @@ class SinkRunner:
                 log.error("sink %s: close failed: %s: %s", self.name, type(exc).__name__, exc,
                           extra=self._log_extra)
             self._report_drops(self._clock())
-            self.stats.state = "closed"
         finally:
             self._closed_event.set()
         return leftovers
 
-    def _clear_queue(self) -> None:
-        self._queue.clear()
-        self.stats.queue_events = 0
-        self.stats.queue_bytes = 0
-
-    async def _cancel_tasks(self) -> None:
-        for task in (self._worker, self._sync_task):
-            if task is not None and not task.done():
-                task.cancel()
-        for task in (self._worker, self._sync_task):
-            if task is not None:
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
-                except Exception:  # already logged by the task itself
-                    pass
-
     def _return_in_flight(self, batch: _Batch) -> None:
         """An unconfirmed batch goes back where it came from, still first in line."""
-        count = len(batch.records)
         if batch.spool_end is not None:
-            self.stats.spool_events += count           # never acked: still in the spool
-        elif batch.shadowed:
-            self.stats.spool_events += count           # its copy at the spool head now counts
-            self._spool_skip -= count
+            assert self._spool is not None
+            self._spool.returned(batch.spool_count)  # never acked: still in the spool
         else:
-            for record in reversed(batch.records):
-                self._queue.appendleft(record)
-                self.stats.queue_events += 1
-                self.stats.queue_bytes += record.size
+            self._queue.push_front(batch.records)
         self._in_flight = None
         self.stats.in_flight_events = 0
 
@@ -553,37 +543,47 @@ class SinkRunner:
                 return
             self.sink_opened = True
             self._start_settled.set()
-            self.stats.state = "ok"
+            self._health(RunnerState.OK)
             while True:
-                batch = await self._next_batch()
-                outcome = await self._send_with_retry(batch.records)
-                if outcome is _Outcome.DISABLED:
+                batch, handoff = await self._next_batch()
+                if not await self._deliver(batch, handoff):
                     return
-                count = len(batch.records)
-                self._in_flight = None
-                self.stats.in_flight_events = 0
-                if outcome is _Outcome.SENT:
-                    now = self._wall_clock()
-                    _observe_latencies(self.stats.delivery_latency, now, batch.records)
-                    self.stats.sent_total += count
-                    self.stats.last_success_time = now
-                    self.stats.state = "ok"
-                else:
-                    self.stats.dead_lettered_total += count
-                    await self._write_dead_letters([r.json for r in batch.records])
-                if batch.spool_end is not None:
-                    await self._ack_spool(batch.spool_end)
                 self._progress.set()
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("sink %s: delivery worker failed", self.name, extra=self._log_extra)
-            self.stats.state = "disabled"
+            if self._state.delivering:
+                self._move(RunnerState.DISABLED)
             self.stats.last_error = "delivery worker failed (see log)"
             raise
         finally:
             self._start_settled.set()
             self._progress.set()
+
+    async def _deliver(self, batch: _Batch, handoff: _Handoff | None) -> bool:
+        """Send one batch until settled; False once the sink is disabled."""
+        outcome = await self._send_with_retry(batch.records, handoff)
+        if outcome == "disabled":
+            return False
+        if outcome == "rejected":
+            self.stats.dead_lettered_total += len(batch.records)
+            await self._write_dead_letters([r.json for r in batch.records])
+        if batch.spool_end is not None:
+            await self._ack_spool(batch.spool_end)
+        self._settle(batch, sent=outcome == "sent")
+        return True
+
+    def _settle(self, batch: _Batch, *, sent: bool) -> None:
+        self._in_flight = None
+        self.stats.in_flight_events = 0
+        if sent:
+            now = self._wall_clock()
+            _observe_latencies(self.stats.delivery_latency, now, batch.records)
+            self.stats.sent_total += len(batch.records)
+            self.stats.last_success_time = now
+            self._health(RunnerState.OK)
+            self._note_truncated()
 
     async def wait_opened(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the sink to open; return whether it did."""
@@ -613,40 +613,48 @@ class SinkRunner:
             await self._sleep(self._backoff(attempt, retry_after))
             attempt += 1
 
-    async def _next_batch(self) -> _Batch:
+    async def _next_batch(self) -> tuple[_Batch, _Handoff | None]:
         """Wait for records, then take the next batch from the head of the line."""
         while True:
             while True:
                 self._wakeup.clear()
-                if self._mode is _Mode.SPOOL and self._spool_skip == 0 and self.stats.spool_events == 0:
-                    self._mode = _Mode.MEMORY
+                if self._handoff is not None:
+                    handoff, self._handoff = self._handoff, None
+                    return handoff.batch, handoff
                 if self._pending_events():
                     break
                 self._progress.set()  # idle: drain() may be waiting
-                await self._wakeup.wait()
+                self._parked = True
+                try:
+                    await self._wakeup.wait()
+                finally:
+                    self._parked = False
             await self._wait_for_full_batch()
-            if self._mode is _Mode.MEMORY:
-                return self._take_from_queue()
+            if self._spool is None:
+                return self._take_from_queue(), None
             batch = await self._take_from_spool()
             if batch is not None:
-                return batch
+                return batch, None
 
     def _pending_events(self) -> int:
-        if self._mode is _Mode.SPOOL:
-            return self.stats.spool_events + self._spool_skip
-        return self.stats.queue_events
+        if self._spool is not None:
+            return self._spool.waiting
+        return self._queue.events
 
     def _batch_is_full(self) -> bool:
-        if self._mode is _Mode.SPOOL:
-            return (self.stats.spool_events >= self._batch_max_events
-                    or self.stats.spool_bytes >= self._batch_max_bytes)
-        return (self.stats.queue_events >= self._batch_max_events
-                or self.stats.queue_bytes >= self._batch_max_bytes)
+        settings = self.settings
+        if self._spool is not None:
+            return (self.stats.spool_events >= settings.batch_max_events
+                    or self.stats.spool_bytes >= settings.batch_max_bytes)
+        return (self._queue.events >= settings.batch_max_events
+                or self._queue.bytes >= settings.batch_max_bytes)
 
     async def _wait_for_full_batch(self) -> None:
-        """Give a partial batch up to ``batch_max_wait`` to fill (woken by offer, no polling)."""
+        """Give a partial batch up to ``batch_max_wait`` to fill (woken by offers, no polling)."""
+        if self.settings.batch_max_wait <= 0:
+            return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._batch_max_wait
+        deadline = loop.time() + self.settings.batch_max_wait
         while not self._draining and not self._batch_is_full():
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -659,37 +667,8 @@ class SinkRunner:
                 return
 
     def _take_from_queue(self) -> _Batch:
-        stats = self.stats
-        if stats.queue_events <= self._batch_max_events and stats.queue_bytes <= self._batch_max_bytes:
-            # The usual case, a queue that never backs up: it is the batch, taken at once.
-            records = list(self._queue)
-            self._queue.clear()
-            stats.queue_events = 0
-            stats.queue_bytes = 0
-            return self._set_in_flight(records)
-        queue = self._queue
-        take = min(len(queue), self._batch_max_events)
-        if stats.queue_bytes <= self._batch_max_bytes:
-            # A backlog of small records (the usual one): the first max_events fit by bytes.
-            records = list(starmap(queue.popleft, repeat((), take)))  # `take` poplefts, in C
-            size = sum(map(_size_of, records))
-        else:
-            records = []
-            size = 0
-            for record in queue:
-                if len(records) == take or (records and size + record.size > self._batch_max_bytes):
-                    break
-                records.append(record)
-                size += record.size
-            for _ in records:
-                queue.popleft()
-        stats.queue_events -= len(records)
-        stats.queue_bytes -= size
-        return self._set_in_flight(records)
-
-    def _set_in_flight(self, records: list[Record]) -> _Batch:
-        batch = _Batch(records)
-        self._in_flight = batch
+        records = self._queue.take(self.settings.batch_max_events, self.settings.batch_max_bytes)
+        batch = self._in_flight = _Batch(records)
         self.stats.in_flight_events = len(records)
         return batch
 
@@ -697,75 +676,70 @@ class SinkRunner:
         """Read the next batch from the spool head (None: nothing deliverable was there)."""
         spool = self._spool
         assert spool is not None
-        while self._spool_skip:
-            items = await self._spool_io(spool.read_batch, min(self._spool_skip, _SKIP_READ_EVENTS),
-                                         1 << 62)
-            if not items:
-                self._spool_skip = 0
-                break
-            await self._ack_spool(items[-1][0])
-            self._spool_skip -= len(items)
-        if self.stats.spool_events == 0:
-            return None
-        read = await self._spool_io(_read_records, spool, self._batch_max_events,
-                                    self._batch_max_bytes)
+        read = await self._spool_io(spool.read, self.settings.batch_max_events,
+                                    self.settings.batch_max_bytes)
         if read is None:
-            log.error("sink %s: spool %s lost %d events (files damaged while running)",
-                      self.name, self._spool_dir, self.stats.spool_events, extra=self._log_extra)
-            self._drop(self.stats.spool_events, "spool_corrupt")
-            self.stats.spool_events = 0
+            if spool.waiting:
+                log.error("sink %s: spool %s lost %d events (files damaged while running)",
+                          self.name, spool.directory, spool.waiting, extra=self._log_extra)
+                self._drop(spool.waiting, "spool_corrupt")
+                spool.lost(spool.waiting)
             return None
-        end, count, records, undecodable = read
-        self.stats.spool_events -= count
-        self.stats.spool_bytes = spool.bytes_used
-        if undecodable:
+        self._spill()  # room may have been made by the last ack
+        if read.undecodable:
             log.error("sink %s: %d spooled payloads are not records; dead-lettered",
-                      self.name, len(undecodable), extra=self._log_extra)
-            self.stats.dead_lettered_total += len(undecodable)
-            await self._write_dead_letters(undecodable)
-        if not records:
-            await self._ack_spool(end)
+                      self.name, len(read.undecodable), extra=self._log_extra)
+            self.stats.dead_lettered_total += len(read.undecodable)
+            await self._write_dead_letters(read.undecodable)
+        if not read.records:
+            await self._ack_spool(read.end)
             return None
-        batch = _Batch(records, spool_end=end)
-        self._in_flight = batch
-        self.stats.in_flight_events = len(records)
+        batch = self._in_flight = _Batch(read.records, read.end, read.count)
+        self.stats.in_flight_events = len(read.records)
         return batch
 
     async def _ack_spool(self, end: SpoolPosition) -> None:
         assert self._spool is not None
         await self._spool_io(self._spool.ack, end)
-        self.stats.spool_bytes = self._spool.bytes_used
+        self._spill()
 
-    async def _spool_io(self, func: Callable[..., _T], *args: Any) -> _T:
-        """Run a blocking spool call in a thread, retrying I/O errors with backoff."""
+    async def _spool_io(self, func: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        """Await a spool call, retrying I/O errors with backoff."""
         attempt = 0
         while True:
             try:
-                return await asyncio.to_thread(func, *args)
+                return await func(*args)
             except OSError as exc:
                 self._note_failure(exc, attempt, "spool")
                 await self._sleep(self._backoff(attempt, None))
                 attempt += 1
 
-    async def _send_with_retry(self, records: Sequence[Record]) -> _Outcome:
-        """Send one batch until it is confirmed, rejected, or the sink is disabled."""
+    async def _send_with_retry(self, records: Sequence[Record], handoff: _Handoff | None
+                               ) -> Literal["sent", "rejected", "disabled"]:
+        """Send one batch until it is confirmed, rejected, or the sink is disabled. A batch
+        handed over by the hot path goes on from its outcome there (an error counts as the
+        first failed attempt)."""
         attempt = 0
+        first_error = handoff.error if handoff is not None else None
         while True:
             try:
+                if first_error is not None:
+                    error, first_error = first_error, None
+                    raise error
                 await self._bounded(self._sink.send(records))
-                self._note_truncated()
                 if attempt:
                     log.info("sink %s: delivered after %d failed attempts", self.name, attempt,
                              extra=self._log_extra)
-                return _Outcome.SENT
+                return "sent"
             except SinkDisabled as exc:
                 self._disable(exc)
-                return _Outcome.DISABLED
+                return "disabled"
             except SinkRejected as exc:
                 self.stats.last_error = f"rejected: {exc}"
                 log.error("sink %s: batch of %d events rejected (%s); writing it to the dead-letter file %s",
-                          self.name, len(records), exc, self._dead_letter_path, extra=self._log_extra)
-                return _Outcome.REJECTED
+                          self.name, len(records), exc, self.settings.dead_letter_path,
+                          extra=self._log_extra)
+                return "rejected"
             except SinkError as exc:
                 retry_after = exc.retry_after
                 self._note_failure(exc, attempt, "send")
@@ -783,13 +757,14 @@ class SinkRunner:
         Built-in sinks bound their own network waits; this guards against one (a plugin, a file
         on a hung NFS mount) that never returns, which would otherwise wedge the worker silently.
         """
-        deadline = asyncio.timeout(self._attempt_timeout)
+        deadline = asyncio.timeout(self.settings.attempt_timeout)
         try:
             async with deadline:
                 await attempt
         except TimeoutError:
             if deadline.expired():
-                raise SinkError(f"no answer within attempt_timeout ({self._attempt_timeout:g}s)") from None
+                raise SinkError(f"no answer within attempt_timeout "
+                                f"({self.settings.attempt_timeout:g}s)") from None
             raise
 
     def _note_truncated(self) -> None:
@@ -802,7 +777,7 @@ class SinkRunner:
 
     def _note_failure(self, exc: BaseException, attempt: int, what: str, *,
                       unexpected: bool = False) -> None:
-        self.stats.state = "retrying"
+        self._health(RunnerState.RETRYING)
         self.stats.last_error = f"{what}: {type(exc).__name__}: {exc}"
         if unexpected and type(exc) not in self._logged_exception_types:
             # Once per exception type, with the traceback: a bug in a sink deserves one.
@@ -814,67 +789,57 @@ class SinkRunner:
                         extra=self._log_extra)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        """Capped exponential backoff with full jitter, but at least the peer's Retry-After."""
-        ceiling = min(self._retry_max_delay, self._retry_min_delay * 2 ** min(attempt, 40))
-        delay = self._rng() * ceiling
+        """Capped exponential backoff with jitter in [ceiling/2, ceiling], never below
+        ``retry.min_delay``, and at least the peer's Retry-After."""
+        settings = self.settings
+        ceiling = min(settings.retry_max_delay, settings.retry_min_delay * 2 ** min(attempt + 1, 40))
+        delay = max(settings.retry_min_delay, ceiling * (0.5 + 0.5 * self._rng()))
         if retry_after is not None:
             delay = max(delay, min(retry_after, RETRY_AFTER_CAP))
         return delay
 
     def _disable(self, exc: SinkDisabled) -> None:
         """Stop delivering for good; keep spooling (spool policy) so a restart loses nothing."""
-        self._disabled = True
-        self.stats.state = "disabled"
+        if self._state.delivering:  # while closing, the worker just stops
+            self._move(RunnerState.DISABLED)
         self.stats.last_error = f"disabled: {exc}"
         if self._in_flight is not None:
             self._return_in_flight(self._in_flight)
         if self._spool is not None:
-            self._enter_spool_mode()
+            self._spill()
             what = "new events are spooled until an operator fixes it and restarts"
         else:
             if self._queue:
                 self._drop(len(self._queue), "disabled")
-                self._clear_queue()
+                self._queue.clear()
             what = "new events are dropped (reason 'disabled')"
         log.error("SINK %s DISABLED by its peer: %s; %s", self.name, exc, what,
                   extra=self._log_extra)
         self._progress.set()
 
     async def _write_dead_letters(self, lines: list[bytes]) -> None:
-        if self._dead_letter_path is None:
+        path = self.settings.dead_letter_path
+        if path is None:
             log.error("sink %s: %d events rejected and no dead_letter_path is set; "
                       "they are only counted", self.name, len(lines), extra=self._log_extra)
             return
         try:
-            await asyncio.to_thread(_append_lines, self._dead_letter_path, lines)
+            await asyncio.to_thread(_append_lines, path, lines)
         except OSError as exc:
             log.error("sink %s: writing %d events to the dead-letter file %s failed: %s",
-                      self.name, len(lines), self._dead_letter_path, exc, extra=self._log_extra)
-
-    async def _sync_loop(self) -> None:
-        """fsync spooled records at most ``spool_fsync_interval`` after they were appended."""
-        assert self._spool is not None
-        failing = False
-        while True:
-            await self._spool_dirty.wait()
-            await asyncio.sleep(self._fsync_interval)
-            self._spool_dirty.clear()
-            try:
-                await asyncio.to_thread(self._spool.sync)
-            except OSError as exc:
-                if not failing:
-                    log.error("sink %s: spool write failed (retrying): %s", self.name, exc,
-                              extra=self._log_extra)
-                failing = True
-                self._spool_dirty.set()
-                continue
-            if failing:
-                log.info("sink %s: spool writes work again", self.name, extra=self._log_extra)
-            failing = False
-            self.stats.spool_bytes = self._spool.bytes_used
+                      self.name, len(lines), path, exc, extra=self._log_extra)
 
 
 _size_of = attrgetter("size")
+
+
+async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for it to finish; a cancellation of the caller itself still
+    propagates (only the task's own CancelledError is absorbed)."""
+    if task.done():
+        return
+    task.cancel()
+    await asyncio.wait([task])
 
 
 def _observe_latencies(histogram: Histogram, now: float, records: Sequence[Record]) -> None:
@@ -886,31 +851,11 @@ def _observe_latencies(histogram: Histogram, now: float, records: Sequence[Recor
         if received == last:
             run += 1
             continue
-        if run:
-            histogram.observe(max(0.0, now - last), run)  # type: ignore[operator]
+        if run and last is not None:
+            histogram.observe(max(0.0, now - last), run)
         last, run = received, 1
-    if run:
-        histogram.observe(max(0.0, now - last), run)  # type: ignore[operator]
-
-
-def _read_records(spool: Spool, max_events: int, max_bytes: int
-                  ) -> tuple[SpoolPosition, int, list[Record], list[bytes]] | None:
-    """Read and decode the next batch from the spool head (runs in a thread).
-
-    Returns (position to ack, records read, decoded records, undecodable payloads), or None
-    when the spool is empty.
-    """
-    items = spool.read_batch(max_events, max_bytes)
-    if not items:
-        return None
-    records: list[Record] = []
-    undecodable: list[bytes] = []
-    for _, payload in items:
-        try:
-            records.append(Record.from_json(payload))
-        except (ValueError, KeyError, TypeError):
-            undecodable.append(payload)
-    return items[-1][0], len(items), records, undecodable
+    if run and last is not None:
+        histogram.observe(max(0.0, now - last), run)
 
 
 def _append_lines(path: Path, lines: list[bytes]) -> None:

@@ -176,6 +176,19 @@ class FileSink:
         if self._dirty and self.options.fsync == "interval":
             self._dirty_event.set()
 
+    def send_nowait(self, batch: Sequence[Record]) -> bool:
+        """Append ``batch`` at once when that is a small plain append to the open file (the
+        runner's hot path); return False, having written nothing, when :meth:`send` is needed."""
+        if not batch or self._closed or self._lock.locked() or self._thread_work is not None:
+            return False
+        data = b"\n".join(Record.jsons(batch)) + b"\n"
+        if not self._fast_path_allowed(len(data)):
+            return False
+        self._write(data)
+        if self._dirty and self.options.fsync == "interval":
+            self._dirty_event.set()
+        return True
+
     async def close(self) -> None:
         """Flush (fsync unless ``fsync: never``) and close. Idempotent; never raises."""
         if self._closed:

@@ -17,11 +17,15 @@ Recovery on open never refuses to start: a damaged span in the middle of a segme
 by resynchronising on the next valid frame, a damaged tail (a write cut short by ``kill -9`` or
 a power cut) is truncated, and both are counted in ``corrupt_records_total``.
 
-Thread model: :meth:`Spool.append` only buffers in memory (cheap enough for the event loop);
-everything that touches the disk (:meth:`sync`, :meth:`read_batch`, :meth:`ack`,
-:meth:`close`, and opening) is blocking and meant to run in a worker thread
-(``asyncio.to_thread``). Two locks keep that safe: a short one around the in-memory buffer and
-counters, and one serialising all disk I/O.
+Thread model. :meth:`Spool.append` buffers in memory and :meth:`Spool.write` hands the buffer
+to the kernel with one ``write()`` and no fsync: both are cheap enough for the event loop (a
+``write()`` to the page cache is a copy), and a record written so survives ``kill -9`` of the
+process, only not a power cut. Everything else that touches the disk (:meth:`sync`'s fsync,
+:meth:`read_batch`, :meth:`ack`, :meth:`close`, and opening) is blocking and meant to run in a
+worker thread (``asyncio.to_thread``). Three locks keep that safe: a short one around the
+in-memory buffer and counters, one around the write end (appending, rolling segments), and one
+serialising the read end (reading, acknowledging, the cursor). An fsync never holds the write
+end's lock, so the event loop never waits for one.
 """
 
 from __future__ import annotations
@@ -166,7 +170,8 @@ class Spool:
         self.corrupt_bytes_total = 0
 
         self._buf_lock = threading.Lock()   # _pending and the counters; held only briefly
-        self._io_lock = threading.RLock()   # every disk access
+        self._append_lock = threading.Lock()  # the write end: segment writes, rolls (no fsync)
+        self._io_lock = threading.RLock()   # the read end: reads, acks, the cursor
         self._pending: list[bytes] = []     # appended, not yet written to a segment
         self._pending_bytes = 0             # framed size of _pending
         self._disk_unacked = 0              # bytes in segments after the cursor
@@ -175,7 +180,9 @@ class Spool:
         self._cursor = SpoolPosition(0, 0)
         self._write_fd = -1
         self._write_segment = 0
-        self._unsynced = False
+        self._unsynced = False              # the write segment holds data not yet fsynced
+        self._rolled_fds: list[int] = []    # finished segments still to fsync, then close
+        self._dir_unsynced = False          # a new segment's name is not yet fsynced
         self._closed = False
         # Ends of the records handed out by the last read_batch -> how many records from the
         # cursor they close, so ack() can count without reading the disk again.
@@ -221,9 +228,10 @@ class Spool:
     def append(self, payloads: Sequence[bytes], *, sync: bool = False) -> None:
         """Append ``payloads`` (all or none); raise :class:`SpoolFull` if they do not fit.
 
-        Without ``sync`` this only buffers in memory (safe on the event loop); the owner calls
-        :meth:`sync` (in a thread) at least every fsync interval. With ``sync`` the records are
-        written and fsynced before returning (blocking).
+        Without ``sync`` this only buffers in memory (safe on the event loop): the owner calls
+        :meth:`write` (on the loop) to hand them to the kernel, and :meth:`sync` (in a thread)
+        at least every fsync interval. With ``sync`` the records are written and fsynced before
+        returning (blocking).
         """
         if self._closed:
             raise RuntimeError("spool is closed")
@@ -241,17 +249,49 @@ class Spool:
     @property
     def needs_sync(self) -> bool:
         """Whether records were appended since the last :meth:`sync`."""
-        return bool(self._pending) or self._unsynced
+        return bool(self._pending) or self._unsynced or bool(self._rolled_fds)
+
+    @property
+    def unwritten(self) -> int:
+        """Records appended but not yet handed to the kernel (lost if the process dies now)."""
+        return len(self._pending)
+
+    def write(self) -> None:
+        """Hand buffered records to the kernel now, without fsync (cheap; see the module
+        docstring). On an I/O error (disk full) they stay buffered and the error is raised."""
+        with self._append_lock:
+            if self._closed or not self._pending:
+                return
+            self._write_pending()
 
     def sync(self) -> None:
-        """Write buffered records to the segment and fsync it (blocking)."""
-        with self._io_lock:
+        """Write buffered records and fsync everything written so far (blocking)."""
+        with self._append_lock:
             if self._closed:
                 return
             self._write_pending()
-            if self._unsynced:
-                os.fsync(self._write_fd)
-                self._unsynced = False
+            rolled, self._rolled_fds = self._rolled_fds, []
+            current = os.dup(self._write_fd) if self._unsynced else -1
+            self._unsynced = False
+            dir_unsynced, self._dir_unsynced = self._dir_unsynced, False
+        # The fsyncs run outside the write end's lock: appends go on meanwhile.
+        try:
+            for fd in rolled:
+                os.fsync(fd)
+            if current >= 0:
+                os.fsync(current)
+            if dir_unsynced:
+                _fsync_dir(self.directory)
+        except OSError:
+            with self._append_lock:
+                self._unsynced = True
+                self._dir_unsynced = self._dir_unsynced or dir_unsynced
+            raise
+        finally:
+            for fd in rolled:
+                os.close(fd)
+            if current >= 0:
+                os.close(current)
 
     def _write_pending(self) -> None:
         with self._buf_lock:
@@ -303,26 +343,25 @@ class Spool:
         self._unsynced = True
 
     def _roll(self) -> None:
-        """Close the full write segment and start the next one."""
-        old = self._write_segment
-        if self._unsynced:
-            os.fsync(self._write_fd)
-            self._unsynced = False
-        # The next segment opens before the old one closes: if it cannot (EMFILE, ENOSPC),
-        # the spool keeps a usable write segment and a later sync simply tries again.
+        """Start the next segment; the full one is fsynced and closed by the next :meth:`sync`
+        (a roll may happen on the event loop, which must not wait for an fsync)."""
+        # The next segment opens before the old one is let go: if it cannot (EMFILE, ENOSPC),
+        # the spool keeps a usable write segment and a later write simply tries again.
         old_fd = self._write_fd
-        self._open_write_segment(old + 1)
-        os.close(old_fd)
-        if self._cursor == SpoolPosition(old, self._sizes[old]):
-            self._move_cursor(SpoolPosition(old + 1, 0))
+        self._open_write_segment(self._write_segment + 1)
+        if self._unsynced:
+            self._rolled_fds.append(old_fd)
+        else:
+            os.close(old_fd)
+        self._unsynced = False
 
     def _open_write_segment(self, number: int) -> None:
         path = self.directory / _segment_name(number)
-        self._write_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._write_segment = number
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         if number not in self._sizes:
-            self._sizes[number] = os.fstat(self._write_fd).st_size
-            _fsync_dir(self.directory)  # the new file's name must survive a power cut too
+            self._sizes[number] = os.fstat(fd).st_size
+            self._dir_unsynced = True  # the new file's name must survive a power cut too
+        self._write_fd, self._write_segment = fd, number
 
     # -- reading and confirming ------------------------------------------------------------
 
@@ -336,7 +375,7 @@ class Spool:
         with self._io_lock:
             if self._closed:
                 raise RuntimeError("spool is closed")
-            self._write_pending()  # so records appended a moment ago are readable already
+            self.write()  # so records appended a moment ago are readable already
             for frame in self._iter_frames(self._cursor):
                 if frame.payload is None:
                     continue  # counted when the spool was opened
@@ -376,7 +415,7 @@ class Spool:
 
     def _distance(self, start: SpoolPosition, end: SpoolPosition) -> int:
         total = 0
-        for number, size in self._sizes.items():
+        for number, size in list(self._sizes.items()):  # one C call: the write end may add keys
             if start.segment <= number <= end.segment:
                 lo = start.offset if number == start.segment else 0
                 hi = end.offset if number == end.segment else size
@@ -393,7 +432,7 @@ class Spool:
         self._write_cursor_file(position)
         self._cursor = position
         self._read_marks = None
-        for number in [n for n in self._sizes if n < position.segment]:
+        for number in [n for n in list(self._sizes) if n < position.segment]:
             try:
                 (self.directory / _segment_name(number)).unlink()
             except FileNotFoundError:
@@ -524,10 +563,14 @@ class Spool:
                     self._events -= self.lost_on_close
                 raise
             finally:
-                self._closed = True
-                self._release()
+                with self._append_lock:
+                    self._closed = True
+                    self._release()
 
     def _release(self) -> None:
+        for fd in self._rolled_fds:
+            os.close(fd)
+        self._rolled_fds = []
         if self._write_fd >= 0:
             os.close(self._write_fd)
             self._write_fd = -1
