@@ -195,6 +195,34 @@ async def test_disk_full_mid_batch_leaves_whole_lines_and_each_record_once(small
     assert any("delivered after 4 failed attempts" in r.getMessage() for r in caplog.records)
 
 
+async def test_copytruncate_during_the_outage_keeps_each_record_once_across_both_files(
+        small_disk, tmp_path):
+    # logrotate copytruncate while a batch is unfinished: its whole records went into the copy,
+    # the file is emptied; the retry must write only the rest, at the new end.
+    path = small_disk.root / "events.jsonl"
+    sink = file_sink.create("disk-file", {"path": str(path)})
+    gate = RetryGate()
+    runner = make_runner(sink, gate)
+    records = stream(300)
+    copy = tmp_path / "events.jsonl.1"
+    await runner.start()
+    try:
+        assert await runner.wait_opened(5)
+        small_disk.fill(leave=3 * PAGE)
+        runner.offer_many(records)
+        await gate.wait_parked()
+        shutil.copyfile(path, copy)
+        os.truncate(path, 0)
+        small_disk.make_room()
+        await gate.release(1000)
+        await until(lambda: runner.stats.sent_total == len(records))
+    finally:
+        await gate.release(1000)
+        await runner.close(5)
+    assert whole_json_lines(copy) + whole_json_lines(path) == [r.id for r in records]
+    assert whole_json_lines(path)[0] != records[0].id   # the copy took the first lines
+
+
 async def test_batch_given_up_at_shutdown_on_a_full_disk_is_taken_back(small_disk):
     # The runner counts the batch in flight as dropped ("shutdown"): the whole records of it
     # that went in before the disk filled must not stay in the file as well.

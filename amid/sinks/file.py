@@ -15,18 +15,19 @@ The sink cooperates with log rotation instead of fighting it:
 The sink never retries and never queues (the SinkRunner in front of it does): ``send`` writes
 the whole batch or raises :class:`~amid.sinks.base.SinkError` naming the path and the errno.
 
-Whole lines only, each record once. A write that fails part-way (disk full, quota, EIO) leaves
-the batch's leading bytes in the file, "unconfirmed". The runner retries the same batch: the
-sink then writes only the rest of it, after checking that the file still ends with exactly the
-bytes it wrote (so each record lands once, and the file never shrinks under a reader that is
-tailing it). If another batch comes instead (the runner gave that one up: shutdown, spooled,
-handed over on reload) or the sink is closed, the unconfirmed bytes are taken back
-(``ftruncate`` to where they began). The same holds for a batch a cancelled send's thread
-finished writing, and for one whose ``fsync: batch`` failed. So a batch is in the file once if
-``send`` returned, and not at all if the runner gave it up. A torn last line found when a file
-is opened (a crash mid-write) is ended with a newline if it is a whole JSON document, and
-removed otherwise. Nothing is taken back that the file no longer ends with (someone else
-appended, or ``copytruncate`` emptied it meanwhile).
+Whole lines only, each record once. A write that fails part-way (disk full, quota, EIO) is
+cut back at once (``ftruncate``) to the last whole line it wrote, after checking that the file
+still ends with exactly those bytes; the whole records it did write stay, "unconfirmed". The
+runner retries the same batch: the sink then writes only the rest (again after checking the
+file's end), so each record lands once and the file shrinks only by the torn part. If another
+batch comes instead (the runner gave that one up: shutdown, spooled, handed over on reload) or
+the sink is closed, the unconfirmed bytes are taken back. The same holds for a batch that a
+cancelled send's thread finished writing, and for one whose ``fsync: batch`` failed. So a
+batch is in the file once if ``send`` returned, and not at all if the runner gave it up. A torn
+last line found when a file is opened (a crash mid-write) is ended with a newline if it is a
+whole JSON document, and removed otherwise. Nothing is cut that the file no longer ends with
+(someone else appended, or ``copytruncate`` emptied it meanwhile), and a cut that
+``copytruncate`` races (it would leave a hole of NULs) empties the file instead.
 
 Where the work runs: appending a small batch to an open file costs about a microsecond, while a
 round trip through ``asyncio.to_thread`` costs ~70 us (figures at ``INLINE_WRITE_LIMIT``), so
@@ -138,6 +139,10 @@ class _Unconfirmed:
     identity: tuple[int, int] | None   # the file they went to
     data: bytes
     written: int
+
+    @property
+    def at_line_end(self) -> bool:
+        return self.data[self.written - 1:self.written] == b"\n"
 
 
 def create(name: str, options: Options | Mapping[str, Any]) -> "FileSink":
@@ -333,10 +338,14 @@ class FileSink:
             self.stats.write_errors_total += 1
             raise _sink_error(self.name, "read back the end of", self.options.path, exc) from exc
         if not intact:
-            # The file no longer ends with our bytes (copytruncate emptied it, or someone else
-            # appended): the rest alone would be a torn line, so write the batch whole.
-            self._unconfirmed = None
-            return False
+            # The file no longer ends with our bytes: copytruncate copied them away and emptied
+            # it, or someone else appended. Whole lines of ours went where they went: write the
+            # rest. A torn part (its cut failed) would make the rest a torn line: write it all.
+            if not unconfirmed.at_line_end:
+                self._unconfirmed = None
+                return False
+            log.info("file sink %r: %s changed while a batch was unfinished; writing its rest "
+                     "at the new end", self.name, self.options.path)
         rest = len(data) - unconfirmed.written
         self._write(data, unconfirmed.written)   # a new failure records the new progress
         if rest:
@@ -383,7 +392,7 @@ class FileSink:
         path = self.options.path
         if not self._fd_is_regular:
             self._unconfirmed = None
-            self._end_torn_line = not unconfirmed.data[:unconfirmed.written].endswith(b"\n")
+            self._end_torn_line = not unconfirmed.at_line_end
             return
         try:
             cut = self._cut_tail(unconfirmed, 0)
