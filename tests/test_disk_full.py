@@ -13,11 +13,12 @@ import asyncio
 import json
 import logging
 import os
+import select
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from sink_contract import make_records
@@ -30,7 +31,7 @@ DISK_BYTES = 1 << 20
 PAGE = 4096
 
 
-def need(reason: str) -> None:
+def need(reason: str) -> NoReturn:
     """A missing capability fails in CI (where it is installed and we are root), else skips."""
     if os.environ.get("CI"):
         pytest.fail(reason)
@@ -73,7 +74,9 @@ def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert helper.stdout is not None and helper.stdin is not None and helper.stderr is not None
     try:
-        if helper.stdout.readline() != b"mounted\n":
+        ready, _, _ = select.select([helper.stdout], [], [], 10)
+        if not ready or helper.stdout.readline() != b"mounted\n":
+            helper.kill()
             helper.wait(timeout=10)
             need(f"cannot mount a tmpfs in a private namespace here: "
                  f"{helper.stderr.read().decode().strip()}")

@@ -44,6 +44,7 @@ record is lost; some land in the ``.backup`` file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -111,7 +112,7 @@ class Options(pydantic.BaseModel, extra="forbid"):
         return value
 
     @pydantic.model_validator(mode="after")
-    def _stdout_cannot_rotate(self) -> "Options":
+    def _stdout_cannot_rotate(self) -> Options:
         if self.path == STDOUT_PATH and self.rotate_bytes is not None:
             raise ValueError("rotate_bytes cannot be used with path '-' (standard output)")
         return self
@@ -145,7 +146,7 @@ class _Unconfirmed:
         return self.data[self.written - 1:self.written] == b"\n"
 
 
-def create(name: str, options: Options | Mapping[str, Any]) -> "FileSink":
+def create(name: str, options: Options | Mapping[str, Any]) -> FileSink:
     """Sink factory for type ``file`` (accepts validated Options or the raw config mapping)."""
     if not isinstance(options, Options):
         options = Options.model_validate(dict(options))
@@ -202,7 +203,8 @@ class FileSink:
         """Append every record of ``batch`` (one JSON document per line) or raise SinkError."""
         if not batch:
             return
-        data = b"\n".join(Record.jsons(batch)) + b"\n"
+        records = batch if isinstance(batch, (list, tuple)) else list(batch)
+        data = b"\n".join(Record.jsons(records)) + b"\n"
         async with self._lock:
             if self._closed:
                 raise SinkError(f"file sink {self.name!r} is closed")
@@ -275,10 +277,9 @@ class FileSink:
         work = self._thread_work
         if work is None:
             return
-        try:
+        # That batch was already reported as cancelled; its errors were counted.
+        with contextlib.suppress(Exception):
             await asyncio.shield(work)
-        except Exception:
-            pass    # that batch was already reported as cancelled; its errors were counted
         self._thread_work = None
 
     def _deliver_slow(self, data: bytes) -> None:
