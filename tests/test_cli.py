@@ -391,7 +391,7 @@ async def test_two_stop_signals_1ms_apart_are_one_request_and_drain(sim, tmp_pat
             sim.originate("Local/200@test", exten="100")
             await receiver.wait_for_requests(1)      # a batch is stuck in flight
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.001)                        # what `timeout -s TERM` does, give or take
+            await asyncio.sleep(0.001)               # the gap `timeout -s TERM` leaves, give or take
             proc.send_signal(signal.SIGTERM)
             await notify.wait_for("STOPPING", "1")
             receiver.release()                       # now the drain can finish
