@@ -43,6 +43,9 @@ BUILTIN_SINKS = {"file": "amid.sinks.file", "syslog": "amid.sinks.syslog",
                  "webhook": "amid.sinks.webhook"}
 STATUS_INTERVAL = 5.0
 RELOAD_DRAIN_TIMEOUT = 2.0
+# A second SIGTERM/SIGINT sooner than this after the first is the same request to stop (drain);
+# a later one exits at once.
+STOP_SIGNAL_REPEAT_WINDOW = 1.0
 
 
 @dataclass
@@ -135,6 +138,7 @@ class Daemon:
         self._install_signal_handlers = install_signals
         self.status_interval = status_interval
         self._stop = asyncio.Event()
+        self._stop_signal_at: float | None = None  # monotonic time of the first stop signal
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
         # The settings each running session was started with (reload compares against these).
@@ -411,11 +415,19 @@ class Daemon:
         self._signals.clear()
 
     def _on_stop_signal(self, sig: int) -> None:
+        now = time.monotonic()
         if self._stop.is_set():
+            # `timeout -s TERM`, a supervisor and its process group, or a double Ctrl-C can
+            # deliver two signals at once: within STOP_SIGNAL_REPEAT_WINDOW they are one request.
+            if self._stop_signal_at is not None and now - self._stop_signal_at < STOP_SIGNAL_REPEAT_WINDOW:
+                log.info("%s received again within %gs: still draining", signal.Signals(sig).name,
+                         STOP_SIGNAL_REPEAT_WINDOW)
+                return
             log.warning("second %s: exiting at once", signal.Signals(sig).name)
             logging.shutdown()
             os._exit(128 + sig)
         log.info("%s received", signal.Signals(sig).name)
+        self._stop_signal_at = now
         self._stop.set()
 
     def _on_reload_signal(self) -> None:

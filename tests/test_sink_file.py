@@ -440,3 +440,77 @@ async def test_real_logrotate_copytruncate_loses_no_line_written_outside_the_cop
     assert ids_in(path)[-5:] == [f"rec-{i}" for i in range(n, n + 5)]
     assert rotated.stat().st_size > 0
     assert sink.stats.truncations_total == 1 and sink.stats.reopens_total == 0
+
+
+# -- whole lines, each record once ------------------------------------------------------------------
+# (A real full disk, through the runner: tests/test_disk_full.py.)
+
+async def cancel_while_in_thread(sink: file_sink.FileSink, batch) -> None:
+    """Start a send that goes through a thread and cancel it once that thread has the batch (the
+    runner's attempt_timeout does this): the thread writes it all, the caller hears "cancelled"."""
+    task = asyncio.create_task(sink.send(batch))
+    async with asyncio.timeout(5):
+        while sink._thread_work is None:
+            await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_retry_of_a_batch_a_cancelled_send_wrote_does_not_write_it_twice(tmp_path, sinks):
+    path = tmp_path / "events.jsonl"
+    sink = await started(sinks, path)
+    big = make_records(1000, fields={"Padding": "x" * 200})   # beyond INLINE_WRITE_LIMIT
+    await cancel_while_in_thread(sink, big)
+    await send(sink, big)                           # the runner's retry of the same batch
+    await send(sink, make_records(1, start=1000))
+    assert ids_in(path) == [r.id for r in big] + ["rec-1000"]
+    assert sink.stats.taken_back_total == 0
+
+
+async def test_a_batch_the_runner_gave_up_is_taken_back_before_the_next(tmp_path, sinks):
+    path = tmp_path / "events.jsonl"
+    sink = await started(sinks, path)
+    await send(sink, make_records(1, prefix="before"))
+    given_up = make_records(1000, prefix="lost", fields={"Padding": "x" * 200})
+    await cancel_while_in_thread(sink, given_up)
+    await send(sink, make_records(2, prefix="next"))   # another batch: the first was given up
+    assert ids_in(path) == ["before-0", "next-0", "next-1"]
+    assert sink.stats.taken_back_total == 1
+
+
+async def test_close_takes_back_a_batch_that_was_never_confirmed(tmp_path):
+    path = tmp_path / "events.jsonl"
+    sink = make_sink(path)
+    await sink.start()
+    await send(sink, make_records(1, prefix="kept"))
+    await cancel_while_in_thread(sink, make_records(1000, prefix="lost", fields={"Padding": "x" * 200}))
+    await sink.close()                              # the runner spools or drops that batch
+    assert ids_in(path) == ["kept-0"]
+
+
+async def test_a_torn_last_line_left_by_a_crash_is_removed_at_open(tmp_path, sinks):
+    path = tmp_path / "events.jsonl"
+    whole = b"".join(r.json + b"\n" for r in make_records(2))
+    path.write_bytes(whole + make_records(1, start=2)[0].json[:40])   # killed mid-write
+    sink = await started(sinks, path)
+    await send(sink, make_records(1, start=3))
+    assert ids_in(path) == ["rec-0", "rec-1", "rec-3"]
+    assert sink.stats.torn_lines_repaired_total == 1
+
+
+async def test_a_whole_record_missing_only_its_newline_is_kept_at_open(tmp_path, sinks):
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"".join(r.json + b"\n" for r in make_records(2)) + make_records(1, start=2)[0].json)
+    sink = await started(sinks, path)
+    await send(sink, make_records(1, start=3))
+    assert ids_in(path) == ["rec-0", "rec-1", "rec-2", "rec-3"]
+    assert sink.stats.torn_lines_repaired_total == 1
+
+
+async def test_a_file_of_one_torn_line_is_emptied_at_open(tmp_path, sinks):
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b'{"id":"pbx1')
+    sink = await started(sinks, path)
+    await send(sink, make_records(1))
+    assert ids_in(path) == ["rec-0"]

@@ -15,6 +15,20 @@ The sink cooperates with log rotation instead of fighting it:
 The sink never retries and never queues (the SinkRunner in front of it does): ``send`` writes
 the whole batch or raises :class:`~amid.sinks.base.SinkError` naming the path and the errno.
 
+Whole lines only, each record once. A write that fails part-way (disk full, quota, EIO) is
+cut back at once (``ftruncate``) to the last whole line it wrote, after checking that the file
+still ends with exactly those bytes; the whole records it did write stay, "unconfirmed". The
+runner retries the same batch: the sink then writes only the rest (again after checking the
+file's end), so each record lands once and the file shrinks only by the torn part. If another
+batch comes instead (the runner gave that one up: shutdown, spooled, handed over on reload) or
+the sink is closed, the unconfirmed bytes are taken back. The same holds for a batch that a
+cancelled send's thread finished writing, and for one whose ``fsync: batch`` failed. So a
+batch is in the file once if ``send`` returned, and not at all if the runner gave it up. A torn
+last line found when a file is opened (a crash mid-write) is ended with a newline if it is a
+whole JSON document, and removed otherwise. Nothing is cut that the file no longer ends with
+(someone else appended, or ``copytruncate`` emptied it meanwhile), and a cut that
+``copytruncate`` races (it would leave a hole of NULs) empties the file instead.
+
 Where the work runs: appending a small batch to an open file costs about a microsecond, while a
 round trip through ``asyncio.to_thread`` costs ~70 us (figures at ``INLINE_WRITE_LIMIT``), so
 small batches to a regular file are written inline on the loop. Everything that may block for
@@ -30,7 +44,9 @@ record is lost; some land in the ``.backup`` file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import json
 import logging
 import os
 import stat
@@ -58,7 +74,12 @@ STDOUT_PATH = "-"
 # could stall the loop for milliseconds, so larger batches are written in a thread.
 INLINE_WRITE_LIMIT = 64 * 1024
 
-_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+# A regular file is opened read-write: the sink reads its own tail back before completing or
+# taking back a failed write, and to find a torn last line at open. Anything else (a FIFO, a
+# device) write-only, as before: holding a FIFO's read end would hide that its reader is gone.
+_OPEN_FLAGS = os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+# How far back from the end a torn last line is looked for at open (records are far smaller).
+TORN_LINE_SCAN_LIMIT = 16 * 1024 * 1024
 
 
 class Options(pydantic.BaseModel, extra="forbid"):
@@ -91,7 +112,7 @@ class Options(pydantic.BaseModel, extra="forbid"):
         return value
 
     @pydantic.model_validator(mode="after")
-    def _stdout_cannot_rotate(self) -> "Options":
+    def _stdout_cannot_rotate(self) -> Options:
         if self.path == STDOUT_PATH and self.rotate_bytes is not None:
             raise ValueError("rotate_bytes cannot be used with path '-' (standard output)")
         return self
@@ -107,9 +128,25 @@ class FileStats:
     bytes_written_total: int = 0
     fsyncs_total: int = 0
     write_errors_total: int = 0
+    completed_writes_total: int = 0  # a failed batch's rest written on retry (no record twice)
+    taken_back_total: int = 0       # unconfirmed batches truncated away (the runner gave them up)
+    torn_lines_repaired_total: int = 0  # torn last lines ended or removed when a file was opened
 
 
-def create(name: str, options: Options | Mapping[str, Any]) -> "FileSink":
+@dataclass
+class _Unconfirmed:
+    """A batch whose leading ``written`` bytes are in the file although ``send`` did not return."""
+
+    identity: tuple[int, int] | None   # the file they went to
+    data: bytes
+    written: int
+
+    @property
+    def at_line_end(self) -> bool:
+        return self.data[self.written - 1:self.written] == b"\n"
+
+
+def create(name: str, options: Options | Mapping[str, Any]) -> FileSink:
     """Sink factory for type ``file`` (accepts validated Options or the raw config mapping)."""
     if not isinstance(options, Options):
         options = Options.model_validate(dict(options))
@@ -139,7 +176,9 @@ class FileSink:
         self._next_check = 0.0
         self._reopen_requested = False
         self._dirty = False             # written since the last fsync
-        self._partial_line_in: tuple[int, int] | None = None   # file holding a torn line
+        self._unconfirmed: _Unconfirmed | None = None   # see the module docstring
+        self._end_torn_line = False     # a stream (stdout) holds a torn line: start a new one
+        self._fd_readable = False       # opened read-write (see _OPEN_FLAGS)
         self._closed = False
         self._lock = asyncio.Lock()     # one batch / fsync / close at a time
         self._dirty_event = asyncio.Event()
@@ -164,7 +203,8 @@ class FileSink:
         """Append every record of ``batch`` (one JSON document per line) or raise SinkError."""
         if not batch:
             return
-        data = b"\n".join(Record.jsons(batch)) + b"\n"
+        records = batch if isinstance(batch, (list, tuple)) else list(batch)
+        data = b"\n".join(Record.jsons(records)) + b"\n"
         async with self._lock:
             if self._closed:
                 raise SinkError(f"file sink {self.name!r} is closed")
@@ -173,6 +213,8 @@ class FileSink:
                 self._write(data)
             else:
                 await self._in_thread(self._deliver_slow, data)
+                # Reached only if we were not cancelled: the runner now knows the batch is in.
+                self._unconfirmed = None
         if self._dirty and self.options.fsync == "interval":
             self._dirty_event.set()
 
@@ -204,7 +246,7 @@ class FileSink:
         async with self._lock:
             await self._settle()
             if self._fd is not None:
-                await self._in_thread(self._release_fd, "close")
+                await self._in_thread(self._close_file)
 
     def reopen(self) -> None:
         """Reopen the path before the next write (the daemon calls this on SIGHUP)."""
@@ -216,6 +258,8 @@ class FileSink:
     def _fast_path_allowed(self, nbytes: int) -> bool:
         """True when the batch is a plain small append to the already open file."""
         if self._fd is None or self._reopen_requested or self.options.fsync == "batch":
+            return False
+        if self._unconfirmed is not None or self._end_torn_line:
             return False
         if nbytes > INLINE_WRITE_LIMIT or not self._fd_is_regular:
             return False    # a pipe or terminal (stdout) can block for as long as its reader likes
@@ -246,15 +290,19 @@ class FileSink:
         work = self._thread_work
         if work is None:
             return
-        try:
+        # That batch was already reported as cancelled; its errors were counted.
+        with contextlib.suppress(Exception):
             await asyncio.shield(work)
-        except Exception:
-            pass    # that batch was already reported as cancelled; its errors were counted
         self._thread_work = None
 
     def _deliver_slow(self, data: bytes) -> None:
-        """Check the path, reopen/rotate as needed, write, fsync per policy."""
-        path = self.options.path
+        """Settle an unconfirmed batch, check the path, reopen/rotate as needed, write, fsync
+        per policy. On success the batch stays recorded as unconfirmed: :meth:`send` clears
+        that once it returns (a cancelled send's batch is then known to be in the file)."""
+        if self._unconfirmed is not None and self._resume(data):
+            self._fsync_batch(data)
+            self._unconfirmed = _Unconfirmed(self._fd_identity, data, len(data))
+            return
         if self._fd is None or self._reopen_requested:
             if self._fd is not None:
                 self._release_fd("reopen")
@@ -267,22 +315,145 @@ class FileSink:
         if rotate_bytes is not None and self._size > 0 and self._size + len(data) > rotate_bytes:
             self._rotate()
         self._write(data)
-        if self.options.fsync == "batch" and self._fd_is_regular:
+        self._fsync_batch(data)
+        self._unconfirmed = _Unconfirmed(self._fd_identity, data, len(data))
+
+    def _fsync_batch(self, data: bytes) -> None:
+        if self.options.fsync != "batch" or not self._fd_is_regular:
+            return
+        assert self._fd is not None
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self.stats.write_errors_total += 1
+            # The batch is written but not known durable: the retry of the same batch only
+            # fsyncs again; another batch takes this one back first.
+            self._unconfirmed = _Unconfirmed(self._fd_identity, data, len(data))
+            raise _sink_error(self.name, "fsync", self.options.path, exc) from exc
+        self.stats.fsyncs_total += 1
+        self._dirty = False
+
+    # -- unconfirmed bytes: complete or take back -----------------------------------------------
+
+    def _resume(self, data: bytes) -> bool:
+        """Settle the unconfirmed batch before writing ``data``; True if ``data`` is that very
+        batch and is now complete in the file (only the rest was written)."""
+        unconfirmed = self._unconfirmed
+        assert unconfirmed is not None
+        if self._fd is None or self._fd_identity != unconfirmed.identity:
+            self._unconfirmed = None   # that file is no longer ours to touch
+            return False
+        if data != unconfirmed.data:
+            self._take_back()          # raises SinkError if it cannot: retried by the next send
+            return False
+        try:
+            intact = not self._fd_is_regular or self._tail_size(unconfirmed) is not None
+        except OSError as exc:
+            self.stats.write_errors_total += 1
+            raise _sink_error(self.name, "read back the end of", self.options.path, exc) from exc
+        if not intact:
+            # The file no longer ends with our bytes: copytruncate copied them away and emptied
+            # it, or someone else appended. Whole lines of ours went where they went: write the
+            # rest. A torn part (its cut failed) would make the rest a torn line: write it all.
+            if not unconfirmed.at_line_end:
+                self._unconfirmed = None
+                return False
+            log.info("file sink %r: %s changed while a batch was unfinished; writing its rest "
+                     "at the new end", self.name, self.options.path)
+        rest = len(data) - unconfirmed.written
+        self._write(data, unconfirmed.written)   # a new failure records the new progress
+        if rest:
+            self.stats.completed_writes_total += 1
+            log.info("file sink %r: completed the batch a failed write left unfinished in %s "
+                     "(%d of %d bytes were already there)", self.name, self.options.path,
+                     unconfirmed.written, len(data))
+        return True
+
+    def _tail_size(self, unconfirmed: _Unconfirmed) -> int | None:
+        """The file's size if it ends with exactly the unconfirmed bytes, else None. Raises
+        OSError."""
+        assert self._fd is not None
+        size = os.fstat(self._fd).st_size
+        written = unconfirmed.written
+        if size < written:
+            return None
+        if not self._fd_readable:   # a write-only file (no read permission): trust the size
+            return size if size == self._size else None
+        return size if os.pread(self._fd, written, size - written) == unconfirmed.data[:written] else None
+
+    def _cut_tail(self, unconfirmed: _Unconfirmed, keep: int) -> bool:
+        """Truncate the unconfirmed bytes at the end of the file to their first ``keep``; False
+        (nothing done) if the file no longer ends with them. Raises OSError."""
+        assert self._fd is not None
+        size = self._tail_size(unconfirmed)
+        if size is None:
+            return False
+        end = size - unconfirmed.written + keep
+        os.ftruncate(self._fd, end)
+        if end and os.pread(self._fd, 1, end - 1) == b"\0":
+            # copytruncate emptied the file between our check and our ftruncate, which then
+            # made a hole of NULs (JSON never holds one): it was empty.
+            os.ftruncate(self._fd, 0)
+            end = 0
+        self._size = end
+        return True
+
+    def _take_back(self) -> None:
+        """Remove the unconfirmed bytes from the end of the file (or, on a stream that cannot
+        be truncated, end the torn line). Raises SinkError if the file cannot be truncated."""
+        unconfirmed = self._unconfirmed
+        assert unconfirmed is not None and self._fd is not None
+        path = self.options.path
+        if not self._fd_is_regular:
+            self._unconfirmed = None
+            self._end_torn_line = not unconfirmed.at_line_end
+            return
+        try:
+            cut = self._cut_tail(unconfirmed, 0)
+        except OSError as exc:
+            self.stats.write_errors_total += 1
+            raise _sink_error(self.name, "truncate", path, exc) from exc
+        self._unconfirmed = None
+        if cut:
+            self.stats.taken_back_total += 1
+            log.warning("file sink %r: took back %d bytes of a batch that was not confirmed "
+                        "from the end of %s", self.name, unconfirmed.written, path)
+        else:
+            log.warning("file sink %r: %s changed since a write failed; nothing taken back",
+                        self.name, path)
+
+    def _cut_torn_line(self, unconfirmed: _Unconfirmed) -> None:
+        """Right after a failed write: cut its bytes back to the last whole line, so the file
+        never shows a torn line, and keep the whole records (the retry writes the rest)."""
+        whole = unconfirmed.data.rfind(b"\n", 0, unconfirmed.written) + 1
+        if whole == unconfirmed.written or not self._fd_readable:
+            return
+        try:
+            if not self._cut_tail(unconfirmed, whole):
+                return          # someone else wrote meanwhile: the retry decides (see _resume)
+        except OSError as exc:  # still torn: the retry completes it, or close takes it back
+            log.warning("file sink %r: cannot cut a torn line from %s: %s",
+                        self.name, self.options.path, exc)
+            return
+        self._unconfirmed = _Unconfirmed(unconfirmed.identity, unconfirmed.data, whole) if whole else None
+
+    def _close_file(self) -> None:
+        """Take back unconfirmed bytes (the runner spools or drops their batch), then close."""
+        if self._unconfirmed is not None:
             try:
-                os.fsync(self._fd)
-            except OSError as exc:
-                self.stats.write_errors_total += 1
-                raise _sink_error(self.name, "fsync", path, exc) from exc
-            self.stats.fsyncs_total += 1
-            self._dirty = False
+                self._take_back()
+            except SinkError as exc:
+                log.error("%s: %s ends with %d bytes of a batch that was not confirmed",
+                          exc, self.options.path, self._unconfirmed.written)
+        self._release_fd("close")
 
     def _open(self) -> None:
         path = self.options.path
         try:
             if self._to_stdout:
-                fd = os.dup(1)   # our own descriptor: closing the sink leaves stdout open
+                fd, readable = os.dup(1), False   # our own descriptor: closing leaves stdout open
             else:
-                fd = os.open(path, _OPEN_FLAGS, self.options.mode)
+                fd, readable = _open_for_append(path, self.options.mode)
         except OSError as exc:
             raise _sink_error(self.name, "open", path, exc) from exc
         try:
@@ -290,11 +461,52 @@ class FileSink:
         except OSError as exc:
             os.close(fd)
             raise _sink_error(self.name, "stat", path, exc) from exc
+        self._fd_is_regular = stat.S_ISREG(st.st_mode)
+        self._fd_readable = readable and self._fd_is_regular
+        size = st.st_size if self._fd_is_regular else 0
+        if size and self._fd_readable:
+            try:
+                size = self._repair_torn_line(fd, size)
+            except OSError as exc:
+                os.close(fd)
+                raise _sink_error(self.name, "repair the last line of", path, exc) from exc
         self._fd = fd
         self._fd_identity = (st.st_dev, st.st_ino)
-        self._fd_is_regular = stat.S_ISREG(st.st_mode)
-        self._size = st.st_size if self._fd_is_regular else 0
+        self._size = size
+        self._end_torn_line = False
         self._next_check = self._clock() + self.options.check_interval
+
+    def _repair_torn_line(self, fd: int, size: int) -> int:
+        """End a last line that has no newline (a crash mid-write): with a newline if it is a
+        whole JSON document, else by cutting it off. Returns the file's new size."""
+        if os.pread(fd, 1, size - 1) == b"\n":
+            return size
+        line_start = 0
+        end = size
+        while end > 0 and size - end < TORN_LINE_SCAN_LIMIT:
+            chunk_start = max(0, end - 65536)
+            newline = os.pread(fd, end - chunk_start, chunk_start).rfind(b"\n")
+            if newline >= 0:
+                line_start = chunk_start + newline + 1
+                break
+            end = chunk_start
+        else:
+            if end > 0:     # no newline within the limit: not a line we wrote; start a new one
+                os.write(fd, b"\n")
+                return size + 1
+        tail = os.pread(fd, size - line_start, line_start)
+        self.stats.torn_lines_repaired_total += 1
+        try:
+            json.loads(tail)
+        except ValueError:
+            os.ftruncate(fd, line_start)
+            log.warning("file sink %r: removed a torn last line of %d bytes from %s (a write "
+                        "that was cut short)", self.name, size - line_start, self.options.path)
+            return line_start
+        os.write(fd, b"\n")
+        log.warning("file sink %r: ended the last line of %s, a whole record without its newline",
+                    self.name, self.options.path)
+        return size + 1
 
     def _check_path(self) -> None:
         """Reopen if the path names another file now; notice truncation (copytruncate)."""
@@ -347,28 +559,31 @@ class FileSink:
         self.stats.rotations_total += 1
         self._open()
 
-    def _write(self, data: bytes) -> None:
-        """Write all of ``data``; one os.write unless the kernel takes less (then loop)."""
+    def _write(self, data: bytes, done: int = 0) -> None:
+        """Write ``data`` from offset ``done``; one os.write unless the kernel takes less (then
+        loop). On failure the bytes that did go in are recorded as unconfirmed."""
         assert self._fd is not None
-        if self._partial_line_in is not None and self._partial_line_in == self._fd_identity:
-            # A failed write left half a line; end it so the next record starts on its own line.
-            data = b"\n" + data
-        view = memoryview(data)
+        view = memoryview(data)[done:]
         try:
+            if self._end_torn_line:
+                # A stream (stdout) got half a line of a batch that was given up: end that line.
+                os.write(self._fd, b"\n")
+                self._end_torn_line = False
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
+                done += written
                 self._size += written
                 self.stats.bytes_written_total += written
                 self._dirty = True
         except OSError as exc:
             self.stats.write_errors_total += 1
-            if len(view) < len(data):
-                self._partial_line_in = self._fd_identity
+            if done:
+                self._unconfirmed = _Unconfirmed(self._fd_identity, data, done)
+                self._cut_torn_line(self._unconfirmed)
             # A new descriptor may cure ESTALE/EIO; for the rest reopening costs little.
             self._reopen_requested = not self._to_stdout
             raise _sink_error(self.name, "write to", self.options.path, exc) from exc
-        self._partial_line_in = None
 
     def _release_fd(self, why: str) -> None:
         """fsync (unless ``never``) and close the current descriptor. Never raises."""
@@ -417,6 +632,20 @@ class FileSink:
                 self._dirty = True
                 log.warning("file sink %r: fsync of %s failed: %s",
                             self.name, self.options.path, exc)
+
+
+def _open_for_append(path: str, mode: int) -> tuple[int, bool]:
+    """Open ``path`` for appending; return the descriptor and whether it is also readable."""
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        regular = True     # created as one (or os.open reports why it cannot be)
+    if regular:
+        try:
+            return os.open(path, _OPEN_FLAGS | os.O_RDWR, mode), True
+        except PermissionError:
+            pass           # writable but not readable for us: append without reading back
+    return os.open(path, _OPEN_FLAGS | os.O_WRONLY, mode), False
 
 
 def _fsync_and_close(fd: int) -> None:
