@@ -25,7 +25,7 @@ from sink_contract import make_records
 
 from amid.records import Record
 from amid.sinks import file as file_sink
-from amid.sinks.delivery import SinkRunner, SinkStats
+from amid.sinks.delivery import RunnerSettings, SinkRunner, SinkStats
 
 DISK_BYTES = 1 << 20
 PAGE = 4096
@@ -134,7 +134,8 @@ def make_runner(sink: file_sink.FileSink, sleep: Callable[[float], Any], **overr
         "batch_max_bytes": 1 << 20, "batch_max_wait": 0.0, "retry_min_delay": 0.01,
         "retry_max_delay": 0.05, "dead_letter_path": None, "sleep": sleep}
     params.update(overrides)
-    return SinkRunner(sink, **params)
+    del params["sleep"]
+    return SinkRunner(sink, RunnerSettings(**params), sleep=sleep)
 
 
 def whole_json_lines(path: Path) -> list[str]:
