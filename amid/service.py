@@ -101,7 +101,8 @@ def _client_for(server: ServerConfig, *, on_events, on_state, stats: SessionStat
         ping_timeout=server.ping_timeout, connect_timeout=server.connect_timeout,
         action_timeout=server.action_timeout, reconnect_min_delay=server.reconnect.min_delay,
         reconnect_max_delay=server.reconnect.max_delay, max_message_bytes=server.max_message_bytes,
-        stats=stats, initial_epoch=initial_epoch, outage_since=outage_since)
+        stats=stats, initial_epoch=initial_epoch, outage_since=outage_since,
+        read_coalesce=float(os.environ.get("XBENCH_READ_COALESCE", "0")))
     client.add_batch_listener(on_events)
     client.on_state_change(on_state)
     return client

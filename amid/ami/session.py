@@ -158,12 +158,18 @@ class _Pending:
                 fut.exception()  # retrieved: nobody may be waiting any more
 
 
+# A read at least this large is a backlog being caught up: read again at once.
+_COALESCE_BELOW = 64 * 1024
+
+
 class _Wire(asyncio.Protocol):
     """One TCP/TLS connection; forwards bytes to the client, owns nothing else."""
 
-    def __init__(self, client: "AMIClient", parser: Parser) -> None:
+    def __init__(self, client: "AMIClient", parser: Parser, read_coalesce: float = 0.0) -> None:
         self.client = client
         self.parser = parser
+        self.read_coalesce = read_coalesce
+        self._resume_handle: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.banner = asyncio.get_running_loop().create_future()
         self.lost = asyncio.get_running_loop().create_future()
@@ -174,11 +180,28 @@ class _Wire(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.client._on_data(self, data)
+        if self.read_coalesce > 0 and len(data) < _COALESCE_BELOW and self.transport is not None:
+            # Asterisk writes every event on its own: read at once, and a busy PBX costs one
+            # trip through the loop, the router and each sink per event. Leaving the socket
+            # for a millisecond or two lets the kernel gather them, so one read (and one sink
+            # write) carries many. Large reads mean a backlog already: no pause then.
+            self.transport.pause_reading()
+            self._resume_handle = asyncio.get_running_loop().call_later(
+                self.read_coalesce, self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        self._resume_handle = None
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+            self._resume_handle = None
         if self.close_reason is None:
             if exc is None:
                 self.close_reason = ("eof", "server closed the connection")
@@ -223,7 +246,8 @@ class AMIClient:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  handler_queue_size: int = 10_000, action_ids: ActionIdGenerator | None = None,
                  stats: SessionStats | None = None, rng: Callable[[], float] = random.random,
-                 initial_epoch: int = 0, outage_since: float | None = None) -> None:
+                 initial_epoch: int = 0, outage_since: float | None = None,
+                 read_coalesce: float = 0.0) -> None:
         if port is None:
             self.host, self.port = parse_host(host, default_port)
         else:
@@ -250,6 +274,7 @@ class AMIClient:
         self.reconnect_min_delay = reconnect_min_delay
         self.reconnect_max_delay = reconnect_max_delay
         self.max_message_bytes = max_message_bytes
+        self.read_coalesce = read_coalesce
         self.stats = stats if stats is not None else SessionStats()
         self._rng = rng
         self._action_ids = action_ids or _PROCESS_ACTION_IDS
@@ -565,7 +590,7 @@ class AMIClient:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, wire = await loop.create_connection(
-                    lambda: _Wire(self, parser), self.host, self.port, ssl=self._ssl,
+                    lambda: _Wire(self, parser, self.read_coalesce), self.host, self.port, ssl=self._ssl,
                     server_hostname=(self.server_hostname or self.host) if self._ssl else None)
                 self._wire = wire
                 await wire.banner

@@ -230,7 +230,7 @@ class SinkRunner:
 
     def _health(self, new: RunnerState) -> None:
         """An attempt's outcome (OK / RETRYING) moves the state only while delivering."""
-        if self._state.delivering:
+        if self._state is not new and self._state.delivering:
             self._move(new)
 
     # -- the hot path ----------------------------------------------------------------------
