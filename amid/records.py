@@ -24,10 +24,14 @@ from typing import Any
 
 from pydantic_core import from_json as _from_json
 
-from amid._encode import (encode_record, event_json, format_iso, record_dict, record_head_mid,
-                          record_json, receive_time_bytes)
+from amid._encode import (encode_record, event_json, format_iso, receive_time_bytes, record_dict,
+                          record_head_mid, record_json)
+from amid.ami import _accel
+from amid.ami.protocol import Event
 
 __all__ = ["Record", "format_iso"]
+
+_ACTIVE = _accel.active  # the C functions in use
 
 
 class Record:
@@ -96,8 +100,9 @@ class Record:
     @classmethod
     def of_events(cls, events: list[Any], run: str) -> "list[Record]":
         """``[Record.of_event(event, run) for event in events]`` (the router's read path)."""
-        if _records_of is not None and cls is Record:
-            records = _records_of(events, run)
+        make = _ACTIVE.records_of  # the same, in C, for exactly this class (see amid.ami._accel)
+        if make is not None and cls is Record:
+            records: list[Record] | None = make(events, run)
             if records is not None:
                 return records
         of_event = cls.of_event
@@ -107,8 +112,9 @@ class Record:
     def jsons(records: "list[Record] | tuple[Record, ...]") -> list[bytes]:
         """``[record.json for record in records]``: a sink's batch, encoded in one C call
         where the accelerator is in use (the records of a read share their envelope parts)."""
-        if _records_json is not None:
-            built = _records_json(records, record_head_mid, receive_time_bytes)
+        encode = _ACTIVE.records_json
+        if encode is not None:
+            built: list[bytes] | None = encode(records, record_head_mid, receive_time_bytes)
             if built is not None:
                 return built
         return [record.json for record in records]
@@ -166,13 +172,6 @@ def _parse_iso(text: str) -> float:
     return secs + (int(frac) / 10 ** len(frac) if frac else 0.0)
 
 
-# The optional C accelerator (see amid._accel) makes and encodes the read path's records in
-# one call per read or batch; without it, the Python above does the same.
-from amid._accel import speedups as _speedups  # noqa: E402  (binds Record, defined above)
-
-if _speedups is not None:
-    _speedups.bind_record(Record)
-    _records_of = _speedups.records_of
-    _records_json = _speedups.records_json
-else:
-    _records_of = _records_json = None
+# The C accelerator (when built) makes Records itself: it learns their slots here, once.
+if _accel.speedups is not None:
+    _accel.speedups.bind_record(Record)

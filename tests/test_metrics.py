@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from amid._accel import SPEEDUPS
+from amid.ami._accel import SPEEDUPS
 from amid.ami.stats import SessionStats
 from amid.http import HealthServer
 from amid.metrics import DISCONNECT_REASONS, DROP_REASONS, SINK_STATES, AmidCollector, build_registry
