@@ -20,12 +20,20 @@ A record is an AMI event plus its envelope::
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic_core import from_json as _from_json
 
-from amid._encode import (encode_record, event_json, format_iso, receive_time_bytes, record_dict,
-                          record_head_mid, record_json)
+from amid._encode import (
+    encode_record,
+    event_json,
+    format_iso,
+    receive_time_bytes,
+    record_dict,
+    record_head_mid,
+    record_json,
+)
 from amid.ami import _accel
 from amid.ami.protocol import Event
 
@@ -41,7 +49,7 @@ class Record:
 
     def __init__(self, *, id: str, name: str, server: str, received_at: float,
                  json_bytes: bytes | None = None, data: dict[str, Any] | None = None,
-                 event: Any = None) -> None:
+                 event: Event | None = None) -> None:
         self._id: str | None = id
         self._run = ""
         self.name = name
@@ -57,7 +65,7 @@ class Record:
             _estimated_size(event)
 
     @classmethod
-    def of_event(cls, event: Any, run: str) -> "Record":
+    def of_event(cls, event: Event, run: str) -> Record:
         """The record of an event from the wire; its id is ``server:run:epoch:seq``.
 
         This runs for every event on the AMI read path, so nothing is formatted here: the id
@@ -79,8 +87,9 @@ class Record:
     def id(self) -> str:
         """Unique and stable: receivers drop a record whose id they have seen."""
         ident = self._id
-        if ident is None:
+        if ident is None:  # only a record of_event() made leaves the id for later
             event = self._event
+            assert event is not None
             ident = self._id = f"{event.server}:{self._run}:{event.epoch}:{event.seq}"
         return ident
 
@@ -98,7 +107,7 @@ class Record:
         return self._json
 
     @classmethod
-    def of_events(cls, events: list[Any], run: str) -> "list[Record]":
+    def of_events(cls, events: Sequence[Event], run: str) -> list[Record]:
         """``[Record.of_event(event, run) for event in events]`` (the router's read path)."""
         make = _ACTIVE.records_of  # the same, in C, for exactly this class (see amid.ami._accel)
         if make is not None and cls is Record:
@@ -109,7 +118,7 @@ class Record:
         return [of_event(event, run) for event in events]
 
     @staticmethod
-    def jsons(records: "list[Record] | tuple[Record, ...]") -> list[bytes]:
+    def jsons(records: Sequence[Record]) -> list[bytes]:
         """``[record.json for record in records]``: a sink's batch, encoded in one C call
         where the accelerator is in use (the records of a read share their envelope parts)."""
         encode = _ACTIVE.records_json
@@ -124,7 +133,8 @@ class Record:
         """The per-connection sequence number (without building :attr:`data`)."""
         if self._event is not None:
             return self._event.seq
-        return self.data.get("seq")
+        seq: int | None = self.data.get("seq")
+        return seq
 
     @property
     def data(self) -> dict[str, Any]:
@@ -132,12 +142,14 @@ class Record:
         if self._data is None:
             if self._event is not None:
                 self._data = record_dict(self._event, self.id)
-            else:
+            elif self._json is not None:
                 self._data = _from_json(self._json)
+            else:
+                raise TypeError("a Record is made from its JSON, its data or its event")
         return self._data
 
     @classmethod
-    def from_json(cls, raw: bytes) -> "Record":
+    def from_json(cls, raw: bytes) -> Record:
         """Rebuild a record from its JSON (e.g. read back from a spool)."""
         data = _from_json(raw)
         return cls(id=data["id"], name=data["event"], server=data["server"],
@@ -145,7 +157,7 @@ class Record:
 
     @classmethod
     def synthetic(cls, *, id: str, server: str, name: str, fields: dict[str, Any],
-                  received_at: float | None = None, epoch: int = 0, seq: int = 0) -> "Record":
+                  received_at: float | None = None, epoch: int = 0, seq: int = 0) -> Record:
         """A record amid makes itself (e.g. ``AmidGap``), in the same shape as a real event."""
         ts = time.time() if received_at is None else received_at
         data = {"id": id, "server": server, "epoch": epoch, "seq": seq,
@@ -157,7 +169,7 @@ class Record:
         return f"Record(id={self.id!r}, name={self.name!r})"
 
 
-def _estimated_size(event: Any) -> int:
+def _estimated_size(event: Event) -> int:
     """Queue-bound size of a wire event before its JSON exists: the AMI message's length, plus
     about 2 bytes a line for quotes and commas, plus an envelope under 256 bytes (an event
     whose values need many JSON escapes can be larger; the spool sizes by the real JSON)."""

@@ -11,8 +11,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amid.ami.protocol import (ActionIdGenerator, Event, LocalProtocolError, Message, Parser,
-                               RemoteProtocolError, Response, encode_action, recover_bytes)
+from amid.ami.protocol import (
+    ActionIdGenerator,
+    Event,
+    LocalProtocolError,
+    Message,
+    Parser,
+    RemoteProtocolError,
+    Response,
+    encode_action,
+    recover_bytes,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BANNER = b"Asterisk Call Manager/11.0.0\r\n"
@@ -99,7 +108,8 @@ def test_bare_lf_from_a_peer_is_tolerated():
 
 
 def test_values_are_verbatim_and_keys_keep_their_spelling():
-    data = BANNER + b"Event: Cdr\r\nAccountCode: \r\nUniqueID: 1.2\r\nUniqueid: 3.4\r\nX:  two spaces \r\n\r\n"
+    data = BANNER + (b"Event: Cdr\r\nAccountCode: \r\nUniqueID: 1.2\r\nUniqueid: 3.4\r\n"
+                     b"X:  two spaces \r\n\r\n")
     (ev,) = parse_whole(data)
     assert ev.fields == [("Event", "Cdr"), ("AccountCode", ""), ("UniqueID", "1.2"),
                          ("Uniqueid", "3.4"), ("X", " two spaces ")]
@@ -180,8 +190,8 @@ def test_s06_command_output_lines_verbatim():
 
 def test_legacy_follows_command_output_with_blank_lines():
     # Asterisk 13 (AMI 2.x) answered Command like this; AMI >= 3 never does (see below).
-    data = b"Asterisk Call Manager/2.10.4\r\n" + (b"Response: Follows\r\nPrivilege: Command\r\nActionID: c1\r\n"
-                     b"line one\r\n\r\nUptime: 5 days\r\n--END COMMAND--\r\n\r\n"
+    data = b"Asterisk Call Manager/2.10.4\r\n" + (b"Response: Follows\r\nPrivilege: Command\r\n"
+                     b"ActionID: c1\r\nline one\r\n\r\nUptime: 5 days\r\n--END COMMAND--\r\n\r\n"
                      b"Event: After\r\n\r\n")
     for feed in (parse_whole, parse_bytewise):
         msgs = feed(data)
@@ -335,7 +345,7 @@ def test_chunking_never_changes_the_messages(data, cuts):
     parser = Parser()
     got: list[Message] = []
     prev = 0
-    for p in points + [len(data)]:
+    for p in [*points, len(data)]:
         got += parser.feed(data[prev:p])
         prev = p
     assert summary(got) == expected
@@ -506,7 +516,7 @@ def _outcome(data: bytes, points: list[int], **kw):
     got: list[Message] = []
     failed = False
     prev = 0
-    for p in sorted(set(points)) + [len(data)]:
+    for p in [*sorted(set(points)), len(data)]:
         try:
             got += parser.feed(data[prev:p])
         except RemoteProtocolError:
@@ -730,7 +740,7 @@ def test_receive_times_format_as_strftime_does_whatever_came_before(stamps):
 
     def reference(ts: float) -> str:
         whole = int(ts)
-        micros = int(round((ts - whole) * 1_000_000))
+        micros = round((ts - whole) * 1_000_000)
         if micros == 1_000_000:
             whole, micros = whole + 1, 0
         return _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(whole)) + f".{micros:06d}Z"

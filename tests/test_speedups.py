@@ -244,7 +244,7 @@ def outcome(data: bytes, cuts: list[int], **bounds) -> tuple[list[tuple], str | 
     got: list[Message] = []
     error = None
     prev = 0
-    for point in sorted({c % (len(data) + 1) for c in cuts}) + [len(data)]:
+    for point in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
         try:
             got += parser.feed(data[prev:point])
         except RemoteProtocolError as exc:
@@ -422,7 +422,7 @@ def test_c_record_batches_equal_python_records(events, run, touch, synthetic) ->
     assert not any(gc.is_tracked(record) for record in made)  # see UNTRACKED in _speedups.c
     expected = [Record.of_event(event, run) for event in events]
     assert [record_slots(r) for r in made] == [record_slots(r) for r in expected]
-    for record, other, what in zip(made, expected, touch):  # what sinks may have asked already
+    for record, other, what in zip(made, expected, touch, strict=False):  # what sinks may have asked already
         for one in (record, other):
             if what == "id":
                 one.id
@@ -432,7 +432,7 @@ def test_c_record_batches_equal_python_records(events, run, touch, synthetic) ->
                 one.data
     if synthetic:
         gap = Record.synthetic(id="pbx-1:run1:0:0", server="pbx-1", name="AmidGap", fields={"Lost": "3"})
-        made, expected = made + [gap], expected + [gap]
+        made, expected = [*made, gap], [*expected, gap]
     got = records_json(made, _encode.record_head_mid, _encode.receive_time_bytes)
     assert got == [record.json for record in expected]
     assert [record_slots(r) for r in made] == [record_slots(r) for r in expected]  # _json kept
@@ -561,7 +561,7 @@ def test_c_envelope_equals_the_dispatch_loop(reads, names_before, seq) -> None:
 
 def test_stamp_events_changes_nothing_unless_it_can_do_all() -> None:
     events = Parser(expect_banner=False).feed(b"Event: A\r\n\r\nEvent: B\r\n\r\n")
-    assert stamp_events(events + ["x"], "s", 1, 0, 1.0) is False
+    assert stamp_events([*events, "x"], "s", 1, 0, 1.0) is False
     assert stamp_events(events, "s", 1, 2 ** 63 - 2, 1.0) is False  # B's seq would pass 63 bits
     assert [(e.server, e.seq) for e in events] == [("", 0), ("", 0)]
     assert stamp_events(events, "s", 1, 2 ** 63 - 3, 1.5) is True

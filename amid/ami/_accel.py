@@ -23,16 +23,21 @@ from typing import Any
 
 __all__ = ["REASON", "SPEEDUPS", "Accelerated", "active", "pure_python", "speedups"]
 
-#: Why the pure-Python path runs ("" when the accelerator is in use).
-REASON = ""
-speedups: ModuleType | None
-if os.environ.get("AMID_PURE_PYTHON", "").strip() not in ("", "0"):
-    speedups, REASON = None, "AMID_PURE_PYTHON is set"
-else:
+def _load() -> tuple[ModuleType | None, str]:
+    """The C extension, or None and why not."""
+    if os.environ.get("AMID_PURE_PYTHON", "").strip() not in ("", "0"):
+        return None, "AMID_PURE_PYTHON is set"
     try:
-        from amid.ami import _speedups as speedups
+        import amid.ami._speedups as module
     except ImportError:
-        speedups, REASON = None, "the C accelerator was not built (no C compiler at install time)"
+        return None, "the C accelerator was not built (no C compiler at install time)"
+    return module, ""
+
+
+speedups: ModuleType | None
+#: Why the pure-Python path runs ("" when the accelerator is in use).
+REASON: str
+speedups, REASON = _load()
 
 #: "c" when the C accelerator is in use, else "python".
 SPEEDUPS = "python" if speedups is None else "c"
@@ -70,7 +75,7 @@ class Accelerated:
 
 
 #: What runs now: read by the callers at every call, so :func:`pure_python` reaches them all.
-active = Accelerated(speedups)
+active: Accelerated = Accelerated(speedups)
 
 
 @contextlib.contextmanager

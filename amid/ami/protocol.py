@@ -26,16 +26,16 @@ import enum
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, overload
 
 from amid.ami import _accel
 
 __all__ = [
+    "PROTOCOL_ERROR_KINDS",
     "ActionIdGenerator",
     "Event",
     "LocalProtocolError",
     "Message",
-    "PROTOCOL_ERROR_KINDS",
     "Parser",
     "ParserState",
     "ProtocolError",
@@ -54,6 +54,7 @@ _R_OR_r = (ord("R"), ord("r"))
 _CR_LF = (b"\r", b"\n")
 _CR_LF_BYTES = (13, 10)
 _ACTIVE = _accel.active  # the C functions in use (see amid.ami._accel)
+_T = TypeVar("_T")
 
 
 class ProtocolError(Exception):
@@ -163,7 +164,7 @@ class Message:
         self._index: dict[str, str] | None = None
 
     @classmethod
-    def from_fields(cls, fields: Iterable[tuple[str, str]]) -> "Message":
+    def from_fields(cls, fields: Iterable[tuple[str, str]]) -> Message:
         """Build a message from pairs (for tests, simulators and synthetic messages)."""
         pairs = list(fields)
         raw = b"\r\n".join(f"{k}: {v}".encode("utf-8", "surrogateescape") for k, v in pairs)
@@ -188,6 +189,11 @@ class Message:
             self._index = index
         return index
 
+    @overload
+    def get(self, key: str) -> str | None: ...
+    @overload
+    def get(self, key: str, default: _T) -> str | _T: ...
+
     def get(self, key: str, default: Any = None) -> Any:
         """The first value of ``key`` (case-insensitive), or ``default``."""
         if self._index is None and self._fields is None:
@@ -200,7 +206,7 @@ class Message:
                 return self._scan(needle, default)
         return self._lookup().get(key.lower(), default)
 
-    def _scan(self, needle: bytes, default: Any) -> Any:
+    def _scan(self, needle: bytes, default: _T) -> str | _T:
         raw = self.raw
         low = raw.lower()
         if low.startswith(needle):
