@@ -97,7 +97,7 @@ class Record:
     def json(self) -> bytes:
         """Compact UTF-8 JSON of the record, without a trailing newline."""
         if self._json is None:
-            if self._event is not None:  # the fast path, even if a sink already read .data
+            if self._event is not None:  # from the event (in C where it can), even after .data
                 if self._id is None:  # the usual case: no one needed the id string yet
                     self._json = record_json(self._event, self._run)
                 else:

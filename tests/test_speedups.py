@@ -177,18 +177,26 @@ def test_c_record_json_is_the_reference_s(raw: bytes, seq: int, server: str, epo
         assert given_id == _encode.encode_record(_encode.record_dict(event, "given"))
 
 
-@pytest.mark.parametrize(("speedups", "reason", "says"), [
-    ("c", "", "read path: C accelerator"),
-    ("python", "the C accelerator was not built (no C compiler at install time)",
-     "read path: pure Python: the C accelerator was not built")])
-def test_version_says_whether_the_accelerator_is_in_use(speedups, reason, says, monkeypatch,
-                                                        capsys) -> None:
-    from amid import cli
-    monkeypatch.setattr(cli, "SPEEDUPS", speedups)
-    monkeypatch.setattr(cli, "REASON", reason)
-    with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["--version"])
-    assert says in capsys.readouterr().out
+_VERSION = """
+import sys
+if sys.argv[1] == "unbuilt":
+    sys.modules["amid.ami._speedups"] = None  # what a machine without a C compiler has: no module
+from amid.cli import main
+main(["--version"])
+"""
+
+
+@pytest.mark.parametrize(("setup", "pure", "says"), [
+    ("built", "", "read path: C accelerator"),
+    ("built", "1", "read path: pure Python: AMID_PURE_PYTHON is set"),
+    ("unbuilt", "", "read path: pure Python: the C accelerator was not built")])
+def test_version_says_whether_the_accelerator_is_in_use(setup: str, pure: str, says: str) -> None:
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", _VERSION, setup], capture_output=True, timeout=60,
+                          env=dict(os.environ, AMID_PURE_PYTHON=pure))
+    assert done.returncode == 0, done.stderr
+    assert says in done.stdout.decode()
 
 
 _PURE_PYTHON_CHECK = """

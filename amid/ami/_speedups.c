@@ -447,9 +447,10 @@ static PyObject *record_json(PyObject *module, PyObject *const *args, Py_ssize_t
  *
  * WHY OFFSETS: the slots are written at the offsets their member descriptors give, not through
  * the type. The alternatives were measured or weighed: calling the class (vectorcall) runs
- * Event.__init__, a Python frame per event, which costs about what the whole C framing of
- * the event does (SLOTS_COST in docs/DESIGN.md); setting each slot through its descriptor is
- * a lookup and a call per slot for the same stores; defining Event and Record as C types
+ * Event.__init__, a Python frame per event: 440 ns an event on the s09a capture, against
+ * 550 ns for all the C framing does per event (scan, copy of the bytes, name, Event), so
+ * framing would be almost twice as slow; setting each slot through its descriptor is a
+ * lookup and a call per slot for the same stores; defining Event and Record as C types
  * would make the C the definition, and the pure-Python path would need a second one. The
  * offsets are what CPython's own member descriptors use; slot_offsets() checks once, per
  * class, that each name is a plain writable object slot inside the instance, that no two
