@@ -11,13 +11,13 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from promparse import Samples, key, parse, scrape, scrape_text, total
 
 from amid.ami._accel import SPEEDUPS
 from amid.ami.stats import SessionStats
 from amid.http import HealthServer
 from amid.metrics import DISCONNECT_REASONS, DROP_REASONS, SINK_STATES, AmidCollector, build_registry
 from amid.sinks.delivery import SinkStats
-from promparse import Samples, key, parse, scrape, scrape_text, total
 
 
 class World:
