@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -42,7 +42,17 @@ speedups, REASON = _load()
 #: "c" when the C accelerator is in use, else "python".
 SPEEDUPS = "python" if speedups is None else "c"
 
-_CFunction = Callable[..., Any]
+# What each C function takes and gives (None: it declines, the caller's reference runs). The
+# objects it makes or reads (Events, Records) are typed Any here: this module imports nothing of
+# amid, and the callers annotate what they receive.
+FrameCrlf = Callable[[bytes, int, int], tuple[list[Any], int, int] | None]
+ParseFields = Callable[[bytes], list[tuple[str, str]] | None]
+RecordJson = Callable[..., bytes | None]  # (head, mid, seq, received_at, name, raw[, seq_in_id])
+PartsFor = Callable[[Any, Any, Any], tuple[bytes, bytes] | None]
+RecordsJson = Callable[[Sequence[Any], PartsFor, Callable[[float], bytes]], list[bytes] | None]
+RecordsOf = Callable[[Sequence[Any], str], list[Any] | None]
+StampEvents = Callable[[list[Any], str, int, int, float], bool]
+_CFunction = FrameCrlf | ParseFields | RecordJson | RecordsJson | RecordsOf | StampEvents
 
 
 class Accelerated:
@@ -55,12 +65,12 @@ class Accelerated:
     __slots__ = ("frame_crlf", "parse_fields", "record_json", "records_json", "records_of",
                  "stamp_events")
 
-    frame_crlf: _CFunction | None
-    parse_fields: _CFunction | None
-    record_json: _CFunction | None
-    records_json: _CFunction | None
-    records_of: _CFunction | None
-    stamp_events: _CFunction | None
+    frame_crlf: FrameCrlf | None
+    parse_fields: ParseFields | None
+    record_json: RecordJson | None
+    records_json: RecordsJson | None
+    records_of: RecordsOf | None
+    stamp_events: StampEvents | None
 
     def __init__(self, module: ModuleType | None) -> None:
         for name in self.__slots__:
