@@ -28,7 +28,7 @@ COPY amid ./amid
 # pip byte-compiles what it installs, so the read-only image never needs to write __pycache__.
 # The accelerator must import: a build that silently fell back to pure Python fails here.
 RUN /opt/amid/bin/pip install --no-cache-dir . \
-    && /opt/amid/bin/python -c "import amid._speedups" \
+    && /opt/amid/bin/python -c "import amid.ami._speedups" \
     && /opt/amid/bin/amid --version
 
 # ---- final: the virtualenv on a fresh slim base; no compiler, no pip cache, no curl

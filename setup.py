@@ -6,5 +6,5 @@ its pure-Python path, which gives the same output, only slower (``amid --version
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("amid._speedups", ["amid/_speedups.c"], optional=True,
+setup(ext_modules=[Extension("amid.ami._speedups", ["amid/ami/_speedups.c"], optional=True,
                              extra_compile_args=["-O2"])])

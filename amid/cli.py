@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from amid import __version__
-from amid._accel import REASON, SPEEDUPS
+from amid.ami._accel import REASON, SPEEDUPS
 from amid.ami.address import format_host
 
 log = logging.getLogger("amid.cli")

@@ -46,7 +46,7 @@ Environment overrides (container use)
     value is null), except secrets and ``*_file`` paths, which are taken verbatim. Setting
     ``<key>`` removes ``<key>_file`` from the same mapping and vice versa, so an override
     replaces whichever form the file used. ``AMID_CONFIG`` (the CLI reads it) and ``AMID_PURE_PYTHON``
-    (see amid._accel) are not config keys.
+    (see amid.ami._accel) are not config keys.
     Missing mappings along the path are created; a scalar in the way is replaced.
 """
 
@@ -102,7 +102,7 @@ __all__ = [
 DEFAULT_STATE_DIR = "amid-state"
 ENV_PREFIX = "AMID_"
 # Environment variables with the AMID_ prefix that are not config overrides.
-_ENV_IGNORED = frozenset({"AMID_CONFIG", "AMID_PURE_PYTHON"})  # the CLI's; amid._accel's
+_ENV_IGNORED = frozenset({"AMID_CONFIG", "AMID_PURE_PYTHON"})  # the CLI's; amid.ami._accel's
 _SERVER_SHORTCUTS = frozenset({"host", "port", "username", "secret", "secret_file"})
 
 Loc = tuple[str | int, ...]

@@ -26,7 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from amid._accel import SPEEDUPS
+from amid.ami._accel import SPEEDUPS
 from amid.ami.protocol import PROTOCOL_ERROR_KINDS
 from amid.ami.stats import Histogram, SessionStats
 

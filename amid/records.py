@@ -20,14 +20,26 @@ A record is an AMI event plus its envelope::
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic_core import from_json as _from_json
 
-from amid._encode import (encode_record, event_json, format_iso, record_dict, record_head_mid,
-                          record_json, receive_time_bytes)
+from amid._encode import (
+    encode_record,
+    event_json,
+    format_iso,
+    receive_time_bytes,
+    record_dict,
+    record_head_mid,
+    record_json,
+)
+from amid.ami import _accel
+from amid.ami.protocol import Event
 
 __all__ = ["Record", "format_iso"]
+
+_ACTIVE = _accel.active  # the C functions in use
 
 
 class Record:
@@ -37,7 +49,7 @@ class Record:
 
     def __init__(self, *, id: str, name: str, server: str, received_at: float,
                  json_bytes: bytes | None = None, data: dict[str, Any] | None = None,
-                 event: Any = None) -> None:
+                 event: Event | None = None) -> None:
         self._id: str | None = id
         self._run = ""
         self.name = name
@@ -53,7 +65,7 @@ class Record:
             _estimated_size(event)
 
     @classmethod
-    def of_event(cls, event: Any, run: str) -> "Record":
+    def of_event(cls, event: Event, run: str) -> Record:
         """The record of an event from the wire; its id is ``server:run:epoch:seq``.
 
         This runs for every event on the AMI read path, so nothing is formatted here: the id
@@ -75,8 +87,9 @@ class Record:
     def id(self) -> str:
         """Unique and stable: receivers drop a record whose id they have seen."""
         ident = self._id
-        if ident is None:
+        if ident is None:  # only a record of_event() made leaves the id for later
             event = self._event
+            assert event is not None
             ident = self._id = f"{event.server}:{self._run}:{event.epoch}:{event.seq}"
         return ident
 
@@ -84,7 +97,7 @@ class Record:
     def json(self) -> bytes:
         """Compact UTF-8 JSON of the record, without a trailing newline."""
         if self._json is None:
-            if self._event is not None:  # the fast path, even if a sink already read .data
+            if self._event is not None:  # from the event (in C where it can), even after .data
                 if self._id is None:  # the usual case: no one needed the id string yet
                     self._json = record_json(self._event, self._run)
                 else:
@@ -94,21 +107,23 @@ class Record:
         return self._json
 
     @classmethod
-    def of_events(cls, events: list[Any], run: str) -> "list[Record]":
+    def of_events(cls, events: Sequence[Event], run: str) -> list[Record]:
         """``[Record.of_event(event, run) for event in events]`` (the router's read path)."""
-        if _records_of is not None and cls is Record:
-            records = _records_of(events, run)
+        make = _ACTIVE.records_of  # the same, in C, for exactly this class (see amid.ami._accel)
+        if make is not None and cls is Record:
+            records: list[Record] | None = make(events, run)
             if records is not None:
                 return records
         of_event = cls.of_event
         return [of_event(event, run) for event in events]
 
     @staticmethod
-    def jsons(records: "list[Record] | tuple[Record, ...]") -> list[bytes]:
+    def jsons(records: Sequence[Record]) -> list[bytes]:
         """``[record.json for record in records]``: a sink's batch, encoded in one C call
         where the accelerator is in use (the records of a read share their envelope parts)."""
-        if _records_json is not None:
-            built = _records_json(records, record_head_mid, receive_time_bytes)
+        encode = _ACTIVE.records_json
+        if encode is not None:
+            built: list[bytes] | None = encode(records, record_head_mid, receive_time_bytes)
             if built is not None:
                 return built
         return [record.json for record in records]
@@ -118,7 +133,8 @@ class Record:
         """The per-connection sequence number (without building :attr:`data`)."""
         if self._event is not None:
             return self._event.seq
-        return self.data.get("seq")
+        seq: int | None = self.data.get("seq")
+        return seq
 
     @property
     def data(self) -> dict[str, Any]:
@@ -126,12 +142,14 @@ class Record:
         if self._data is None:
             if self._event is not None:
                 self._data = record_dict(self._event, self.id)
-            else:
+            elif self._json is not None:
                 self._data = _from_json(self._json)
+            else:
+                raise TypeError("a Record is made from its JSON, its data or its event")
         return self._data
 
     @classmethod
-    def from_json(cls, raw: bytes) -> "Record":
+    def from_json(cls, raw: bytes) -> Record:
         """Rebuild a record from its JSON (e.g. read back from a spool)."""
         data = _from_json(raw)
         return cls(id=data["id"], name=data["event"], server=data["server"],
@@ -139,7 +157,7 @@ class Record:
 
     @classmethod
     def synthetic(cls, *, id: str, server: str, name: str, fields: dict[str, Any],
-                  received_at: float | None = None, epoch: int = 0, seq: int = 0) -> "Record":
+                  received_at: float | None = None, epoch: int = 0, seq: int = 0) -> Record:
         """A record amid makes itself (e.g. ``AmidGap``), in the same shape as a real event."""
         ts = time.time() if received_at is None else received_at
         data = {"id": id, "server": server, "epoch": epoch, "seq": seq,
@@ -151,7 +169,7 @@ class Record:
         return f"Record(id={self.id!r}, name={self.name!r})"
 
 
-def _estimated_size(event: Any) -> int:
+def _estimated_size(event: Event) -> int:
     """Queue-bound size of a wire event before its JSON exists: the AMI message's length, plus
     about 2 bytes a line for quotes and commas, plus an envelope under 256 bytes (an event
     whose values need many JSON escapes can be larger; the spool sizes by the real JSON)."""
@@ -166,13 +184,6 @@ def _parse_iso(text: str) -> float:
     return secs + (int(frac) / 10 ** len(frac) if frac else 0.0)
 
 
-# The optional C accelerator (see amid._accel) makes and encodes the read path's records in
-# one call per read or batch; without it, the Python above does the same.
-from amid._accel import speedups as _speedups  # noqa: E402  (binds Record, defined above)
-
-if _speedups is not None:
-    _speedups.bind_record(Record)
-    _records_of = _speedups.records_of
-    _records_json = _speedups.records_json
-else:
-    _records_of = _records_json = None
+# The C accelerator (when built) makes Records itself: it learns their slots here, once.
+if _accel.speedups is not None:
+    _accel.speedups.bind_record(Record)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from amid.ami.protocol import Event
@@ -55,7 +55,7 @@ class EventFilter:
                 self._by_name[name] = verdict
         return verdict
 
-    def accepts_fields(self, get) -> bool:  # get: key -> value | None
+    def accepts_fields(self, get: Callable[[str], str | None]) -> bool:
         for key, pattern in self._match.items():
             value = get(key)
             if value is None or pattern is None or pattern.fullmatch(value) is None:

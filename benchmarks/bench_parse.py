@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from amid import _accel
-from amid._accel import pure_python
+from amid.ami import _accel
+from amid.ami._accel import pure_python
 from amid.ami.protocol import Event, Parser
 from amid.ami.session import AMIClient
 from amid.records import Record
@@ -102,7 +102,7 @@ def _read_path(chunks: Sequence[bytes]) -> int:
 def amid_record_json(chunks: Sequence[bytes]) -> int:
     """amid's read path (see ``_read_path``) with the C accelerator."""
     if _accel.speedups is None:
-        raise RuntimeError("amid._speedups is not built: install amid with a C compiler present")
+        raise RuntimeError("amid.ami._speedups is not built: install amid with a C compiler present")
     return _read_path(chunks)
 
 

@@ -29,4 +29,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 fi
 
 scripts/bootstrap.sh test,systemd
+# Lint and types first (configured in pyproject.toml): any finding fails the run.
+.venv/bin/ruff check --no-cache .
+.venv/bin/mypy
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

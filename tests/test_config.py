@@ -405,7 +405,7 @@ def test_environment_overrides_nested_keys(tmp_path):
         "AMID_SINKS__EVENTS_FILE__PATH": "/data/events.jsonl",  # "-" in the name matches "_"
         "AMID_SINKS__0__QUEUE__MAX_BYTES": "1MiB",
         "AMID_CONFIG": "/somewhere/else.yaml",         # the CLI's, ignored here
-        "AMID_PURE_PYTHON": "1",                       # amid._accel's, ignored here
+        "AMID_PURE_PYTHON": "1",                       # amid.ami._accel's, ignored here
         "OTHER": "x",
     }, sink_option_models=MODELS)
     server = config.servers[0]

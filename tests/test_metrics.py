@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import asyncio
 import os
 import platform
 import shutil
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from promparse import Samples, key, parse, scrape, scrape_text, total
 
-from amid._accel import SPEEDUPS
+from amid.ami._accel import SPEEDUPS
 from amid.ami.stats import SessionStats
 from amid.http import HealthServer
 from amid.metrics import DISCONNECT_REASONS, DROP_REASONS, SINK_STATES, AmidCollector, build_registry
 from amid.sinks.delivery import SinkStats
 from amid.sinks.queue import SizedQueue
-from promparse import Samples, key, parse, scrape, scrape_text, total
 
 
 class World:

@@ -26,14 +26,16 @@ import enum
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, overload
+
+from amid.ami import _accel
 
 __all__ = [
+    "PROTOCOL_ERROR_KINDS",
     "ActionIdGenerator",
     "Event",
     "LocalProtocolError",
     "Message",
-    "PROTOCOL_ERROR_KINDS",
     "Parser",
     "ParserState",
     "ProtocolError",
@@ -51,6 +53,8 @@ _FOLLOWS_END = b"--END COMMAND--"
 _R_OR_r = (ord("R"), ord("r"))
 _CR_LF = (b"\r", b"\n")
 _CR_LF_BYTES = (13, 10)
+_ACTIVE = _accel.active  # the C functions in use (see amid.ami._accel)
+_T = TypeVar("_T")
 
 
 class ProtocolError(Exception):
@@ -103,26 +107,15 @@ def _split_lines(text: str) -> list[str]:
 
 
 def _parse_fields(raw: bytes) -> list[tuple[str, str]]:
-    if _parse_fields_c is not None:  # plain ASCII messages, in C (see the end of this module)
-        parsed = _parse_fields_c(raw)
+    """The fields of a message (the reference rule; the C ``parse_fields`` takes the plain
+    ASCII ``Key: value`` CRLF messages and gives the same pairs, tested)."""
+    accelerated = _ACTIVE.parse_fields
+    if accelerated is not None:
+        parsed: list[tuple[str, str]] | None = accelerated(raw)
         if parsed is not None:
             return parsed
     fields: list[tuple[str, str]] = []
     append = fields.append
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
-    if text is not None and text.count("\n") == text.count("\r\n"):
-        # The usual "Key: value" CRLF lines: one partition per line.
-        for line in text.split("\r\n"):
-            key, sep, value = line.partition(": ")
-            if not sep or ":" in key:
-                break  # "Key:value", no colon, or "K:ey: v": the general loop below
-            append((key, value))
-        else:
-            return fields
-        fields.clear()
     for line in _split_lines(_decode(raw)):
         key, sep, value = line.partition(":")
         if not sep:
@@ -171,7 +164,7 @@ class Message:
         self._index: dict[str, str] | None = None
 
     @classmethod
-    def from_fields(cls, fields: Iterable[tuple[str, str]]) -> "Message":
+    def from_fields(cls, fields: Iterable[tuple[str, str]]) -> Message:
         """Build a message from pairs (for tests, simulators and synthetic messages)."""
         pairs = list(fields)
         raw = b"\r\n".join(f"{k}: {v}".encode("utf-8", "surrogateescape") for k, v in pairs)
@@ -196,6 +189,11 @@ class Message:
             self._index = index
         return index
 
+    @overload
+    def get(self, key: str) -> str | None: ...
+    @overload
+    def get(self, key: str, default: _T) -> str | _T: ...
+
     def get(self, key: str, default: Any = None) -> Any:
         """The first value of ``key`` (case-insensitive), or ``default``."""
         if self._index is None and self._fields is None:
@@ -208,7 +206,7 @@ class Message:
                 return self._scan(needle, default)
         return self._lookup().get(key.lower(), default)
 
-    def _scan(self, needle: bytes, default: Any) -> Any:
+    def _scan(self, needle: bytes, default: _T) -> str | _T:
         raw = self.raw
         low = raw.lower()
         if low.startswith(needle):
@@ -383,44 +381,10 @@ def _first_value(raw: bytes) -> str:
 
 def _message_for(raw: bytes) -> Message:
     # The kind comes from the first line's key only: never from the presence of Response:.
-    if raw.startswith(b"Event: "):  # the common case, exactly as Asterisk writes it
-        end = raw.find(b"\n", 7)
-        name = raw[7:] if end < 0 else raw[7:end - 1] if raw[end - 1] == 13 else raw[7:end]
-        if name.isascii() and name[:1] != b" ":
-            return Event(raw, name.decode("ascii"))
     key, name = _first_line(raw)
     if key is None:
         return Message(raw, name)
     return _KINDS.get(key.strip().lower(), Message)(raw, name)
-
-
-def _frame_crlf_py(buf: bytes, max_bytes: int, max_fields: int
-                   ) -> tuple[list[Any], int, int] | None:
-    """A read framed on CRLF CRLF: ``(messages, consumed, others)``, each message an
-    :class:`Event` when it starts with ``Event: `` (the common case, decoded as ``_decode``
-    does), else its bytes (``others`` counts them); None when ``buf`` holds a bare LF or a
-    message near a bound. ``amid._speedups.frame_crlf`` is the same in C."""
-    if buf.count(b"\n") != buf.count(b"\r\n"):
-        return None
-    *complete, rest = buf.split(b"\r\n\r\n")
-    if complete:
-        # A message of max_fields lines has at least that many bytes: only long ones count.
-        longest = max(map(len, complete))
-        if longest > max_bytes or longest >= max_fields:
-            return None
-    if len(rest) > max_bytes:
-        return None
-    messages: list[Any] = []
-    append = messages.append
-    others = 0
-    for raw in complete:
-        if raw[:7] == b"Event: ":
-            end = raw.find(b"\r\n")
-            append(Event(raw, (raw[7:end] if end >= 0 else raw[7:]).decode("utf-8", "surrogateescape")))
-        else:
-            append(raw)
-            others += 1
-    return messages, len(buf) - len(rest), others
 
 
 def _ami_major(banner: str) -> int:
@@ -517,18 +481,21 @@ class Parser:
             self.state = ParserState.MESSAGES
             buf = buf[nl + 1:]
             self._scan_from = 0
-        if not self._legacy_follows:
-            # No bare LF anywhere: the only terminator is CRLF CRLF (the stream as Asterisk
-            # writes it), and one pass frames every message of the read (None: anything else,
-            # or a message near a bound, which the general loop frames by the exact rules).
-            framed = (_frame_crlf or _frame_crlf_py)(buf, self.max_message_bytes, self.max_fields)
+        frame_crlf = _ACTIVE.frame_crlf
+        if frame_crlf is not None and not self._legacy_follows:
+            # The C framing takes a read with no bare LF and no message near a bound (the
+            # stream as Asterisk writes it) and builds its Events; it declines (None) anything
+            # else, which the reference framing below does by the exact rules.
+            framed = frame_crlf(buf, self.max_message_bytes, self.max_fields)
             if framed is not None:
                 return self._framed(buf, *framed)
         return self._feed_general(buf)
 
-    def _framed(self, buf: bytes, messages: list, consumed: int, others: int) -> list[Message]:
-        """Take what the CRLF framing made of a read: events, and the other messages (other
-        kinds, stray blank lines) still as bytes."""
+    def _framed(self, buf: bytes, messages: list[Any], consumed: int, others: int
+                ) -> list[Message]:
+        """Take what the C framing made of a read: ``messages`` holds its Events, and the other
+        messages (other kinds, stray blank lines) still as bytes (``others`` counts those),
+        which become messages here as :meth:`_feed_general` makes them."""
         if others:
             out: list[Message] = []
             append = out.append
@@ -542,7 +509,9 @@ class Parser:
                         continue
                 append(_message_for(item))
             messages = out
-        rest = buf[consumed:] if consumed else buf
+        # Stray blank lines before the unfinished message are not part of it (as in the
+        # reference framing, so the rest and its bounds are the same whoever framed).
+        rest = (buf[consumed:] if consumed else buf).lstrip(b"\r\n")
         self._buf = rest
         self._scan_from = max(0, len(rest) - 3)
         self.messages_total += len(messages)
@@ -550,8 +519,9 @@ class Parser:
 
     def _feed_general(self, buf: bytes) -> list[Message]:
         """Frame ``buf`` (everything unframed so far) allowing bare-LF terminators, stray blank
-        lines and legacy ``Response: Follows`` output. This is the reference framing: the CRLF
-        fast path hands anything unusual (a bound reached) over to it.
+        lines and legacy ``Response: Follows`` output. This is the reference framing: the C
+        framing gives the same messages for what it takes and hands anything unusual (a bare
+        LF, a bound reached) over to it.
 
         A message's size is that of its bytes without the blank line that ends it and without
         the stray blank lines before it: the same whatever the read boundaries were."""
@@ -691,14 +661,6 @@ class ActionIdGenerator:
         return f"{self.prefix}{next(self._counter)}"
 
 
-# The optional C accelerator (see amid._accel) frames CRLF streams and builds the Events
-# itself, and decodes plain messages' fields; without it, _frame_crlf_py and _parse_fields do
-# the same in Python.
-from amid._accel import speedups as _speedups  # noqa: E402  (binds Event, defined above)
-
-if _speedups is not None:
-    _speedups.bind_event(Event, Event(b"Event: x"))
-    _frame_crlf = _speedups.frame_crlf
-    _parse_fields_c = _speedups.parse_fields
-else:
-    _frame_crlf = _parse_fields_c = None
+# The C accelerator (when built) makes Events itself: it learns their slots here, once.
+if _accel.speedups is not None:
+    _accel.speedups.bind_event(Event, Event(b"Event: x"))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Literal
 
-from amid._accel import speedups as _speedups
+from amid.ami import _accel
 from amid.ami.address import split_host
 from amid.ami.protocol import (ActionIdGenerator, DEFAULT_MAX_MESSAGE_BYTES, Event, Parser, RemoteProtocolError, Response, encode_action)
 from amid.ami.stats import SessionStats
@@ -42,9 +42,6 @@ DEFAULT_PORT = 5038
 MAX_EVENT_NAMES = 1000
 MAX_HANDLER_CACHE = 1024
 _name_of = attrgetter("name")
-
-# The optional C accelerator (see amid._accel); the dispatch loop does the same without it.
-_stamp_events = _speedups.stamp_events if _speedups is not None else None
 
 # One generator for every client of the process, so ActionIDs never repeat across sessions
 # (Asterisk broadcasts OriginateResponse events, with their ActionID, to every session).
@@ -792,9 +789,10 @@ class AMIClient:
         by_name = stats.events_by_name
         listeners = self._listeners
         want_handlers = bool(self._handlers_exact or self._handlers_glob or self._handlers_any)
-        if (_stamp_events is not None and not listeners and not want_handlers and not self._lists
+        stamp_events = _accel.active.stamp_events  # the loop below, in C (see amid.ami._accel)
+        if (stamp_events is not None and not listeners and not want_handlers and not self._lists
                 and self._batch_listeners and messages
-                and _stamp_events(messages, self.name, self.epoch, self._seq, now)):
+                and stamp_events(messages, self.name, self.epoch, self._seq, now)):
             # The daemon's read path: only events, only batch listeners. The C accelerator
             # stamped them all as the loop below would; names are counted per distinct name.
             self._seq += len(messages)

@@ -1,21 +1,25 @@
-/* amid._speedups: the read path's hot loops in C (optional: amid._accel says whether it runs;
- * each Python module that uses it keeps the same rules in Python, used when it is not built).
+/* amid.ami._speedups: the read path's hot loops in C, an optional leaf.
  *
- * What is here, in the order a read goes through it:
- *   frame_crlf     _frame_crlf_py: a read's bytes framed into Events (amid.ami.protocol)
- *   stamp_events   the session's envelope on a read's events (amid.ami.session)
- *   records_of     the router's Record per event (amid.records)
- *   records_json   a sink batch's record JSON (amid.records, amid._encode)
- *   parse_fields   Message.fields of a plain message, when a handler reads them
- *   fields_json, record_json   one message's fields / record JSON (amid._encode)
- * Each returns None (or False) for whatever it does not take, and the caller's Python does it.
+ * Every rule here is written once in Python, by the module that owns it; each function below
+ * replaces one Python step behind the same inputs and gives the same result, or declines
+ * (returns None, or False) what it does not take, and the caller runs its Python reference.
+ * amid.ami._accel loads this module and hands its functions out by name; nothing here imports
+ * amid. What is here, in the order a read goes through it:
+ *   frame_crlf     a read's bytes framed into Events; reference: Parser._feed_general
+ *                  (amid.ami.protocol)
+ *   stamp_events   the session's envelope on a read's events; reference: the loop of
+ *                  AMIClient._dispatch_messages (amid.ami.session)
+ *   records_of     the router's Record per event; reference: Record.of_event (amid.records)
+ *   records_json   a sink batch's record JSON; reference: Record.json (amid.records)
+ *   record_json    one record's JSON; reference: encode_record(record_dict(...)) (amid._encode)
+ *   parse_fields   Message.fields of a plain message; reference: _parse_fields (protocol)
+ * The tests (tests/test_speedups.py, and tests/test_protocol.py run with and without it)
+ * compare each one with its reference under amid.ami._accel.pure_python().
  *
- * fields_json(raw) turns one AMI message ("Key: Value" lines joined by CRLF, the terminator
- * already removed by the framing) into the JSON object of its fields, {"Key":"Value",...},
- * in one pass over the bytes. It takes only the plain common case; for anything else it returns
- * False where the Python fast path would refuse the message too (so the caller goes straight
- * to the general path), None where only Python can tell (a non-ASCII byte, more than
- * MAX_LINES lines). It takes:
+ * The record JSON (scan_fields + write_fields) takes one AMI message ("Key: Value" lines
+ * joined by CRLF, the terminator already removed by the framing) and writes the JSON object
+ * of its fields, {"Key":"Value",...}, in one pass over the bytes. It takes only the plain
+ * common case and declines anything else. It takes:
  *   - every line is <key>": "<value>: the key ends at the line's first colon, which a space
  *     follows (the value is the rest of the line, ": " included);
  *   - lines are separated by CRLF only (no bare CR or LF);
@@ -23,9 +27,8 @@
  *   - a repeated key becomes a JSON array of its values, at its first line (as
  *     Message.to_dict() has it);
  *   - at most MAX_LINES lines.
- * For every message it accepts, the result is byte for byte what amid._encode's general path
- * (Message.to_dict() and pydantic_core.to_json) gives, and what its Python fast path gives
- * where that takes the message (tests/test_speedups.py checks both, with hypothesis).
+ * For every message it takes, the result is byte for byte what the reference
+ * (Message.to_dict() through pydantic_core.to_json) gives (tested with hypothesis).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -162,22 +165,22 @@ typedef struct {
     Py_ssize_t json_size; /* the fields object's length in bytes */
 } Scan;
 
-enum { SCAN_OK = 1, SCAN_REFUSED = 0, SCAN_UNSURE = -1 };
+enum { SCAN_OK = 1, SCAN_DECLINED = 0 };
 
 /* Pass 1: check the rules, note where each key and value is, count the quotes, group the
  * repeated keys. CPython keeps a NUL after a bytes object's data: a REFUSED byte that stops
  * every scan loop at the end without a bounds check in the loop. */
 static int scan_fields(const unsigned char *raw, Py_ssize_t size, Scan *scan) {
     if (size == 0)
-        return SCAN_REFUSED;
+        return SCAN_DECLINED;
     if (size > (Py_ssize_t)UINT32_MAX)
-        return SCAN_UNSURE; /* the per-line quote counts are 32 bits: Python takes these */
+        return SCAN_DECLINED; /* the per-line quote counts are 32 bits: Python takes these */
     int lines = 0;
     Py_ssize_t quotes = 0;
     Py_ssize_t i = 0;
     while (1) {
         if (lines == MAX_LINES)
-            return SCAN_UNSURE;
+            return SCAN_DECLINED;
         /* the key: up to the first colon, which a space must follow */
         scan->key_start[lines] = i;
         uint32_t key_quotes = 0, value_quotes = 0;
@@ -192,11 +195,11 @@ static int scan_fields(const unsigned char *raw, Py_ssize_t size, Scan *scan) {
                 continue;
             }
             if (c == NON_ASCII)
-                return SCAN_UNSURE;
-            return SCAN_REFUSED; /* the end, or CR/LF (a line without a colon), a control char, '\\' */
+                return SCAN_DECLINED;
+            return SCAN_DECLINED; /* the end, or CR/LF (a line without a colon), a control char, '\\' */
         }
         if (i + 1 >= size || raw[i + 1] != ' ')
-            return SCAN_REFUSED;
+            return SCAN_DECLINED;
         scan->key_end[lines] = i;
         i += 2;
         /* the value: the rest of the line, up to CRLF or the end (colons are plain there) */
@@ -217,8 +220,8 @@ static int scan_fields(const unsigned char *raw, Py_ssize_t size, Scan *scan) {
             if (i == size)
                 break;
             if (c == NON_ASCII)
-                return SCAN_UNSURE;
-            return SCAN_REFUSED;
+                return SCAN_DECLINED;
+            return SCAN_DECLINED;
         }
         scan->value_end[lines] = i;
         scan->key_quotes[lines] = key_quotes;
@@ -333,35 +336,6 @@ static unsigned char *write_fields(unsigned char *out, const unsigned char *raw,
     return out;
 }
 
-static PyObject *scan_refusal(int status) {
-    if (status == SCAN_UNSURE)
-        Py_RETURN_NONE;
-    Py_RETURN_FALSE;
-}
-
-static PyObject *fields_json(PyObject *module, PyObject *arg) {
-    (void)module;
-    if (!PyBytes_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "fields_json() expects bytes");
-        return NULL;
-    }
-    const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(arg);
-    Scan scan;
-    const int status = scan_fields(raw, PyBytes_GET_SIZE(arg), &scan);
-    if (status != SCAN_OK)
-        return scan_refusal(status);
-    PyObject *result = PyBytes_FromStringAndSize(NULL, scan.json_size);
-    if (result == NULL)
-        return NULL;
-    unsigned char *const first = (unsigned char *)PyBytes_AS_STRING(result);
-    if (write_fields(first, raw, &scan) - first != scan.json_size) {
-        Py_DECREF(result);
-        PyErr_SetString(PyExc_SystemError, "amid._speedups.fields_json: size mismatch");
-        return NULL;
-    }
-    return result;
-}
-
 static const char RECEIVED_AT[] = ",\"received_at\":\"";
 static const char EVENT[] = "\",\"event\":\"";
 static const char FIELDS[] = "\",\"fields\":";
@@ -386,11 +360,11 @@ static int format_int(char *out, long long n) {
 /* The whole record JSON in one buffer (see record_json() below); scan is raw's pass 1. */
 static PyObject *build_record(const unsigned char *head, Py_ssize_t head_len,
                               const unsigned char *mid, Py_ssize_t mid_len,
-                              const char *seq_text, Py_ssize_t seq_len,
+                              const char *seq_text, Py_ssize_t seq_len, int seq_in_id,
                               const unsigned char *received, Py_ssize_t received_len,
                               const unsigned char *name, Py_ssize_t name_len,
                               const unsigned char *raw, const Scan *scan) {
-    const Py_ssize_t total = head_len + seq_len + mid_len + seq_len
+    const Py_ssize_t total = head_len + (seq_in_id ? seq_len : 0) + mid_len + seq_len
         + (Py_ssize_t)(sizeof RECEIVED_AT - 1) + received_len + (Py_ssize_t)(sizeof EVENT - 1)
         + name_len + (Py_ssize_t)(sizeof FIELDS - 1) + scan->json_size + 1;
     PyObject *result = PyBytes_FromStringAndSize(NULL, total);
@@ -400,7 +374,8 @@ static PyObject *build_record(const unsigned char *head, Py_ssize_t head_len,
     unsigned char *out = first;
 #define PUT(data, len) do { memcpy(out, (data), (size_t)(len)); out += (len); } while (0)
     PUT(head, head_len);
-    PUT(seq_text, seq_len);
+    if (seq_in_id)
+        PUT(seq_text, seq_len);
     PUT(mid, mid_len);
     PUT(seq_text, seq_len);
     PUT(RECEIVED_AT, sizeof RECEIVED_AT - 1);
@@ -413,26 +388,34 @@ static PyObject *build_record(const unsigned char *head, Py_ssize_t head_len,
     *out++ = '}';
     if (out - first != total) {
         Py_DECREF(result);
-        PyErr_SetString(PyExc_SystemError, "amid._speedups: record size mismatch");
+        PyErr_SetString(PyExc_SystemError, "amid.ami._speedups: record size mismatch");
         return NULL;
     }
     return result;
 }
 
-/* record_json(head, mid, seq, received_at, name, raw): the whole record JSON in one buffer,
- *   head + seq + mid + seq + ',"received_at":"' + received_at + '","event":"' + name
- *   + '","fields":' + fields_json(raw) + '}'
- * where head is '{"id":"<server>:<run>:<epoch>:' and mid '","server":"<server>","epoch":<epoch>,"seq":'
- * (amid._encode builds them once per connection, escaped). False / None as for fields_json. */
+/* record_json(head, mid, seq, received_at, name, raw, seq_in_id=True): the whole record JSON
+ * in one buffer,
+ *   head + [seq] + mid + seq + ',"received_at":"' + received_at + '","event":"' + name
+ *   + '","fields":' + <the fields object of raw> + '}'
+ * where, for a wire record (seq_in_id), head is '{"id":"<server>:<run>:<epoch>:' and mid
+ * '","server":"<server>","epoch":<epoch>,"seq":'; for a record whose id is given, head is
+ * '{"id":"<id>' (amid._encode escapes every text with the reference serializer). None when
+ * it declines the message (see the header) or seq is beyond 64 bits: the reference
+ * (amid._encode.encode_record) encodes it then. */
 static PyObject *record_json(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    if (nargs != 6 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1]) || !PyLong_Check(args[2])
-            || !PyBytes_Check(args[3]) || !PyBytes_Check(args[4]) || !PyBytes_Check(args[5])) {
+    if (nargs < 6 || nargs > 7 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1])
+            || !PyLong_Check(args[2]) || !PyBytes_Check(args[3]) || !PyBytes_Check(args[4])
+            || !PyBytes_Check(args[5])) {
         PyErr_SetString(PyExc_TypeError,
                         "record_json(head: bytes, mid: bytes, seq: int, received_at: bytes, "
-                        "name: bytes, raw: bytes)");
+                        "name: bytes, raw: bytes, seq_in_id: bool = True)");
         return NULL;
     }
+    const int seq_in_id = nargs == 7 ? PyObject_IsTrue(args[6]) : 1;
+    if (seq_in_id < 0)
+        return NULL;
     const long long seq = PyLong_AsLongLong(args[2]);
     if (seq == -1 && PyErr_Occurred()) {
         PyErr_Clear(); /* beyond 64 bits: Python formats it */
@@ -444,10 +427,10 @@ static PyObject *record_json(PyObject *module, PyObject *const *args, Py_ssize_t
     Scan scan;
     const int status = scan_fields(raw, PyBytes_GET_SIZE(args[5]), &scan);
     if (status != SCAN_OK)
-        return scan_refusal(status);
+        Py_RETURN_NONE;
     return build_record((const unsigned char *)PyBytes_AS_STRING(args[0]), PyBytes_GET_SIZE(args[0]),
                         (const unsigned char *)PyBytes_AS_STRING(args[1]), PyBytes_GET_SIZE(args[1]),
-                        seq_text, seq_len,
+                        seq_text, seq_len, seq_in_id,
                         (const unsigned char *)PyBytes_AS_STRING(args[3]), PyBytes_GET_SIZE(args[3]),
                         (const unsigned char *)PyBytes_AS_STRING(args[4]), PyBytes_GET_SIZE(args[4]),
                         raw, &scan);
@@ -461,6 +444,17 @@ static PyObject *record_json(PyObject *module, PyObject *const *args, Py_ssize_t
  * member descriptors (refusing anything but plain object slots), so the Python classes stay
  * the one definition of what an Event and a Record hold; Event's defaults are copied from an
  * instance Python made. Only objects of exactly the bound classes are made or read here.
+ *
+ * WHY OFFSETS: the slots are written at the offsets their member descriptors give, not through
+ * the type. The alternatives were measured or weighed: calling the class (vectorcall) runs
+ * Event.__init__, a Python frame per event: 440 ns an event on the s09a capture, against
+ * 550 ns for all the C framing does per event (scan, copy of the bytes, name, Event), so
+ * framing would be almost twice as slow; setting each slot through its descriptor is a
+ * lookup and a call per slot for the same stores; defining Event and Record as C types
+ * would make the C the definition, and the pure-Python path would need a second one. The
+ * offsets are what CPython's own member descriptors use; slot_offsets() checks once, per
+ * class, that each name is a plain writable object slot inside the instance, that no two
+ * names share one, and that no base has a tp_new these objects would skip.
  *
  * UNTRACKED: the Events and Records made here are left out of the cyclic garbage collector's
  * lists (as CPython does for tuples and dicts that hold only atoms). amid never makes a
@@ -623,11 +617,12 @@ static PyObject *new_event(const unsigned char *start, Py_ssize_t len) {
 
 /* frame_crlf(buf, max_message_bytes, max_fields) -> (messages, consumed, others) | None
  *
- * amid.ami.protocol._frame_crlf_py in C: None unless every LF in buf follows a CR
- * (else, or when a message or the unfinished rest is near a bound, Python frames the read);
- * otherwise buf[:consumed] split on CRLF CRLF, each message an Event when it starts with
- * "Event: ", else its bytes (others counts those: blank ones and other kinds, which Python
- * turns into messages). */
+ * Parser._feed_general (amid.ami.protocol) for the stream as Asterisk writes it: None unless
+ * every LF in buf follows a CR (else, or when a message or the unfinished rest is near a
+ * bound, the reference frames the read); otherwise buf[:consumed] split on CRLF CRLF, each
+ * message an Event when it starts with "Event: " (its name decoded as the reference does),
+ * else its bytes (others counts those: blank ones and other kinds, which Parser._framed turns
+ * into messages as the reference does). */
 static PyObject *frame_crlf(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
     if (nargs != 3) {
@@ -689,7 +684,7 @@ static PyObject *frame_crlf(PyObject *module, PyObject *const *args, Py_ssize_t 
             p = nl + 1;
         }
     }
-    /* Near a bound, the general framing applies the exact rules (as _frame_crlf_py). */
+    /* Near a bound, the reference framing applies the exact rules. */
     if ((count && (longest > max_bytes || longest >= max_fields)) || size - start > max_bytes)
         goto python_decides;
 
@@ -805,7 +800,7 @@ static PyObject *bind_record(PyObject *module, PyObject *cls) {
 
 static int records_bound(void) {
     if (event_type == NULL || record_type == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "amid._speedups: bind_event() and bind_record() first");
+        PyErr_SetString(PyExc_RuntimeError, "amid.ami._speedups: bind_event() and bind_record() first");
         return 0;
     }
     return 1;
@@ -995,7 +990,7 @@ static PyObject *fresh_record_json(PyObject *event, PyObject *run, BatchParts *s
     PyObject *head = PyTuple_GET_ITEM(shared->parts, 0), *mid = PyTuple_GET_ITEM(shared->parts, 1);
     result = build_record((const unsigned char *)PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head),
                           (const unsigned char *)PyBytes_AS_STRING(mid), PyBytes_GET_SIZE(mid),
-                          seq_text, seq_len,
+                          seq_text, seq_len, 1,
                           (const unsigned char *)PyBytes_AS_STRING(shared->received),
                           PyBytes_GET_SIZE(shared->received), name_text, name_len, raw_bytes, &scan);
     goto done;
@@ -1171,13 +1166,9 @@ python_decides:
 }
 
 static PyMethodDef methods[] = {
-    {"fields_json", fields_json, METH_O,
-     "fields_json(raw: bytes) -> bytes | bool | None\n\n"
-     "The JSON object of a plain AMI message's fields; False when the message needs the\n"
-     "general path; None when the Python fast path must decide (see amid._encode)."},
     {"record_json", (PyCFunction)(void (*)(void))record_json, METH_FASTCALL,
-     "record_json(head, mid, seq, received_at, name, raw) -> bytes | bool | None\n\n"
-     "A whole record JSON around fields_json(raw); see amid._encode.record_json."},
+     "record_json(head, mid, seq, received_at, name, raw, seq_in_id=True) -> bytes | None\n\n"
+     "A whole record JSON in one pass; see amid._encode.record_json."},
     {"parse_fields", parse_fields, METH_O,
      "parse_fields(raw: bytes) -> list[tuple[str, str]] | None\n\n"
      "Message.fields of a plain ASCII message; see amid.ami.protocol._parse_fields."},
@@ -1185,7 +1176,7 @@ static PyMethodDef methods[] = {
      "bind_event(Event, template) -> None\n\nThe class frame_crlf() makes, and its defaults."},
     {"frame_crlf", (PyCFunction)(void (*)(void))frame_crlf, METH_FASTCALL,
      "frame_crlf(buf, max_message_bytes, max_fields) -> (messages, consumed, others) | None\n\n"
-     "_frame_crlf_py in C; see amid.ami.protocol."},
+     "Parser._feed_general in C for CRLF streams; see amid.ami.protocol."},
     {"stamp_events", (PyCFunction)(void (*)(void))stamp_events, METH_FASTCALL,
      "stamp_events(events, server, epoch, last_seq, received_at) -> bool\n\n"
      "The session's envelope on one read's events; see amid.ami.session."},
@@ -1199,8 +1190,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "amid._speedups",
-    "C version of amid._encode's fields fast path (optional; same output).", -1, methods,
+    PyModuleDef_HEAD_INIT, "amid.ami._speedups",
+    "The read path's hot loops in C (optional; same output; see amid.ami._accel).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
