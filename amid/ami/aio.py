@@ -55,12 +55,14 @@ async def cancel_and_wait(task: asyncio.Future[Any] | None) -> BaseException | N
 
     If the *caller* is cancelled while waiting, that cancellation propagates
     (``CancelledError`` is raised) instead of being mistaken for the task's own; the task
-    has been asked to stop either way.
+    has been asked to stop either way, and a later call waits for the same stop without
+    cancelling the task's cleanup again.
     """
     if task is None:
         return None
     if not task.done():
-        task.cancel()
+        if not (isinstance(task, asyncio.Task) and task.cancelling()):
+            task.cancel()  # asked once: a second call does not interrupt the task's cleanup
         # asyncio.wait never raises the task's outcome: a CancelledError out of it is ours.
         await asyncio.wait((task,))
     if task.cancelled():
