@@ -27,25 +27,49 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from amid._accel import speedups as _speedups
 from amid.ami import address
 from amid.ami.actions import CannedActions
 from amid.ami.aio import cancel_and_wait, first_of
 from amid.ami.backoff import Backoff
-from amid.ami.dispatch import CallbackErrors, EventHandler, HandlerDispatcher, Subscriptions, callable_name
-from amid.ami.protocol import (ActionIdGenerator, DEFAULT_MAX_MESSAGE_BYTES, Event, Message, Parser,
-                               RemoteProtocolError, Response, encode_action)
+from amid.ami.dispatch import (
+    CallbackErrors,
+    EventHandler,
+    HandlerDispatcher,
+    Subscriptions,
+    callable_name,
+)
+from amid.ami.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ActionIdGenerator,
+    Event,
+    Message,
+    Parser,
+    RemoteProtocolError,
+    Response,
+    encode_action,
+)
 from amid.ami.ratelog import RateLimitedLog
 from amid.ami.settings import DEFAULT_PORT, SessionSettings
 from amid.ami.stats import SessionStats
 from amid.ami.tls import TlsSettings, client_context
 
 __all__ = [
-    "AMIClient", "AMIConnectionError", "AMIError", "ActionTimeout", "ConnectionState",
-    "DEFAULT_PORT", "LoginError", "SessionSettings", "StateChange", "is_error", "is_success",
-    "make_ssl_context", "parse_host",
+    "DEFAULT_PORT",
+    "AMIClient",
+    "AMIConnectionError",
+    "AMIError",
+    "ActionTimeout",
+    "ConnectionState",
+    "LoginError",
+    "SessionSettings",
+    "StateChange",
+    "is_error",
+    "is_success",
+    "make_ssl_context",
+    "parse_host",
 ]
 
 log = logging.getLogger("amid.ami")
@@ -134,7 +158,7 @@ def make_ssl_context(*, ca_file: str | None = None, verify: bool = True,
 class _Pending:
     """An action waiting for its response and, for list actions, for its list to complete."""
 
-    __slots__ = ("response", "complete", "events", "listing", "first")
+    __slots__ = ("complete", "events", "first", "listing", "response")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.response: asyncio.Future[Response] = loop.create_future()
@@ -154,7 +178,7 @@ class _Wire(asyncio.Protocol):
     """One TCP/TLS connection; forwards bytes to the client and keeps what is per connection
     (the login's ActionID and whether it succeeded, recent malformed messages)."""
 
-    def __init__(self, client: "AMIClient", parser: Parser, max_malformed: int) -> None:
+    def __init__(self, client: AMIClient, parser: Parser, max_malformed: int) -> None:
         self.client = client
         self.parser = parser
         self.transport: asyncio.Transport | None = None
@@ -246,7 +270,7 @@ class AMIClient(CannedActions):
     def from_settings(cls, settings: SessionSettings, *, ssl_context: _ssl.SSLContext | None = None,
                       action_ids: ActionIdGenerator | None = None, stats: SessionStats | None = None,
                       rng: Callable[[], float] = random.random, initial_epoch: int = 0,
-                      outage_since: float | None = None) -> "AMIClient":
+                      outage_since: float | None = None) -> AMIClient:
         """A client for ``settings`` (its ``tls`` builds the TLS context unless ``ssl_context``
         is given)."""
         client = cls.__new__(cls)
@@ -304,7 +328,7 @@ class AMIClient(CannedActions):
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> "AMIClient":
+    async def __aenter__(self) -> Self:
         await self.connect()
         return self
 
@@ -733,7 +757,7 @@ class AMIClient(CannedActions):
         self.stats.protocol_errors_total[exc.kind] += 1
         wire.abort("protocol_error", str(exc))
 
-    def _dispatch_messages(self, messages: list) -> None:
+    def _dispatch_messages(self, messages: list[Message]) -> None:
         now = time.time()
         stats = self.stats
         by_name = stats.events_by_name
@@ -756,7 +780,7 @@ class AMIClient(CannedActions):
                     self._last_shutdown_event = True
             stats.events_total += len(messages)
             stats.last_event_time = now
-            self._call_batch_listeners(messages)
+            self._call_batch_listeners(messages)  # type: ignore[arg-type]  # all Events: checked in C
             return
         server, epoch = self.name, self.epoch
         batch: list[Event] | None = [] if self._batch_listeners else None
@@ -831,6 +855,7 @@ class AMIClient(CannedActions):
         if pending is None or not pending.listing or pending.complete.done():
             return False
         response = pending.first
+        assert response is not None  # listing is set by the response
         event.server = self.name
         event.epoch = self.epoch
         event.received_at = time.time()

@@ -83,7 +83,7 @@ class SessionSettings:
 
     @classmethod
     def for_address(cls, host: str, port: int | None = None, *,
-                    default_port: int = DEFAULT_PORT, **settings: object) -> "SessionSettings":
+                    default_port: int = DEFAULT_PORT, **settings: object) -> SessionSettings:
         """``host`` may carry the port (``pbx:5039``, ``[::1]:5038``) when ``port`` is None."""
         if port is None:
             host, port = parse_host(host, default_port)
