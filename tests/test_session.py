@@ -456,3 +456,61 @@ def test_syslog_tls_is_spelled_as_a_server_s_and_the_old_name_is_a_warning(tmp_p
     with pytest.raises(ConfigError, match="only apply to a tls:// address"):
         _config(tmp_path, _SERVER + "sinks:\n  - {name: s, type: syslog, address: 'udp://logs:514',\n"
                                     "     tls: {verify: false}}\n")
+
+
+# ---------------------------------------------------------------- the handler dispatcher alone
+
+
+def _event(name: str):
+    from amid.ami.protocol import Event
+    return Event(f"Event: {name}\r\nPrivilege: call,all".encode(), name)
+
+
+async def test_handler_dispatcher_matches_names_globs_and_the_fallback(caplog):
+    from amid.ami.dispatch import CallbackErrors, HandlerDispatcher
+    from amid.ami.stats import SessionStats
+    stats = SessionStats()
+    dispatcher = HandlerDispatcher("pbx", stats, CallbackErrors("pbx", stats), queue_size=3)
+    seen: list[tuple[str, str]] = []
+    done = asyncio.Event()
+
+    async def dial(event):
+        seen.append(("dial", event.name))
+
+    def other(event):
+        seen.append(("other", event.name))
+        if event.name == "Last":
+            done.set()
+
+    assert not dispatcher.active
+    dispatcher.add("HANGUP", lambda e: seen.append(("hangup", e.name)))
+    dispatcher.add("Dial*", dial)
+    dispatcher.add("*", other)
+    assert dispatcher.active
+    for name in ("Hangup", "DialBegin", "VarSet", "Last"):
+        dispatcher.push(_event(name))
+    # queue_size 3: the oldest (Hangup) was dropped and counted, the reader never waited
+    assert stats.handler_dropped_total == 1
+    async with asyncio.timeout(5):
+        await done.wait()
+    assert seen == [("dial", "DialBegin"), ("other", "VarSet"), ("other", "Last")]
+    dispatcher.remove("*", other)
+    dispatcher.remove("Dial*", dial)
+    with pytest.raises(ValueError):
+        dispatcher.remove("Dial*", dial)
+    assert dispatcher.handlers_for("dialend") == ()
+    await dispatcher.close()
+    await dispatcher.close()  # idempotent
+
+
+def test_every_add_returns_its_undo():
+    client = AMIClient("127.0.0.1", 5038, username="u", secret="s", name="pbx")
+    got: list = []
+    undo = client.add_batch_listener(got.append)
+    undo_one = client.add_listener(got.append)
+    undo()
+    undo_one()
+    undo()  # twice is harmless
+    from amid.ami.protocol import Parser
+    client._dispatch_messages(Parser(expect_banner=False).feed(b"Event: A\r\n\r\n"))
+    assert got == [] and client.stats.events_total == 1

@@ -169,6 +169,7 @@ class HandlerDispatcher:
         self._queue: deque[Event] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._drop_log = RateLimitedLog(log, HANDLER_ERROR_REPORT_INTERVAL)
 
     # -- registration --------------------------------------------------------------------
 
@@ -218,9 +219,10 @@ class HandlerDispatcher:
         if len(self._queue) >= self.queue_size:
             self._queue.popleft()
             self.stats.handler_dropped_total += 1
-            if self.stats.handler_dropped_total % 1000 == 1:
-                log.warning("AMI %s: event handlers are too slow; %d events dropped so far",
-                            self.server, self.stats.handler_dropped_total, extra={"server": self.server})
+            self._drop_log.log("dropped", logging.WARNING,
+                               "AMI %s: event handlers are too slow; %d events dropped so far",
+                               self.server, self.stats.handler_dropped_total,
+                               extra={"server": self.server})
         self._queue.append(event)
         self._wakeup.set()
 
