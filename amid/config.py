@@ -77,12 +77,13 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from amid.ami.address import split_host_port
-from amid.units import (Duration, PositiveDuration, PositiveSize, Size, TlsConfig, TlsSetting,
-                        parse_duration, parse_size)
+from amid.units import (DeprecatedKeys, Duration, PositiveDuration, PositiveSize, Size, TlsConfig,
+                        TlsSetting, parse_duration, parse_size)
 
 __all__ = [
     "Config",
     "ConfigError",
+    "DeprecatedKeys",
     "Duration",
     "PositiveDuration",
     "PositiveSize",

@@ -30,13 +30,12 @@ from typing import Any
 from amid import __version__
 from amid.ami.session import AMIClient, ConnectionState, SessionSettings, StateChange
 from amid.ami.stats import SessionStats
-from amid.config import Config, ConfigError, ServerConfig, SinkConfig, load
+from amid.config import Config, ConfigError, DeprecatedKeys, ServerConfig, SinkConfig, load
 from amid.logs import set_log_level
 from amid.records import Record, format_iso
 from amid.router import EventFilter, Router
 from amid.sinks.base import PluginLoadError, load_plugin_factories
 from amid.sinks.delivery import SinkRunner, SinkStats
-from amid.units import DeprecatedKeys
 
 log = logging.getLogger("amid.service")
 
