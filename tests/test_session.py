@@ -514,3 +514,33 @@ def test_every_add_returns_its_undo():
     from amid.ami.protocol import Parser
     client._dispatch_messages(Parser(expect_banner=False).feed(b"Event: A\r\n\r\n"))
     assert got == [] and client.stats.events_total == 1
+
+
+async def test_a_close_cancelled_by_the_caller_s_timeout_says_so(sim):
+    """Issue 15: the old close swallowed a cancellation aimed at itself while it awaited its
+    tasks, so under asyncio.timeout() it "returned normally" with a handler still cleaning up.
+    Now the timeout fires; a second close waits for the cleanup and completes."""
+    started, cleaning, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def slow_to_stop(event):
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cleaning.set()
+            await release.wait()  # a cleanup that takes its time
+            raise
+
+    client = client_for(sim)
+    client.add_event_handler("Poke", slow_to_stop)
+    await client.connect()
+    await sim.broadcast(b"Event: Poke\r\nPrivilege: system,all\r\n\r\n")
+    async with asyncio.timeout(5):
+        await started.wait()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
+            await client.close()
+    assert cleaning.is_set() and client.state is ConnectionState.CLOSED
+    release.set()
+    async with asyncio.timeout(5):
+        await client.close()
