@@ -784,6 +784,7 @@ class AMIClient(CannedActions):
             return
         server, epoch = self.name, self.epoch
         batch: list[Event] | None = [] if self._batch_listeners else None
+        to_handlers = self._handlers.push
         first_seq = self._seq
         for msg in messages:
             if type(msg) is Event:
@@ -809,7 +810,7 @@ class AMIClient(CannedActions):
                     except Exception as exc:
                         self._errors.failed(exc, f"listener {callable_name(listener)}", name)
                 if want_handlers:
-                    self._handlers.push(msg)
+                    to_handlers(msg)
                 if batch is not None:
                     batch.append(msg)
             elif type(msg) is Response:
