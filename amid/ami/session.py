@@ -7,11 +7,14 @@ the daemon's router) and queued for *handlers* (sync or async user callbacks run
 :class:`~amid.ami.dispatch.HandlerDispatcher`'s own task). So a slow or failing handler can
 never stall the socket: Asterisk drops a client that stops reading for about 100 ms.
 
-:class:`AMIClient` is over 400 lines on purpose: it is the session's state machine and its read
-path together (connect, login, the ActionID table, lists, pings, reconnect, and the per-read
-dispatch that the C accelerator mirrors). Splitting the read path off would add an attribute
-hop per event on the hottest loop of amid; who hears about events (handlers, listeners, state
-changes) lives in :mod:`amid.ami.dispatch`, what configures it in :mod:`amid.ami.settings`.
+:class:`AMIClient` is over 400 lines (about 600) on purpose: it is the session's state machine
+and its read path together (connect, login, pings, reconnect, and the per-read dispatch that the
+C accelerator mirrors). Splitting the read path off would add an attribute hop per event on the
+hottest loop of amid, and the read path is due to be reworked on its own. Everything else lives
+beside it: who hears about events (handlers, listeners, state changes) in
+:mod:`amid.ami.dispatch`, the ActionID table in :mod:`amid.ami.pending`, the settings in
+:mod:`amid.ami.settings`, the pre-canned actions in :mod:`amid.ami.actions`, the backoff in
+:mod:`amid.ami.backoff`, TLS in :mod:`amid.ami.tls`.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from amid.ami.dispatch import (
     Subscriptions,
     callable_name,
 )
+from amid.ami.errors import ActionTimeout, AMIConnectionError, AMIError, LoginError
+from amid.ami.pending import PendingActions
 from amid.ami.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ActionIdGenerator,
@@ -84,22 +89,6 @@ _stamp_events = _speedups.stamp_events if _speedups is not None else None
 # One generator for every client of the process, so ActionIDs never repeat across sessions
 # (Asterisk broadcasts OriginateResponse events, with their ActionID, to every session).
 _PROCESS_ACTION_IDS = ActionIdGenerator()
-
-
-class AMIError(Exception):
-    """Base class of session errors."""
-
-
-class AMIConnectionError(AMIError):
-    """Not connected, or the connection was lost while waiting."""
-
-
-class LoginError(AMIError):
-    """Asterisk refused the login (Asterisk says the same for bad user, secret or key)."""
-
-
-class ActionTimeout(AMIError, TimeoutError):
-    """No (complete) answer to an action within its timeout."""
 
 
 class ConnectionState(enum.Enum):
@@ -153,25 +142,6 @@ def make_ssl_context(*, ca_file: str | None = None, verify: bool = True,
     (:func:`amid.ami.tls.client_context`)."""
     return client_context(TlsSettings(ca_file=ca_file, verify=verify, cert_file=cert_file,
                                       key_file=key_file))
-
-
-class _Pending:
-    """An action waiting for its response and, for list actions, for its list to complete."""
-
-    __slots__ = ("complete", "events", "first", "listing", "response")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.response: asyncio.Future[Response] = loop.create_future()
-        self.complete: asyncio.Future[Response] = loop.create_future()
-        self.events: list[Event] = []
-        self.listing = False  # the response said "EventList: start"; counted in _lists
-        self.first: Response | None = None
-
-    def fail(self, exc: Exception) -> None:
-        for fut in (self.response, self.complete):
-            if not fut.done():
-                fut.set_exception(exc)
-                fut.exception()  # retrieved: nobody may be waiting any more
 
 
 class _Wire(asyncio.Protocol):
@@ -298,8 +268,7 @@ class AMIClient(CannedActions):
         self.banner: str | None = None
         self._seq = 0
         self._wire: _Wire | None = None
-        self._pending: dict[str, _Pending] = {}
-        self._lists = 0  # pending actions that collect list events
+        self._actions = PendingActions()
         self._errors = CallbackErrors(self.name, self.stats)
         self.subscriptions = Subscriptions(self.name, self._errors)
         self._handlers = HandlerDispatcher(self.name, self.stats, self._errors,
@@ -474,29 +443,11 @@ class AMIClient(CannedActions):
                     action_id: str | None = None) -> Response:
         action_id = action_id or self._action_ids()
         data = encode_action(name, fields, action_id=action_id)
-        pending = _Pending(asyncio.get_running_loop())
-        self._pending[action_id] = pending
-        try:
-            assert wire.transport is not None
-            wire.transport.write(data)
-            try:
-                async with asyncio.timeout(timeout if timeout is not None else self.settings.action_timeout):
-                    response = await pending.response
-            except TimeoutError:
-                raise ActionTimeout(f"no response to {name} from {self.name}") from None
-            if response.is_list_start:
-                list_timeout = self.settings.list_timeout
-                try:
-                    async with asyncio.timeout(list_timeout):
-                        await pending.complete
-                except TimeoutError:
-                    raise ActionTimeout(
-                        f"list of {name} from {self.name} not complete after {list_timeout}s "
-                        f"({len(pending.events)} events)") from None
-            return response
-        finally:
-            if self._pending.pop(action_id, None) is not None and pending.listing:
-                self._lists -= 1
+        assert wire.transport is not None
+        return await self._actions.wait(
+            action_id, data, wire.transport.write, what=f"{name} from {self.name}",
+            timeout=timeout if timeout is not None else self.settings.action_timeout,
+            list_timeout=self.settings.list_timeout)
 
     # ------------------------------------------------------------------ connection
 
@@ -658,10 +609,7 @@ class AMIClient(CannedActions):
             self._fail_pending(AMIConnectionError(f"connection to {self.name} lost: {reason}"))
 
     def _fail_pending(self, exc: Exception) -> None:
-        for pending in self._pending.values():
-            pending.fail(exc)
-        self._pending.clear()
-        self._lists = 0
+        self._actions.fail_all(exc)
 
     async def _keepalive(self, wire: _Wire) -> None:
         interval, timeout = self.settings.ping_interval, self.settings.ping_timeout
@@ -763,7 +711,7 @@ class AMIClient(CannedActions):
         by_name = stats.events_by_name
         listeners = self._listeners
         want_handlers = self._handlers.active
-        if (_stamp_events is not None and not listeners and not want_handlers and not self._lists
+        if (_stamp_events is not None and not listeners and not want_handlers and not self._actions.lists
                 and self._batch_listeners and messages
                 and _stamp_events(messages, self.name, self.epoch, self._seq, now)):
             # The daemon's read path: only events, only batch listeners. The C accelerator
@@ -785,10 +733,11 @@ class AMIClient(CannedActions):
         server, epoch = self.name, self.epoch
         batch: list[Event] | None = [] if self._batch_listeners else None
         to_handlers = self._handlers.push
+        actions = self._actions
         first_seq = self._seq
         for msg in messages:
             if type(msg) is Event:
-                if self._lists and self._collect_list_event(msg):
+                if actions.lists and actions.collect_list_event(msg, server, epoch):
                     continue
                 seq = self._seq = self._seq + 1
                 msg.server = server
@@ -832,41 +781,13 @@ class AMIClient(CannedActions):
                                     batch[0].name)
 
     def _on_response(self, response: Response) -> None:
-        action_id = response.get("ActionID")
-        pending = self._pending.get(action_id) if action_id is not None else None
-        if pending is None or pending.response.done():
-            log.debug("AMI %s: response to an unknown ActionID %r", self.name, action_id)
+        action_id = self._actions.on_response(response)
+        if action_id is None:
+            log.debug("AMI %s: response to an unknown ActionID %r", self.name, response.get("ActionID"))
             return
-        pending.first = response
-        pending.response.set_result(response)
         wire = self._wire
         if wire is not None and action_id == wire.login_action_id and response.is_success:
             wire.logged_in = True  # from the next message on, events are routed
-        if response.is_list_start:
-            pending.listing = True
-            self._lists += 1
-        else:
-            pending.complete.set_result(response)
-
-    def _collect_list_event(self, event: Event) -> bool:
-        action_id = event.get("ActionID")
-        if action_id is None:
-            return False
-        pending = self._pending.get(action_id)
-        if pending is None or not pending.listing or pending.complete.done():
-            return False
-        response = pending.first
-        assert response is not None  # listing is set by the response
-        event.server = self.name
-        event.epoch = self.epoch
-        event.received_at = time.time()
-        if (event.get("EventList") or "").lower() == "complete":
-            response.events = pending.events
-            response.list_complete = event
-            pending.complete.set_result(response)
-        else:
-            pending.events.append(event)
-        return True
 
     # ------------------------------------------------------------------ state
 
