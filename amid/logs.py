@@ -27,7 +27,8 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, Literal, TextIO
 
-from amid.ami.ratelog import RateLimitedLog  # the one rate-limited log; re-exported here
+# The one rate-limited log of amid lives in amid.ami; re-exported here.
+from amid.ami.ratelog import RateLimitedLog
 
 __all__ = [
     "JsonFormatter",

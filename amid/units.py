@@ -8,9 +8,8 @@ Shared by the config loader and by every sink's options model (``Duration``, ``S
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from fractions import Fraction
-from collections.abc import Mapping
 from typing import Annotated, Any, Protocol, runtime_checkable
 
 from annotated_types import Gt

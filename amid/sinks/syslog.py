@@ -47,9 +47,9 @@ import pydantic
 
 from amid._encode import format_iso_cached
 from amid.ami.address import format_host
+from amid.ami.tls import TlsSettings, client_context
 from amid.records import Record
 from amid.sinks.base import SinkError
-from amid.ami.tls import TlsSettings, client_context
 from amid.units import PositiveDuration, Size, TlsSetting
 
 __all__ = [
