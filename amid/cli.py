@@ -164,18 +164,20 @@ def _read_secret(args: argparse.Namespace) -> str:
 
 
 def _client_from_args(args: argparse.Namespace, **kw: Any):
-    from amid.ami.session import AMIClient, make_ssl_context, parse_host
+    from amid.ami.address import parse_host
+    from amid.ami.session import DEFAULT_PORT, AMIClient
+    from amid.ami.tls import TlsSettings, client_context
     if not args.username:
         raise SystemExit("amid: --username is required (or set AMID_USERNAME)")
     try:
-        host, port = parse_host(args.host) if args.port is None else (args.host, args.port)
+        host, port = parse_host(args.host, DEFAULT_PORT) if args.port is None else (args.host, args.port)
     except ValueError:
         raise SystemExit(f"amid: --host {args.host!r} is not HOST[:PORT]") from None
     tls = None
     if args.tls:
         if args.tls_ca and not Path(args.tls_ca).is_file():  # the ssl error does not name it
             raise SystemExit(f"amid: no --tls-ca file {args.tls_ca}")
-        tls = make_ssl_context(ca_file=args.tls_ca, verify=not args.tls_no_verify)
+        tls = client_context(TlsSettings(ca_file=args.tls_ca, verify=not args.tls_no_verify))
     try:
         return AMIClient(host, port, username=args.username, secret=_read_secret(args),
                          auth=args.auth, ssl=tls, events=args.events, connect_timeout=args.timeout,
@@ -445,6 +447,7 @@ def _write_all(out, data: bytes) -> None:
 
 
 async def _tail(args: argparse.Namespace) -> int:
+    from amid.ami.aio import cancel_and_wait, first_of
     from amid.records import Record
     writer = _StdoutWriter()
     writer_task = asyncio.create_task(writer.run())
@@ -476,19 +479,11 @@ async def _tail(args: argparse.Namespace) -> int:
         except Exception as exc:  # connection or login problems: one clear line, no traceback
             print(f"amid tail: {_connect_failure(client, exc)}", file=sys.stderr)
             return EXIT_FAILURE
-        stopped = asyncio.ensure_future(writer.closed.wait())
-        finished = asyncio.ensure_future(done.wait())
-        try:
-            await asyncio.wait((stopped, finished), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            finished.cancel()
+        await first_of(writer.closed.wait(), done.wait())
         await client.close()
         await writer.finish(writer_task)
     finally:
-        writer_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer_task
+        await cancel_and_wait(writer_task)
     if writer.error:
         print(f"amid tail: {writer.error}", file=sys.stderr)
         return EXIT_FAILURE

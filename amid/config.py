@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from annotated_types import Ge, Gt
+from annotated_types import Ge, Gt, Le
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -77,12 +77,13 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from amid.ami.address import split_host_port
-from amid.units import (Duration, PositiveDuration, PositiveSize, Size, parse_duration,
-                        parse_size)
+from amid.units import (DeprecatedKeys, Duration, PositiveDuration, PositiveSize, Size, TlsConfig,
+                        TlsSetting, parse_duration, parse_size)
 
 __all__ = [
     "Config",
     "ConfigError",
+    "DeprecatedKeys",
     "Duration",
     "PositiveDuration",
     "PositiveSize",
@@ -226,43 +227,19 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
-class TlsConfig(_Model):
-    """TLS towards one AMI server (``tls: true`` gives all defaults)."""
-
-    ca_file: str | None = None
-    verify: bool = True
-    cert_file: str | None = None
-    key_file: str | None = None
-    server_hostname: str | None = None
-
-    @model_validator(mode="after")
-    def _key_needs_cert(self) -> TlsConfig:
-        if self.key_file is not None and self.cert_file is None:
-            raise _field_error("key_file", "key_file needs cert_file")
-        return self
-
-
 class ReconnectConfig(_Model):
     """Bounds of the reconnect backoff."""
 
     min_delay: PositiveDuration = 1.0
     max_delay: PositiveDuration = 60.0
+    # A session lost sooner than this after its login counts as a failed attempt.
+    stable_after: Annotated[Duration, Ge(0)] = 10.0
 
     @model_validator(mode="after")
     def _ordered(self) -> ReconnectConfig:
         if self.min_delay > self.max_delay:
             raise _field_error("max_delay", "max_delay must not be less than min_delay")
         return self
-
-
-def _tls_setting(value: Any) -> Any:
-    if value is None or value is False:
-        return None
-    if value is True:
-        return {}
-    if not isinstance(value, Mapping):
-        raise PydanticCustomError("tls", "tls must be true, false or a mapping of TLS settings")
-    return value
 
 
 class ServerConfig(_Model):
@@ -276,7 +253,7 @@ class ServerConfig(_Model):
     # block scalar): refused here, with the key and line, instead of failing every login.
     secret: Annotated[str, Field(min_length=1, repr=False), AfterValidator(_check_single_line)]
     auth: Literal["md5", "plain"] = "md5"
-    tls: Annotated[TlsConfig | None, BeforeValidator(_tls_setting)] = None
+    tls: TlsSetting = None
     ping_interval: PositiveDuration = 20.0
     ping_timeout: PositiveDuration = 5.0
     connect_timeout: PositiveDuration = 10.0
@@ -286,6 +263,12 @@ class ServerConfig(_Model):
     events: Annotated[bool | tuple[str, ...], PlainValidator(_parse_events)] = True
     filters: tuple[SingleLine, ...] = ()
     max_message_bytes: PositiveSize = 1024 * 1024
+    # More malformed messages than this within malformed_window drop the connection.
+    max_malformed: Annotated[int, Ge(0)] = 100
+    malformed_window: PositiveDuration = 60.0
+    # After a small read, leave the socket this long so one read carries many of Asterisk's
+    # one-event writes (the daemon's cost is per read); 0 reads at once.
+    read_coalesce: Annotated[Duration, Ge(0), Le(0.05)] = 0.002
 
     @model_validator(mode="before")
     @classmethod

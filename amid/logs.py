@@ -23,11 +23,12 @@ import logging
 import os
 import re
 import sys
-import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, Literal, TextIO
+
+# The one rate-limited log of amid lives in amid.ami; re-exported here.
+from amid.ami.ratelog import RateLimitedLog
 
 __all__ = [
     "JsonFormatter",
@@ -328,57 +329,3 @@ def setup_logging(
     if fallback_reason is not None:
         logging.getLogger(__name__).warning("journal logging unavailable: %s; logging text to stderr", fallback_reason)
     return handler
-
-
-# ---------------------------------------------------------------------------------------------------- rate limit
-
-
-class RateLimitedLog:
-    """Logs at most once per ``interval`` seconds per key, and says how many similar lines it held back.
-
-    Used for conditions that may repeat thousands of times a second (dropped events, a sink refusing
-    connections)::
-
-        drops = RateLimitedLog(log, interval=10.0)
-        drops.log("queue-full:webhook", logging.WARNING, "queue full, dropping events", extra={"sink": "webhook"})
-
-    The emitted record gets an extra ``suppressed`` field (the number of calls swallowed since the last line).
-    Keys are kept in a bounded LRU of ``max_keys`` entries, so unbounded keys cannot grow memory.
-    """
-
-    def __init__(
-        self,
-        logger: logging.Logger,
-        interval: float,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        max_keys: int = 1024,
-    ) -> None:
-        self.logger = logger
-        self.interval = interval
-        self._clock = clock
-        self._max_keys = max_keys
-        # key -> [time of the last emitted line, calls suppressed since]
-        self._state: OrderedDict[str, list[float | int]] = OrderedDict()
-
-    def log(self, key: str, level: int, msg: str, *args: object, extra: Mapping[str, Any] | None = None) -> bool:
-        """Log ``msg % args`` unless a line with this key was logged less than ``interval`` ago; True if logged."""
-        if not self.logger.isEnabledFor(level):
-            return False
-        now = self._clock()
-        state = self._state.get(key)
-        if state is not None and now - state[0] < self.interval:
-            state[1] += 1
-            return False
-        suppressed = int(state[1]) if state is not None else 0
-        self._state[key] = [now, 0]
-        self._state.move_to_end(key)
-        while len(self._state) > self._max_keys:
-            self._state.popitem(last=False)
-        fields = dict(extra or {})
-        if suppressed:
-            fields["suppressed"] = suppressed
-            msg += " (%d similar messages suppressed)"
-            args = (*args, suppressed)
-        self.logger.log(level, msg, *args, extra=fields, stacklevel=2)
-        return True

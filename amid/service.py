@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from amid import __version__
-from amid.ami.session import AMIClient, ConnectionState, StateChange, make_ssl_context
+from amid.ami.session import AMIClient, ConnectionState, SessionSettings, StateChange
 from amid.ami.stats import SessionStats
-from amid.config import Config, ConfigError, ServerConfig, SinkConfig, load
+from amid.config import Config, ConfigError, DeprecatedKeys, ServerConfig, SinkConfig, load
 from amid.logs import set_log_level
 from amid.records import Record, format_iso
 from amid.router import EventFilter, Router
@@ -85,24 +85,25 @@ def config_warnings(config: Config) -> list[str]:
     """What is valid but probably not meant (``check-config`` prints it, ``run`` logs it)."""
     if not config.sinks:
         return ["no sinks configured: events are received and counted, and go nowhere"]
-    return []
+    return [f"sinks[{index}] ({sink.name}): {message}"
+            for index, sink in enumerate(config.sinks) if isinstance(sink.options, DeprecatedKeys)
+            for message in sink.options.deprecations()]
 
 
 def _client_for(server: ServerConfig, *, on_events, on_state, stats: SessionStats,
                 initial_epoch: int = 0, outage_since: float | None = None) -> AMIClient:
-    tls = None
-    if server.tls is not None:
-        tls = make_ssl_context(ca_file=server.tls.ca_file, verify=server.tls.verify,
-                               cert_file=server.tls.cert_file, key_file=server.tls.key_file)
-    client = AMIClient(
-        server.host, server.port, username=server.username, secret=server.secret, auth=server.auth,
-        ssl=tls, server_hostname=server.tls.server_hostname if server.tls else None, name=server.name,
+    settings = SessionSettings(
+        host=server.host, port=server.port, username=server.username, secret=server.secret,
+        auth=server.auth, tls=server.tls.settings if server.tls else None, name=server.name,
         events=server.events, filters=server.filters, ping_interval=server.ping_interval,
         ping_timeout=server.ping_timeout, connect_timeout=server.connect_timeout,
         action_timeout=server.action_timeout, reconnect_min_delay=server.reconnect.min_delay,
-        reconnect_max_delay=server.reconnect.max_delay, max_message_bytes=server.max_message_bytes,
-        stats=stats, initial_epoch=initial_epoch, outage_since=outage_since,
-        read_coalesce=float(os.environ.get("XBENCH_READ_COALESCE", "0")))
+        reconnect_max_delay=server.reconnect.max_delay,
+        reconnect_stable_after=server.reconnect.stable_after,
+        max_message_bytes=server.max_message_bytes, max_malformed=server.max_malformed,
+        malformed_window=server.malformed_window, read_coalesce=server.read_coalesce)
+    client = AMIClient.from_settings(settings, stats=stats, initial_epoch=initial_epoch,
+                                     outage_since=outage_since)
     client.add_batch_listener(on_events)
     client.on_state_change(on_state)
     return client

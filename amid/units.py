@@ -1,20 +1,25 @@
-"""Durations and sizes as people write them in config files: ``5s``, ``250ms``, ``64MiB``.
+"""Durations and sizes as people write them in config files: ``5s``, ``250ms``, ``64MiB``, and
+the TLS block (``tls: {ca_file, verify, cert_file, key_file, server_hostname}``).
 
-Shared by the config loader and by every sink's options model (``Duration``, ``Size``).
+Shared by the config loader and by every sink's options model (``Duration``, ``Size``,
+``TlsConfig``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from fractions import Fraction
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol, runtime_checkable
 
 from annotated_types import Gt
-from pydantic import BeforeValidator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
 
-__all__ = ["Duration", "PositiveDuration", "PositiveSize", "Size", "parse_duration", "parse_size"]
+from amid.ami.tls import TlsSettings
+
+__all__ = ["DeprecatedKeys", "Duration", "PositiveDuration", "PositiveSize", "Size", "TlsConfig",
+           "TlsSetting", "parse_duration", "parse_size"]
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)", re.IGNORECASE)
@@ -121,3 +126,54 @@ Size = Annotated[int, BeforeValidator(_as_pydantic(parse_size, "size"))]
 PositiveSize = Annotated[Size, Gt(0)]
 
 
+# ---------------------------------------------------------------------------------------
+# TLS: one model, one spelling, for servers and sinks
+
+
+class TlsConfig(BaseModel):
+    """TLS towards one peer (``tls: true`` gives all defaults); see :class:`amid.ami.tls.TlsSettings`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    ca_file: str | None = None
+    verify: bool = True
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_hostname: str | None = None
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> TlsConfig:
+        if self.key_file is not None and self.cert_file is None:
+            # "amid_field": the config loader attributes it to the key_file key (and its line).
+            raise PydanticCustomError("amid_field", "{message}",
+                                      {"message": "key_file needs cert_file", "field": "key_file"})
+        return self
+
+    @property
+    def settings(self) -> TlsSettings:
+        """The same, as the library's (pydantic-free) value."""
+        return TlsSettings(ca_file=self.ca_file, verify=self.verify, cert_file=self.cert_file,
+                           key_file=self.key_file, server_hostname=self.server_hostname)
+
+
+def _tls_setting(value: Any) -> Any:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, Mapping):
+        raise PydanticCustomError("tls", "tls must be true, false or a mapping of TLS settings")
+    return value
+
+
+#: ``tls: true | false | {…}`` as a field type (None when off).
+TlsSetting = Annotated[TlsConfig | None, BeforeValidator(_tls_setting)]
+
+
+@runtime_checkable
+class DeprecatedKeys(Protocol):
+    """An options model that accepts old spellings and says which were used (``check-config``
+    prints them as warnings, ``amid run`` logs them)."""
+
+    def deprecations(self) -> list[str]:
+        ...

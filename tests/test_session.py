@@ -368,3 +368,179 @@ async def test_batch_listeners_get_each_read_s_events_in_order_once(sim):
     assert joined == single and all(batches)
     assert [e.seq for e in joined] == sorted(e.seq for e in joined)
     assert ami.stats.handler_errors_total == len(batches)
+
+
+# ---------------------------------------------------------------- settings, TLS model, config keys
+
+
+async def test_a_frozen_settings_object_makes_the_same_client(certs):
+    """AMIClient.from_settings(SessionSettings) is what the daemon uses: its TLS block builds
+    the one TLS context (server_hostname checked against the certificate)."""
+    from amid.ami.settings import SessionSettings
+    from amid.ami.tls import TlsSettings
+    async with AMISimulator(ssl=certs.server_context()) as simulator:
+        settings = SessionSettings(
+            host="127.0.0.1", port=simulator.port, username="amid", secret=SECRET, name="pbx-tls",
+            tls=TlsSettings(ca_file=str(certs.ca_file), server_hostname="localhost"))
+        assert "amidsecret" not in repr(settings)
+        async with AMIClient.from_settings(settings) as ami:
+            assert ami.name == "pbx-tls" and is_success(await ami.ping())
+        wrong_name = SessionSettings(
+            host="127.0.0.1", port=simulator.port, username="amid", secret=SECRET,
+            tls=TlsSettings(ca_file=str(certs.ca_file), server_hostname="not-the-cert-name"),
+            connect_timeout=5)
+        with pytest.raises(AMIConnectionError):
+            async with AMIClient.from_settings(wrong_name):
+                pass
+    with pytest.raises(ValueError, match="is not in 1-65535"):
+        SessionSettings(host="pbx", port=0, username="u", secret="s")
+    with pytest.raises(ValueError, match="key_file needs cert_file"):
+        TlsSettings(key_file="k.pem")
+
+
+def test_the_one_tls_builder_honours_verify_and_the_ca_file(certs):
+    import ssl
+
+    from amid.ami.tls import TlsSettings, client_context
+    strict = client_context()
+    assert strict.verify_mode is ssl.CERT_REQUIRED and strict.check_hostname
+    loose = client_context(TlsSettings(verify=False))
+    assert loose.verify_mode is ssl.CERT_NONE and not loose.check_hostname
+    pinned = client_context(TlsSettings(ca_file=str(certs.ca_file)))
+    assert [c["subject"] for c in pinned.get_ca_certs()] == [((("commonName", "amid test CA"),),)]
+    with pytest.raises(FileNotFoundError):
+        client_context(TlsSettings(ca_file="/nonexistent/ca.pem"))
+
+
+def _config(tmp_path, text: str):
+    from amid.config import load
+    path = tmp_path / "amid.yaml"
+    path.write_text(text)
+    return path, load(path, {})
+
+
+_SERVER = "servers: [{host: pbx, username: amid, secret: s}]\n"
+
+
+def test_reconnect_and_malformed_keys_reach_the_config(tmp_path):
+    _, config = _config(tmp_path, "servers:\n  - {host: pbx, username: amid, secret: s,\n"
+                                  "     reconnect: {min_delay: 2s, max_delay: 1m, stable_after: 30s},\n"
+                                  "     max_malformed: 5, malformed_window: 10s}\n")
+    server = config.servers[0]
+    assert (server.reconnect.min_delay, server.reconnect.max_delay, server.reconnect.stable_after,
+            server.max_malformed, server.malformed_window) == (2.0, 60.0, 30.0, 5, 10.0)
+    _, default = _config(tmp_path, _SERVER)
+    assert default.servers[0].reconnect.stable_after == 10.0 and default.servers[0].max_malformed == 100
+
+
+def test_syslog_tls_is_spelled_as_a_server_s_and_the_old_name_is_a_warning(tmp_path, capsys):
+    from amid.cli import main
+    from amid.config import ConfigError
+    from amid.service import config_warnings
+    _, config = _config(tmp_path, _SERVER + "sinks:\n  - {name: s, type: syslog, address: 'tls://logs:6514',\n"
+                                            "     tls: {server_hostname: logs.example.net, verify: false}}\n")
+    tls = config.sinks[0].options.tls_settings
+    assert (tls.server_hostname, tls.verify) == ("logs.example.net", False)
+    assert config_warnings(config) == []
+    path, old = _config(tmp_path, _SERVER + "sinks:\n  - {name: s, type: syslog, address: 'tls://logs:6514',\n"
+                                            "     tls_server_name: logs.example.net}\n")
+    assert old.sinks[0].options.tls_settings.server_hostname == "logs.example.net"
+    assert config_warnings(old) == [
+        "sinks[0] (s): tls_server_name is deprecated: use tls: {server_hostname: …}"]
+    assert main(["check-config", "--config", str(path)]) == 0  # a warning, not an error
+    err = capsys.readouterr().err
+    assert "warning: sinks[0] (s): tls_server_name is deprecated" in err
+    with pytest.raises(ConfigError, match="give TLS settings once"):
+        _config(tmp_path, _SERVER + "sinks:\n  - {name: s, type: syslog, address: 'tls://logs:6514',\n"
+                                    "     tls: {verify: false}, tls_server_name: x}\n")
+    with pytest.raises(ConfigError, match="only apply to a tls:// address"):
+        _config(tmp_path, _SERVER + "sinks:\n  - {name: s, type: syslog, address: 'udp://logs:514',\n"
+                                    "     tls: {verify: false}}\n")
+
+
+# ---------------------------------------------------------------- the handler dispatcher alone
+
+
+def _event(name: str):
+    from amid.ami.protocol import Event
+    return Event(f"Event: {name}\r\nPrivilege: call,all".encode(), name)
+
+
+async def test_handler_dispatcher_matches_names_globs_and_the_fallback(caplog):
+    from amid.ami.dispatch import CallbackErrors, HandlerDispatcher
+    from amid.ami.stats import SessionStats
+    stats = SessionStats()
+    dispatcher = HandlerDispatcher("pbx", stats, CallbackErrors("pbx", stats), queue_size=3)
+    seen: list[tuple[str, str]] = []
+    done = asyncio.Event()
+
+    async def dial(event):
+        seen.append(("dial", event.name))
+
+    def other(event):
+        seen.append(("other", event.name))
+        if event.name == "Last":
+            done.set()
+
+    assert not dispatcher.active
+    dispatcher.add("HANGUP", lambda e: seen.append(("hangup", e.name)))
+    dispatcher.add("Dial*", dial)
+    dispatcher.add("*", other)
+    assert dispatcher.active
+    for name in ("Hangup", "DialBegin", "VarSet", "Last"):
+        dispatcher.push(_event(name))
+    # queue_size 3: the oldest (Hangup) was dropped and counted, the reader never waited
+    assert stats.handler_dropped_total == 1
+    async with asyncio.timeout(5):
+        await done.wait()
+    assert seen == [("dial", "DialBegin"), ("other", "VarSet"), ("other", "Last")]
+    dispatcher.remove("*", other)
+    dispatcher.remove("Dial*", dial)
+    with pytest.raises(ValueError):
+        dispatcher.remove("Dial*", dial)
+    assert dispatcher.handlers_for("dialend") == ()
+    await dispatcher.close()
+    await dispatcher.close()  # idempotent
+
+
+def test_every_add_returns_its_undo():
+    client = AMIClient("127.0.0.1", 5038, username="u", secret="s", name="pbx")
+    got: list = []
+    undo = client.add_batch_listener(got.append)
+    undo_one = client.add_listener(got.append)
+    undo()
+    undo_one()
+    undo()  # twice is harmless
+    from amid.ami.protocol import Parser
+    client._dispatch_messages(Parser(expect_banner=False).feed(b"Event: A\r\n\r\n"))
+    assert got == [] and client.stats.events_total == 1
+
+
+async def test_a_close_cancelled_by_the_caller_s_timeout_says_so(sim):
+    """Issue 15: the old close swallowed a cancellation aimed at itself while it awaited its
+    tasks, so under asyncio.timeout() it "returned normally" with a handler still cleaning up.
+    Now the timeout fires; a second close waits for the cleanup and completes."""
+    started, cleaning, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def slow_to_stop(event):
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cleaning.set()
+            await release.wait()  # a cleanup that takes its time
+            raise
+
+    client = client_for(sim)
+    client.add_event_handler("Poke", slow_to_stop)
+    await client.connect()
+    await sim.broadcast(b"Event: Poke\r\nPrivilege: system,all\r\n\r\n")
+    async with asyncio.timeout(5):
+        await started.wait()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
+            await client.close()
+    assert cleaning.is_set() and client.state is ConnectionState.CLOSED
+    release.set()
+    async with asyncio.timeout(5):
+        await client.close()

@@ -36,3 +36,16 @@ def split_host_port(text: str) -> tuple[str, int | None]:
 def format_host(host: str) -> str:
     """``host`` as it stands before ``:port``: an IPv6 address in brackets."""
     return f"[{host}]" if ":" in host else host
+
+
+def parse_host(text: str, default_port: int) -> tuple[str, int]:
+    """``"pbx"`` -> ``("pbx", default_port)``; ``"pbx:5039"``; ``"[::1]:5038"``; ``"::1"``.
+
+    Raises ValueError for a port that is not a number or stray text; the port's range is the
+    caller's to check (each says it its own way)."""
+    host, port_text = split_host(text)
+    if port_text is None:
+        return host, default_port
+    if not port_text.isdigit():
+        raise ValueError(f"invalid port {port_text!r} in {text!r}")
+    return host, int(port_text)

@@ -66,8 +66,10 @@ class LocalProtocolError(ProtocolError):
 
 
 # Every ``kind`` a protocol error is counted under (metrics pre-initialise them): the parser's
-# three, plus a framed message that is neither response nor event (counted by the session).
-PROTOCOL_ERROR_KINDS = ("bad_banner", "message_too_large", "too_many_fields", "malformed_message")
+# three, plus what the session counts: a framed message that is neither response nor event,
+# and an event sent before the login succeeded (not routed).
+PROTOCOL_ERROR_KINDS = ("bad_banner", "message_too_large", "too_many_fields", "malformed_message",
+                        "event_before_login")
 
 
 class RemoteProtocolError(ProtocolError):

@@ -3,18 +3,25 @@
 The read path is an :class:`asyncio.Protocol`: ``data_received`` feeds the sans-IO parser and
 hands each message on without ever awaiting. Responses resolve the future of their ActionID;
 events are stamped with an envelope and passed to *listeners* (synchronous, must not block:
-the daemon's router) and queued for *handlers* (sync or async user callbacks run by a separate
-dispatcher task). So a slow or failing handler can never stall the socket: Asterisk drops a
-client that stops reading for about 100 ms.
+the daemon's router) and queued for *handlers* (sync or async user callbacks run by
+:class:`~amid.ami.dispatch.HandlerDispatcher`'s own task). So a slow or failing handler can
+never stall the socket: Asterisk drops a client that stops reading for about 100 ms.
+
+:class:`AMIClient` is over 400 lines (about 600) on purpose: it is the session's state machine
+and its read path together (connect, login, pings, reconnect, and the per-read dispatch that the
+C accelerator mirrors). Splitting the read path off would add an attribute hop per event on the
+hottest loop of amid, and the read path is due to be reworked on its own. Everything else lives
+beside it: who hears about events (handlers, listeners, state changes) in
+:mod:`amid.ami.dispatch`, the ActionID table in :mod:`amid.ami.pending`, the settings in
+:mod:`amid.ami.settings`, the pre-canned actions in :mod:`amid.ami.actions`, the backoff in
+:mod:`amid.ami.backoff`, TLS in :mod:`amid.ami.tls`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import fnmatch
 import hashlib
-import inspect
 import logging
 import random
 import ssl as _ssl
@@ -23,54 +30,62 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from amid.ami import _accel
-from amid.ami.address import split_host
-from amid.ami.protocol import (ActionIdGenerator, DEFAULT_MAX_MESSAGE_BYTES, Event, Parser, RemoteProtocolError, Response, encode_action)
+from amid.ami import address
+from amid.ami.actions import CannedActions
+from amid.ami.aio import cancel_and_wait, first_of
+from amid.ami.backoff import Backoff
+from amid.ami.dispatch import (
+    CallbackErrors,
+    EventHandler,
+    HandlerDispatcher,
+    Subscriptions,
+    callable_name,
+)
+from amid.ami.errors import ActionTimeout, AMIConnectionError, AMIError, LoginError
+from amid.ami.pending import PendingActions
+from amid.ami.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ActionIdGenerator,
+    Event,
+    Message,
+    Parser,
+    RemoteProtocolError,
+    Response,
+    encode_action,
+)
+from amid.ami.ratelog import RateLimitedLog
+from amid.ami.settings import DEFAULT_PORT, SessionSettings
 from amid.ami.stats import SessionStats
+from amid.ami.tls import TlsSettings, client_context
 
 __all__ = [
-    "AMIClient", "AMIConnectionError", "AMIError", "ActionTimeout", "ConnectionState",
-    "DEFAULT_PORT", "LoginError", "StateChange", "is_error", "is_success", "make_ssl_context",
+    "DEFAULT_PORT",
+    "AMIClient",
+    "AMIConnectionError",
+    "AMIError",
+    "ActionTimeout",
+    "ConnectionState",
+    "LoginError",
+    "SessionSettings",
+    "StateChange",
+    "is_error",
+    "is_success",
+    "make_ssl_context",
     "parse_host",
 ]
 
 log = logging.getLogger("amid.ami")
 
-DEFAULT_PORT = 5038
 MAX_EVENT_NAMES = 1000
-MAX_HANDLER_CACHE = 1024
+PEER_LOG_INTERVAL = 10.0  # seconds between log lines about one kind of garbage from a peer
 _name_of = attrgetter("name")
 
 # One generator for every client of the process, so ActionIDs never repeat across sessions
 # (Asterisk broadcasts OriginateResponse events, with their ActionID, to every session).
 _PROCESS_ACTION_IDS = ActionIdGenerator()
-
-EventHandler = Callable[[Event], Any]
-
-
-class AMIError(Exception):
-    """Base class of session errors."""
-
-
-class AMIConnectionError(AMIError):
-    """Not connected, or the connection was lost while waiting."""
-
-
-HANDLER_ERROR_REPORT_INTERVAL = 10.0  # seconds between summaries of repeated handler failures
-
-
-def _callable_name(fn: Any) -> str:
-    return repr(getattr(fn, "__qualname__", fn))
-
-
-class LoginError(AMIError):
-    """Asterisk refused the login (Asterisk says the same for bad user, secret or key)."""
-
-
-class ActionTimeout(AMIError, TimeoutError):
-    """No (complete) answer to an action within its timeout."""
 
 
 class ConnectionState(enum.Enum):
@@ -113,46 +128,17 @@ def is_error(response: Response | None) -> bool:
 
 
 def parse_host(host: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """``"pbx"`` -> ``("pbx", 5038)``; ``"pbx:5039"``; ``"[::1]:5038"``; ``"::1"``. Raises
-    ValueError for a port that is not a number or stray text; :class:`AMIClient` checks the
-    port's range itself."""
-    addr, port_text = split_host(host)
-    if port_text is None:
-        return addr, default_port
-    if not port_text.isdigit():
-        raise ValueError(f"invalid port {port_text!r} in {host!r}")
-    return addr, int(port_text)
+    """``"pbx"`` -> ``("pbx", 5038)``; ``"pbx:5039"``; ``"[::1]:5038"``; ``"::1"`` (see
+    :func:`amid.ami.address.parse_host`)."""
+    return address.parse_host(host, default_port)
 
 
 def make_ssl_context(*, ca_file: str | None = None, verify: bool = True,
                      cert_file: str | None = None, key_file: str | None = None) -> _ssl.SSLContext:
-    """A client TLS context: verification on by default, optional CA file and client cert."""
-    ctx = _ssl.create_default_context(cafile=ca_file)
-    if not verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = _ssl.CERT_NONE
-    if cert_file:
-        ctx.load_cert_chain(cert_file, key_file)
-    return ctx
-
-
-class _Pending:
-    """An action waiting for its response and, for list actions, for its list to complete."""
-
-    __slots__ = ("response", "complete", "events", "listing", "first")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.response: asyncio.Future[Response] = loop.create_future()
-        self.complete: asyncio.Future[Response] = loop.create_future()
-        self.events: list[Event] = []
-        self.listing = False  # the response said "EventList: start"; counted in _lists
-        self.first: Response | None = None
-
-    def fail(self, exc: Exception) -> None:
-        for fut in (self.response, self.complete):
-            if not fut.done():
-                fut.set_exception(exc)
-                fut.exception()  # retrieved: nobody may be waiting any more
+    """A client TLS context: verification on by default, optional CA file and client cert
+    (:func:`amid.ami.tls.client_context`)."""
+    return client_context(TlsSettings(ca_file=ca_file, verify=verify, cert_file=cert_file,
+                                      key_file=key_file))
 
 
 # A read at least this large is a backlog being caught up: read again at once.
@@ -160,9 +146,11 @@ _COALESCE_BELOW = 64 * 1024
 
 
 class _Wire(asyncio.Protocol):
-    """One TCP/TLS connection; forwards bytes to the client, owns nothing else."""
+    """One TCP/TLS connection; forwards bytes to the client and keeps what is per connection
+    (the login's ActionID and whether it succeeded, recent malformed messages)."""
 
-    def __init__(self, client: "AMIClient", parser: Parser, read_coalesce: float = 0.0) -> None:
+    def __init__(self, client: AMIClient, parser: Parser, max_malformed: int,
+                 read_coalesce: float = 0.0) -> None:
         self.client = client
         self.parser = parser
         self.read_coalesce = read_coalesce
@@ -171,6 +159,12 @@ class _Wire(asyncio.Protocol):
         self.banner = asyncio.get_running_loop().create_future()
         self.lost = asyncio.get_running_loop().create_future()
         self.close_reason: tuple[str, str] | None = None
+        # Events are routed only once the Login response said Success: before that, a peer
+        # (or something in between) has not proven to be the Asterisk we logged in to.
+        self.login_action_id: str | None = None
+        self.logged_in = False
+        self.early_event_logged = False
+        self.malformed: deque[float] = deque(maxlen=max_malformed + 1)  # monotonic times
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -181,7 +175,7 @@ class _Wire(asyncio.Protocol):
             # Asterisk writes every event on its own: read at once, and a busy PBX costs one
             # trip through the loop, the router and each sink per event. Leaving the socket
             # for a millisecond or two lets the kernel gather them, so one read (and one sink
-            # write) carries many. Large reads mean a backlog already: no pause then.
+            # write) carries many. A large read means a backlog already: no pause then.
             self.transport.pause_reading()
             self._resume_handle = asyncio.get_running_loop().call_later(
                 self.read_coalesce, self._resume_reading)
@@ -220,7 +214,7 @@ class _Wire(asyncio.Protocol):
             self.transport.abort()
 
 
-class AMIClient:
+class AMIClient(CannedActions):
     """An AMI session to one Asterisk, kept alive with pings and reconnected with backoff.
 
     >>> async with AMIClient("pbx.example.com", username="amid", secret="s3cret") as ami:
@@ -228,7 +222,11 @@ class AMIClient:
     ...     print((await ami.ping()).name)
 
     ``async with`` (or :meth:`connect`) makes the first connection and raises if it fails;
-    :meth:`start` instead keeps trying in the background (what a daemon wants).
+    :meth:`start` instead keeps trying in the background (what a daemon wants). The keyword
+    arguments are those of :class:`~amid.ami.settings.SessionSettings` (see
+    :meth:`from_settings`), plus ``ssl`` (True or an ``SSLContext``) with ``server_hostname``
+    and the runtime pieces: ``stats``, ``rng`` (jitter), ``action_ids``, ``initial_epoch`` and
+    ``outage_since`` (a replacement client continues its predecessor's epochs and outage).
     """
 
     def __init__(self, host: str, port: int | None = None, *, username: str, secret: str,
@@ -239,39 +237,49 @@ class AMIClient:
                  connect_timeout: float = 10.0, action_timeout: float = 10.0,
                  list_timeout: float = 60.0, login_timeout: float = 10.0,
                  reconnect: bool = True, reconnect_min_delay: float = 1.0,
-                 reconnect_max_delay: float = 60.0, default_port: int = DEFAULT_PORT,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 reconnect_max_delay: float = 60.0, reconnect_stable_after: float = 10.0,
+                 default_port: int = DEFAULT_PORT,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_malformed: int = 100,
+                 malformed_window: float = 60.0,
                  handler_queue_size: int = 10_000, action_ids: ActionIdGenerator | None = None,
                  stats: SessionStats | None = None, rng: Callable[[], float] = random.random,
                  initial_epoch: int = 0, outage_since: float | None = None,
                  read_coalesce: float = 0.0) -> None:
-        if port is None:
-            self.host, self.port = parse_host(host, default_port)
-        else:
-            self.host, self.port = host, port
-        if not 0 < self.port < 65536:  # the socket layer would wrap it silently (99999 -> 34463)
-            raise ValueError(f"port {self.port} is not in 1-65535")
-        self.name = name or f"{self.host}:{self.port}"
-        self.username = username
-        self._secret = secret
-        if auth not in ("md5", "plain"):
-            raise ValueError(f"auth must be 'md5' or 'plain', not {auth!r}")
-        self.auth = auth
-        self._ssl = make_ssl_context() if ssl is True else (ssl or None)
-        self.server_hostname = server_hostname
-        self.event_mask = _event_mask(events)
-        self.filters = list(filters)
-        self.ping_interval = ping_interval
-        self.ping_timeout = ping_timeout
-        self.connect_timeout = connect_timeout
-        self.action_timeout = action_timeout
-        self.list_timeout = list_timeout
-        self.login_timeout = login_timeout
-        self.reconnect = reconnect
-        self.reconnect_min_delay = reconnect_min_delay
-        self.reconnect_max_delay = reconnect_max_delay
-        self.max_message_bytes = max_message_bytes
-        self.read_coalesce = read_coalesce
+        tls = TlsSettings(server_hostname=server_hostname) if ssl else None
+        settings = SessionSettings.for_address(
+            host, port, default_port=default_port, username=username, secret=secret, auth=auth,
+            tls=tls, name=name or "", events=events, filters=tuple(filters),
+            ping_interval=ping_interval, ping_timeout=ping_timeout, connect_timeout=connect_timeout,
+            action_timeout=action_timeout, list_timeout=list_timeout, login_timeout=login_timeout,
+            reconnect=reconnect, reconnect_min_delay=reconnect_min_delay,
+            reconnect_max_delay=reconnect_max_delay, reconnect_stable_after=reconnect_stable_after,
+            max_message_bytes=max_message_bytes, max_malformed=max_malformed,
+            malformed_window=malformed_window, handler_queue_size=handler_queue_size,
+            read_coalesce=read_coalesce)
+        self._setup(settings, ssl if isinstance(ssl, _ssl.SSLContext) else None, action_ids=action_ids,
+                    stats=stats, rng=rng, initial_epoch=initial_epoch, outage_since=outage_since)
+
+    @classmethod
+    def from_settings(cls, settings: SessionSettings, *, ssl_context: _ssl.SSLContext | None = None,
+                      action_ids: ActionIdGenerator | None = None, stats: SessionStats | None = None,
+                      rng: Callable[[], float] = random.random, initial_epoch: int = 0,
+                      outage_since: float | None = None) -> AMIClient:
+        """A client for ``settings`` (its ``tls`` builds the TLS context unless ``ssl_context``
+        is given)."""
+        client = cls.__new__(cls)
+        client._setup(settings, ssl_context, action_ids=action_ids, stats=stats, rng=rng,
+                      initial_epoch=initial_epoch, outage_since=outage_since)
+        return client
+
+    def _setup(self, settings: SessionSettings, ssl_context: _ssl.SSLContext | None, *,
+               action_ids: ActionIdGenerator | None, stats: SessionStats | None,
+               rng: Callable[[], float], initial_epoch: int, outage_since: float | None) -> None:
+        self.settings = settings
+        self.host, self.port, self.name = settings.host, settings.port, settings.name
+        self.username = settings.username
+        if settings.tls is not None and ssl_context is None:
+            ssl_context = client_context(settings.tls)
+        self._ssl = ssl_context
         self.stats = stats if stats is not None else SessionStats()
         self._rng = rng
         self._action_ids = action_ids or _PROCESS_ACTION_IDS
@@ -283,37 +291,36 @@ class AMIClient:
         self.banner: str | None = None
         self._seq = 0
         self._wire: _Wire | None = None
-        self._pending: dict[str, _Pending] = {}
-        self._lists = 0  # pending actions that collect list events
-        self._listeners: list[Callable[[Event], None]] = []
-        self._raw_listeners: list[Callable[[bytes], None]] = []
-        self._batch_listeners: list[Callable[[list[Event]], None]] = []
-        self._state_callbacks: list[Callable[[StateChange], None]] = []
-        self._state_queues: list[asyncio.Queue[StateChange]] = []
-        self._handlers_exact: dict[str, list[EventHandler]] = {}
-        self._handlers_glob: list[tuple[str, EventHandler]] = []
-        self._handlers_any: list[EventHandler] = []
-        self._handler_cache: dict[str, tuple[EventHandler, ...]] = {}
-        self._handler_queue: deque[Event] = deque()
-        self._handler_queue_size = handler_queue_size
-        self._handler_wakeup = asyncio.Event()
-        # Handler failures: the first of each (handler, exception type) is logged with its
-        # traceback, the rest as a count at most every HANDLER_ERROR_REPORT_INTERVAL seconds.
-        self._handler_errors_logged: set[tuple[str, type]] = set()
-        self._handler_errors_unlogged = 0
-        self._handler_errors_reported_at = 0.0
-        self._dispatcher: asyncio.Task | None = None
-        self._supervisor: asyncio.Task | None = None
-        self._ping_task: asyncio.Task | None = None
+        self._actions = PendingActions()
+        self._errors = CallbackErrors(self.name, self.stats)
+        self.subscriptions = Subscriptions(self.name, self._errors)
+        self._handlers = HandlerDispatcher(self.name, self.stats, self._errors,
+                                           queue_size=settings.handler_queue_size)
+        # The read path iterates these lists directly (they are the registries' own).
+        self._listeners = self.subscriptions.listeners.items
+        self._batch_listeners = self.subscriptions.batch_listeners.items
+        self._raw_listeners = self.subscriptions.raw_listeners.items
+        self._peer_log = RateLimitedLog(log, PEER_LOG_INTERVAL)
+        self._supervisor: asyncio.Task[None] | None = None
+        self._ping_task: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
         self._connected = asyncio.Event()
         self._disconnected_at: float | None = outage_since
+        self._up_since = 0.0  # monotonic time of the last login
         self._last_shutdown_event = False
         self.last_error: str | None = None
 
+    @property
+    def ping_interval(self) -> float:
+        return self.settings.ping_interval
+
+    @property
+    def ping_timeout(self) -> float:
+        return self.settings.ping_timeout
+
     # ------------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> "AMIClient":
+    async def __aenter__(self) -> Self:
         await self.connect()
         return self
 
@@ -323,14 +330,14 @@ class AMIClient:
     async def connect(self) -> None:
         """Connect and log in once, raising on failure; then keep the session alive in the
         background (reconnecting if ``reconnect``)."""
-        self._ensure_dispatcher()
+        self._handlers.start()
         lost = await self._connect_once()
         self._supervisor = asyncio.create_task(self._supervise(first_lost=lost),
                                                name=f"ami-supervisor-{self.name}")
 
     async def start(self) -> None:
         """Start connecting in the background; never raises for connection problems."""
-        self._ensure_dispatcher()
+        self._handlers.start()
         if self._supervisor is None:
             self._supervisor = asyncio.create_task(self._supervise(first_lost=None),
                                                    name=f"ami-supervisor-{self.name}")
@@ -349,7 +356,10 @@ class AMIClient:
         return self.state is ConnectionState.CONNECTED
 
     async def close(self, *, logoff_timeout: float = 2.0) -> None:
-        """Log off cleanly (bounded wait), close the socket, stop every task. Idempotent."""
+        """Log off cleanly (bounded wait), close the socket, stop every task. Idempotent.
+
+        A cancellation of the caller (e.g. an ``asyncio.timeout()`` around it) propagates; the
+        session is closed by then all the same, only its tasks may still be finishing."""
         self._closing.set()
         # Nothing may follow the Logoff: Asterisk closes the socket after its Goodbye, and bytes
         # arriving then (a keepalive Ping) make the kernel answer with a reset, which throws
@@ -357,33 +367,32 @@ class AMIClient:
         if self._ping_task is not None:
             self._ping_task.cancel()
         wire = self._wire
-        if wire is not None and self.state is ConnectionState.CONNECTED and wire.transport is not None \
-                and not wire.lost.done():
-            try:
-                await self.send_action("Logoff", timeout=logoff_timeout)
-            except (AMIError, OSError) as exc:
-                log.info("AMI %s: no Goodbye to Logoff: %s", self.name, exc, extra={"server": self.name})
-            try:
-                async with asyncio.timeout(logoff_timeout):
-                    await asyncio.shield(wire.lost)
-            except TimeoutError:
-                log.info("AMI %s: server did not close %ss after Logoff", self.name, logoff_timeout,
-                         extra={"server": self.name})
-        if wire is not None:
-            wire.abort("closed", "client closed the session")
-        for task in (self._ping_task, self._supervisor, self._dispatcher):
-            if task is not None and not task.done():
-                task.cancel()
-        for task in (self._ping_task, self._supervisor, self._dispatcher):
-            if task is not None:
+        try:
+            if wire is not None and self.state is ConnectionState.CONNECTED and wire.transport is not None \
+                    and not wire.lost.done():
                 try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
-        if self._handler_errors_unlogged:  # the tail of a burst the summaries did not cover
-            log.error("AMI %s: %d more handler failures", self.name, self._handler_errors_unlogged,
-                      extra={"server": self.name})
-            self._handler_errors_unlogged = 0
+                    await self.send_action("Logoff", timeout=logoff_timeout)
+                except (AMIError, OSError) as exc:
+                    log.info("AMI %s: no Goodbye to Logoff: %s", self.name, exc, extra={"server": self.name})
+                try:
+                    async with asyncio.timeout(logoff_timeout):
+                        await asyncio.shield(wire.lost)
+                except TimeoutError:
+                    log.info("AMI %s: server did not close %ss after Logoff", self.name, logoff_timeout,
+                             extra={"server": self.name})
+        finally:
+            if wire is not None:
+                wire.abort("closed", "client closed the session")
+            for task in (self._ping_task, self._supervisor):
+                if task is not None:
+                    task.cancel()
+            self._closed()
+        await cancel_and_wait(self._ping_task)
+        await cancel_and_wait(self._supervisor)
+        await self._handlers.close()
+        self._errors.summarise()
+
+    def _closed(self) -> None:
         if self.stats.up:  # a connection we ended ourselves: a disconnect too, reason "closed"
             self.stats.disconnects_total["closed"] += 1
         self.stats.up = False
@@ -399,91 +408,42 @@ class AMIClient:
         ``Dial*`` work). ``"*"`` receives every event no other handler took. Handlers may be
         sync or async; they run outside the read path, and an exception is logged, counted and
         otherwise ignored."""
-        if event == "*":
-            self._handlers_any.append(handler)
-        elif any(c in event for c in "*?["):
-            self._handlers_glob.append((event.lower(), handler))
-        else:
-            self._handlers_exact.setdefault(event.lower(), []).append(handler)
-        self._handler_cache.clear()
-        self._ensure_dispatcher()
+        self._handlers.add(event, handler)
 
     def remove_event_handler(self, event: str, handler: EventHandler) -> None:
-        if event == "*":
-            self._handlers_any.remove(handler)
-        elif any(c in event for c in "*?["):
-            self._handlers_glob.remove((event.lower(), handler))
-        else:
-            self._handlers_exact.get(event.lower(), []).remove(handler)
-        self._handler_cache.clear()
+        self._handlers.remove(event, handler)
 
-    def add_listener(self, listener: Callable[[Event], None]) -> None:
-        """Call ``listener(event)`` synchronously on the read path for every event.
+    def add_listener(self, listener: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``listener(event)`` synchronously on the read path for every event; returns a
+        function that removes it.
 
         For the daemon's router: a listener must return at once (e.g. ``put_nowait``)."""
-        self._listeners.append(listener)
+        return self.subscriptions.listeners.add(listener)
 
-    def add_batch_listener(self, listener: Callable[[list[Event]], None]) -> None:
+    def add_batch_listener(self, listener: Callable[[list[Event]], None]) -> Callable[[], None]:
         """Call ``listener(events)`` synchronously on the read path once per read, with every
         event that read completed, in order (after the per-event listeners saw them).
 
         The daemon's router is one: a call per read instead of per event. It must return at
         once and must not keep the list (it is not reused, but it is shared by all of them)."""
-        self._batch_listeners.append(listener)
+        return self.subscriptions.batch_listeners.add(listener)
 
-    def add_raw_listener(self, listener: Callable[[bytes], None]) -> None:
+    def add_raw_listener(self, listener: Callable[[bytes], None]) -> Callable[[], None]:
         """Call ``listener(data)`` with every chunk of bytes read (``amid tail --raw``)."""
-        self._raw_listeners.append(listener)
+        return self.subscriptions.raw_listeners.add(listener)
 
-    def on_state_change(self, callback: Callable[[StateChange], None]) -> None:
-        self._state_callbacks.append(callback)
+    def on_state_change(self, callback: Callable[[StateChange], None]) -> Callable[[], None]:
+        return self.subscriptions.state_callbacks.add(callback)
 
-    async def state_changes(self) -> AsyncIterator[StateChange]:
-        """Iterate over connection state changes from now on."""
-        queue: asyncio.Queue[StateChange] = asyncio.Queue(maxsize=1000)
-        self._state_queues.append(queue)
-        try:
-            while True:
-                change = await queue.get()
-                yield change
-                if change.state is ConnectionState.CLOSED:
-                    return
-        finally:
-            self._state_queues.remove(queue)
+    def state_changes(self) -> AsyncIterator[StateChange]:
+        """Iterate over connection state changes from now on (up to ``CLOSED``)."""
+        return self.subscriptions.state_changes(lambda change: change.state is ConnectionState.CLOSED)
 
-    async def events(self, maxsize: int = 10_000) -> AsyncIterator[Event]:
+    def events(self, maxsize: int = 10_000) -> AsyncIterator[Event]:
         """Iterate over every event from now on (bounded: the oldest are dropped, and
         counted, if the consumer falls behind by ``maxsize``)."""
-        buffer: deque[Event] = deque()
-        wakeup = asyncio.Event()
-        stats = self.stats
-
-        def push(ev: Event) -> None:
-            if len(buffer) >= maxsize:
-                buffer.popleft()
-                stats.handler_dropped_total += 1
-            buffer.append(ev)
-            wakeup.set()
-
-        self._listeners.append(push)
-        try:
-            while True:
-                while buffer:
-                    yield buffer.popleft()
-                if self.state is ConnectionState.CLOSED:
-                    return
-                wakeup.clear()
-                closing = asyncio.ensure_future(self._closing.wait())
-                waiter = asyncio.ensure_future(wakeup.wait())
-                try:
-                    await asyncio.wait((closing, waiter), return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    closing.cancel()
-                    waiter.cancel()
-                if self._closing.is_set() and not buffer:
-                    return
-        finally:
-            self._listeners.remove(push)
+        return self.subscriptions.events(self._closing, lambda: self.state is ConnectionState.CLOSED,
+                                         self.stats, maxsize)
 
     # ------------------------------------------------------------------ actions
 
@@ -502,99 +462,38 @@ class AMIClient:
             raise AMIConnectionError(f"not connected to {self.name}")
         return await self._send(wire, name, fields or (), timeout)
 
-    async def _send(self, wire: _Wire, name: str, fields: Any, timeout: float | None) -> Response:
-        action_id = self._action_ids()
+    async def _send(self, wire: _Wire, name: str, fields: Any, timeout: float | None,
+                    action_id: str | None = None) -> Response:
+        action_id = action_id or self._action_ids()
         data = encode_action(name, fields, action_id=action_id)
-        pending = _Pending(asyncio.get_running_loop())
-        self._pending[action_id] = pending
-        try:
-            assert wire.transport is not None
-            wire.transport.write(data)
-            try:
-                async with asyncio.timeout(timeout if timeout is not None else self.action_timeout):
-                    response = await pending.response
-            except TimeoutError:
-                raise ActionTimeout(f"no response to {name} from {self.name}") from None
-            if response.is_list_start:
-                try:
-                    async with asyncio.timeout(self.list_timeout):
-                        await pending.complete
-                except TimeoutError:
-                    raise ActionTimeout(
-                        f"list of {name} from {self.name} not complete after {self.list_timeout}s "
-                        f"({len(pending.events)} events)") from None
-            return response
-        finally:
-            if self._pending.pop(action_id, None) is not None and pending.listing:
-                self._lists -= 1
-
-    # Pre-canned actions (the seed's "precanned functions").
-
-    async def ping(self) -> Response:
-        return await self.send_action("Ping")
-
-    async def command(self, command: str) -> Response:
-        """Run a CLI command; its lines are in ``response.output``."""
-        return await self.send_action("Command", {"Command": command})
-
-    async def originate(self, channel: str, *, exten: str | None = None, context: str | None = None,
-                        priority: int | str | None = None, application: str | None = None,
-                        data: str | None = None, timeout_ms: int | None = None,
-                        caller_id: str | None = None, variables: Mapping[str, str] | None = None,
-                        account: str | None = None, async_: bool = True,
-                        extra: Mapping[str, str] | None = None) -> Response:
-        fields: list[tuple[str, Any]] = [("Channel", channel)]
-        for key, value in (("Exten", exten), ("Context", context), ("Priority", priority),
-                           ("Application", application), ("Data", data), ("Timeout", timeout_ms),
-                           ("CallerID", caller_id), ("Account", account)):
-            if value is not None:
-                fields.append((key, value))
-        for var, value in (variables or {}).items():
-            fields.append(("Variable", f"{var}={value}"))
-        fields.append(("Async", "true" if async_ else "false"))
-        fields.extend((extra or {}).items())
-        return await self.send_action("Originate", fields)
-
-    async def hangup(self, channel: str, cause: int | None = None) -> Response:
-        fields: dict[str, Any] = {"Channel": channel}
-        if cause is not None:
-            fields["Cause"] = cause
-        return await self.send_action("Hangup", fields)
-
-    async def status(self, channel: str | None = None, variables: Sequence[str] = ()) -> Response:
-        """``Status``: one ``Status`` event per channel in ``response.events``."""
-        fields: dict[str, Any] = {}
-        if channel:
-            fields["Channel"] = channel
-        if variables:
-            fields["Variables"] = ",".join(variables)
-        return await self.send_action("Status", fields)
-
-    async def core_show_channels(self) -> Response:
-        return await self.send_action("CoreShowChannels")
-
-    async def getvar(self, variable: str, channel: str | None = None) -> Response:
-        fields = {"Variable": variable, **({"Channel": channel} if channel else {})}
-        return await self.send_action("Getvar", fields)
+        assert wire.transport is not None
+        return await self._actions.wait(
+            action_id, data, wire.transport.write, what=f"{name} from {self.name}",
+            timeout=timeout if timeout is not None else self.settings.action_timeout,
+            list_timeout=self.settings.list_timeout)
 
     # ------------------------------------------------------------------ connection
 
-    async def _connect_once(self) -> asyncio.Future:
+    async def _connect_once(self) -> asyncio.Future[tuple[str, str]]:
         """Open, read the banner, log in, apply mask and filters. Returns the lost-future."""
         loop = asyncio.get_running_loop()
+        settings = self.settings
         self._set_state(ConnectionState.CONNECTING)
-        parser = Parser(max_message_bytes=self.max_message_bytes)
+        parser = Parser(max_message_bytes=settings.max_message_bytes)
+        server_hostname = None
+        if self._ssl is not None:
+            server_hostname = (settings.tls and settings.tls.server_hostname) or self.host
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(settings.connect_timeout):
                 _, wire = await loop.create_connection(
-                    lambda: _Wire(self, parser, self.read_coalesce), self.host, self.port, ssl=self._ssl,
-                    server_hostname=(self.server_hostname or self.host) if self._ssl else None)
+                    lambda: _Wire(self, parser, settings.max_malformed, settings.read_coalesce), self.host, self.port,
+                    ssl=self._ssl, server_hostname=server_hostname)
                 self._wire = wire
                 await wire.banner
         except TimeoutError:
             self._drop_wire()
             raise AMIConnectionError(
-                f"no AMI banner from {self.host}:{self.port} within {self.connect_timeout}s") from None
+                f"no AMI banner from {self.host}:{self.port} within {settings.connect_timeout}s") from None
         except (OSError, _ssl.SSLError) as exc:
             self._drop_wire()
             raise AMIConnectionError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
@@ -619,38 +518,41 @@ class AMIClient:
         stats.connects_total += 1
         gap_start = self._disconnected_at
         now = time.time()
+        self._up_since = time.monotonic()
         self._set_state(ConnectionState.CONNECTED, gap_start=gap_start,
                         gap_seconds=None if gap_start is None else max(0.0, now - gap_start))
         self._disconnected_at = None
         self._connected.set()
-        if self.ping_interval > 0:
+        if settings.ping_interval > 0:
             self._ping_task = asyncio.create_task(self._keepalive(wire), name=f"ami-ping-{self.name}")
         return wire.lost
 
     async def _login(self, wire: _Wire) -> None:
-        timeout = self.login_timeout
-        fields: list[tuple[str, Any]] = [("Username", self.username)]
+        settings = self.settings
+        timeout = settings.login_timeout
+        fields: list[tuple[str, Any]] = [("Username", settings.username)]
         waiting_for, waited = "Challenge", timeout  # what a timeout below is about
         try:
-            if self.auth == "md5":
+            if settings.auth == "md5":
                 challenge = await self._send(wire, "Challenge", {"AuthType": "MD5"}, timeout)
                 if not challenge.is_success or not challenge.get("Challenge"):
                     raise LoginError(f"MD5 challenge refused: {challenge.message or challenge.name}")
-                key = hashlib.md5((challenge["Challenge"] + self._secret).encode()).hexdigest()
+                key = hashlib.md5((challenge["Challenge"] + settings.secret).encode()).hexdigest()
                 fields += [("AuthType", "MD5"), ("Key", key)]
             else:
-                fields.append(("Secret", self._secret))
-            fields.append(("Events", self.event_mask))
+                fields.append(("Secret", settings.secret))
+            fields.append(("Events", settings.event_mask))
             # Asterisk waits ~1 s before it answers a failed login, so allow for that.
             waiting_for, waited = "Login", timeout + 2.0
-            response = await self._send(wire, "Login", fields, waited)
+            wire.login_action_id = self._action_ids()
+            response = await self._send(wire, "Login", fields, waited, wire.login_action_id)
         except AMIConnectionError as exc:
             raise LoginError(f"connection lost during login: {exc}") from exc
         except ActionTimeout:
             raise LoginError(f"no answer to {waiting_for} within {waited:g}s") from None
         if not response.is_success:
             raise LoginError(response.message or response.name)
-        for flt in self.filters:
+        for flt in settings.filters:
             result = await self._send(wire, "Filter", {"Operation": "Add", "Filter": flt}, timeout)
             if not result.is_success:
                 log.warning("server %s refused filter %r: %s", self.name, flt, result.message,
@@ -661,14 +563,14 @@ class AMIClient:
         if wire is not None and wire.transport is not None:
             wire.transport.abort()
 
-    async def _supervise(self, first_lost: asyncio.Future | None) -> None:
-        failures = 0
+    async def _supervise(self, first_lost: asyncio.Future[tuple[str, str]] | None) -> None:
+        settings = self.settings
+        backoff = Backoff(settings.reconnect_min_delay, settings.reconnect_max_delay, rng=self._rng)
         lost = first_lost
         while True:
             if lost is None:
                 try:
                     lost = await self._connect_once()
-                    failures = 0
                 except LoginError as exc:
                     self.stats.login_failures_total += 1
                     self._connection_down("login_failed", f"login as {self.username!r} failed: {exc}")
@@ -677,11 +579,7 @@ class AMIClient:
                 except Exception as exc:  # e.g. LocalProtocolError: never let the supervisor die
                     self._connection_down("error", f"{type(exc).__name__}: {exc}")
             if lost is not None:
-                closing = asyncio.ensure_future(self._closing.wait())
-                try:
-                    await asyncio.wait((lost, closing), return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    closing.cancel()
+                await first_of(lost, self._closing.wait())
                 if self._closing.is_set():
                     return
                 reason, detail = lost.result()
@@ -689,15 +587,17 @@ class AMIClient:
                     reason, detail = "server_shutdown", "Asterisk is shutting down"
                 lost = None
                 self._connection_down(reason, detail)
-            if self._closing.is_set() or not self.reconnect:
+                # Only a session that held counts as a success: a peer that accepts the login
+                # and hangs up at once is retried ever more slowly, not at min_delay forever.
+                if time.monotonic() - self._up_since >= settings.reconnect_stable_after:
+                    backoff.reset()
+            if self._closing.is_set() or not settings.reconnect:
                 if not self._closing.is_set():
                     self._closing.set()  # iterators and waiters end as on close()
                     self._set_state(ConnectionState.CLOSED, reason="closed", detail="reconnect disabled")
                 return
-            failures += 1
-            cap = min(self.reconnect_max_delay, self.reconnect_min_delay * 2 ** min(failures - 1, 30))
-            delay = self.reconnect_min_delay + self._rng() * max(0.0, cap - self.reconnect_min_delay)
-            log.info("reconnecting to %s in %.1fs", self.name, delay, extra={"server": self.name})
+            delay = backoff.failure()
+            log.info("reconnecting to %s in %.2fs", self.name, delay, extra={"server": self.name})
             try:
                 async with asyncio.timeout(delay):
                     await self._closing.wait()
@@ -732,19 +632,17 @@ class AMIClient:
             self._fail_pending(AMIConnectionError(f"connection to {self.name} lost: {reason}"))
 
     def _fail_pending(self, exc: Exception) -> None:
-        for pending in self._pending.values():
-            pending.fail(exc)
-        self._pending.clear()
-        self._lists = 0
+        self._actions.fail_all(exc)
 
     async def _keepalive(self, wire: _Wire) -> None:
+        interval, timeout = self.settings.ping_interval, self.settings.ping_timeout
         while True:
-            await asyncio.sleep(self.ping_interval)
+            await asyncio.sleep(interval)
             started = time.monotonic()
             try:
-                response = await self._send(wire, "Ping", (), self.ping_timeout)
+                response = await self._send(wire, "Ping", (), timeout)
             except ActionTimeout:
-                wire.abort("ping_timeout", f"no answer to Ping within {self.ping_timeout}s")
+                wire.abort("ping_timeout", f"no answer to Ping within {timeout}s")
                 return
             except AMIConnectionError:
                 return
@@ -763,7 +661,7 @@ class AMIClient:
             try:
                 raw_listener(data)
             except Exception as exc:
-                self._handler_failed(exc, f"raw listener {_callable_name(raw_listener)}", "data")
+                self._errors.failed(exc, f"raw listener {callable_name(raw_listener)}", "data")
         try:
             messages = wire.parser.feed(data)
         except RemoteProtocolError as exc:
@@ -771,26 +669,73 @@ class AMIClient:
             return
         if wire.parser.error is not None:
             # The messages completed before the garbage are delivered, then the link recycled.
-            self._dispatch_messages(messages)
+            if wire.logged_in:
+                self._dispatch_messages(messages)
+            else:
+                self._before_login(wire, messages)
             self._protocol_error(wire, wire.parser.error)
             return
         if wire.parser.banner is not None and not wire.banner.done():
             wire.banner.set_result(wire.parser.banner)
         if messages:
-            self._dispatch_messages(messages)
+            if wire.logged_in:
+                self._dispatch_messages(messages)
+            else:
+                self._before_login(wire, messages)
+
+    def _before_login(self, wire: _Wire, messages: list[Message]) -> None:
+        """Until the Login response says Success, only responses are taken: an event is not
+        the logged-in Asterisk's yet, so it is counted (``event_before_login``), logged once
+        per connection and not routed. What follows the Login response in the same read
+        (Asterisk sends FullyBooted right after it) is routed as usual."""
+        for index, msg in enumerate(messages):
+            if wire.logged_in:
+                self._dispatch_messages(messages[index:])
+                return
+            if type(msg) is Response:
+                self._on_response(msg)
+            elif type(msg) is Event:
+                self.stats.protocol_errors_total["event_before_login"] += 1
+                if not wire.early_event_logged:
+                    wire.early_event_logged = True
+                    log.warning("AMI %s: ignoring events sent before the login succeeded (the "
+                                "first: %s); counted as event_before_login", self.name, msg.name,
+                                extra={"server": self.name})
+            elif self._malformed(msg):
+                return
+
+    def _malformed(self, msg: Message) -> bool:
+        """Count and log (rate-limited) a message that is neither response nor event; drop the
+        connection as a protocol error when more than ``max_malformed`` came within
+        ``malformed_window`` seconds. True when it was dropped."""
+        self.stats.protocol_errors_total["malformed_message"] += 1
+        self._peer_log.log("malformed_message", logging.WARNING,
+                           "AMI %s: ignoring a message that is neither response nor event: %r",
+                           self.name, msg.raw[:80], extra={"server": self.name})
+        wire = self._wire
+        if wire is None:
+            return False
+        recent = wire.malformed
+        now = time.monotonic()
+        recent.append(now)
+        window = self.settings.malformed_window
+        if len(recent) == recent.maxlen and now - recent[0] <= window:
+            wire.abort("protocol_error", f"{len(recent)} malformed messages within {window:g}s")
+            return True
+        return False
 
     def _protocol_error(self, wire: _Wire, exc: RemoteProtocolError) -> None:
         self.stats.protocol_errors_total[exc.kind] += 1
         wire.abort("protocol_error", str(exc))
 
-    def _dispatch_messages(self, messages: list) -> None:
+    def _dispatch_messages(self, messages: list[Message]) -> None:
         now = time.time()
         stats = self.stats
         by_name = stats.events_by_name
         listeners = self._listeners
-        want_handlers = bool(self._handlers_exact or self._handlers_glob or self._handlers_any)
+        want_handlers = self._handlers.active
         stamp_events = _accel.active.stamp_events  # the loop below, in C (see amid.ami._accel)
-        if (stamp_events is not None and not listeners and not want_handlers and not self._lists
+        if (stamp_events is not None and not listeners and not want_handlers and not self._actions.lists
                 and self._batch_listeners and messages
                 and stamp_events(messages, self.name, self.epoch, self._seq, now)):
             # The daemon's read path: only events, only batch listeners. The C accelerator
@@ -807,14 +752,16 @@ class AMIClient:
                     self._last_shutdown_event = True
             stats.events_total += len(messages)
             stats.last_event_time = now
-            self._call_batch_listeners(messages)
+            self._call_batch_listeners(messages)  # type: ignore[arg-type]  # all Events: checked in C
             return
         server, epoch = self.name, self.epoch
         batch: list[Event] | None = [] if self._batch_listeners else None
+        to_handlers = self._handlers.push
+        actions = self._actions
         first_seq = self._seq
         for msg in messages:
             if type(msg) is Event:
-                if self._lists and self._collect_list_event(msg):
+                if actions.lists and actions.collect_list_event(msg, server, epoch):
                     continue
                 seq = self._seq = self._seq + 1
                 msg.server = server
@@ -834,17 +781,15 @@ class AMIClient:
                     try:
                         listener(msg)
                     except Exception as exc:
-                        self._handler_failed(exc, f"listener {_callable_name(listener)}", name)
+                        self._errors.failed(exc, f"listener {callable_name(listener)}", name)
                 if want_handlers:
-                    self._queue_for_handlers(msg)
+                    to_handlers(msg)
                 if batch is not None:
                     batch.append(msg)
             elif type(msg) is Response:
                 self._on_response(msg)
-            else:
-                stats.protocol_errors_total["malformed_message"] += 1
-                log.warning("AMI %s: ignoring a message that is neither response nor event: %r",
-                            self.name, msg.raw[:80], extra={"server": self.name})
+            elif self._malformed(msg):
+                break  # the connection is dropped: nothing after the garbage is taken
         if self._seq != first_seq:  # counted once per read: every event of it got ``now``
             stats.events_total += self._seq - first_seq
             stats.last_event_time = now
@@ -856,110 +801,17 @@ class AMIClient:
             try:
                 batch_listener(batch)
             except Exception as exc:
-                self._handler_failed(exc, f"batch listener {_callable_name(batch_listener)}",
-                                     batch[0].name)
+                self._errors.failed(exc, f"batch listener {callable_name(batch_listener)}",
+                                    batch[0].name)
 
     def _on_response(self, response: Response) -> None:
-        action_id = response.get("ActionID")
-        pending = self._pending.get(action_id) if action_id is not None else None
-        if pending is None or pending.response.done():
-            log.debug("AMI %s: response to an unknown ActionID %r", self.name, action_id)
-            return
-        pending.first = response
-        pending.response.set_result(response)
-        if response.is_list_start:
-            pending.listing = True
-            self._lists += 1
-        else:
-            pending.complete.set_result(response)
-
-    def _collect_list_event(self, event: Event) -> bool:
-        action_id = event.get("ActionID")
+        action_id = self._actions.on_response(response)
         if action_id is None:
-            return False
-        pending = self._pending.get(action_id)
-        if pending is None or not pending.listing or pending.complete.done():
-            return False
-        response = pending.first
-        event.server = self.name
-        event.epoch = self.epoch
-        event.received_at = time.time()
-        if (event.get("EventList") or "").lower() == "complete":
-            response.events = pending.events
-            response.list_complete = event
-            pending.complete.set_result(response)
-        else:
-            pending.events.append(event)
-        return True
-
-    # ------------------------------------------------------------------ handlers
-
-    def _ensure_dispatcher(self) -> None:
-        if self._dispatcher is None and (self._handlers_exact or self._handlers_glob or self._handlers_any):
-            try:
-                asyncio.get_running_loop()
-            except RuntimeError:
-                return  # started at connect()/start()
-            self._dispatcher = asyncio.create_task(self._dispatch(), name=f"ami-handlers-{self.name}")
-
-    def _handlers_for(self, name: str) -> tuple[EventHandler, ...]:
-        key = name.lower()
-        found = self._handler_cache.get(key)
-        if found is None:
-            matched = list(self._handlers_exact.get(key, ()))
-            matched += [h for pattern, h in self._handlers_glob if fnmatch.fnmatchcase(key, pattern)]
-            found = tuple(matched) if matched else tuple(self._handlers_any)
-            if len(self._handler_cache) >= MAX_HANDLER_CACHE:  # names come from the wire
-                self._handler_cache.clear()
-            self._handler_cache[key] = found
-        return found
-
-    def _queue_for_handlers(self, event: Event) -> None:
-        if len(self._handler_queue) >= self._handler_queue_size:
-            self._handler_queue.popleft()
-            self.stats.handler_dropped_total += 1
-            if self.stats.handler_dropped_total % 1000 == 1:
-                log.warning("AMI %s: event handlers are too slow; %d events dropped so far",
-                            self.name, self.stats.handler_dropped_total, extra={"server": self.name})
-        self._handler_queue.append(event)
-        self._handler_wakeup.set()
-
-    async def _dispatch(self) -> None:
-        queue = self._handler_queue
-        while True:
-            await self._handler_wakeup.wait()
-            self._handler_wakeup.clear()
-            while queue:
-                event = queue.popleft()
-                for handler in self._handlers_for(event.name):
-                    try:
-                        result = handler(event)
-                        if inspect.isawaitable(result):
-                            await result
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception as exc:
-                        self._handler_failed(exc, f"handler {_callable_name(handler)}", event.name)
-
-    def _handler_failed(self, exc: Exception, what: str, event_name: str) -> None:
-        """Count a failing handler or listener; log it without flooding the log (a handler that
-        fails on every event at 40k events/s would otherwise write 40k tracebacks a second)."""
-        self.stats.handler_errors_total += 1
-        key = (what, type(exc))
-        if key not in self._handler_errors_logged and len(self._handler_errors_logged) < 100:
-            self._handler_errors_logged.add(key)
-            log.error("AMI %s: %s failed on %s (further failures like it are counted, not "
-                      "logged one by one)", self.name, what, event_name, exc_info=exc,
-                      extra={"server": self.name})
+            log.debug("AMI %s: response to an unknown ActionID %r", self.name, response.get("ActionID"))
             return
-        self._handler_errors_unlogged += 1
-        now = time.monotonic()
-        if now - self._handler_errors_reported_at >= HANDLER_ERROR_REPORT_INTERVAL:
-            log.error("AMI %s: %d more handler failures, the last: %s on %s: %s: %s", self.name,
-                      self._handler_errors_unlogged, what, event_name, type(exc).__name__, exc,
-                      extra={"server": self.name})
-            self._handler_errors_unlogged = 0
-            self._handler_errors_reported_at = now
+        wire = self._wire
+        if wire is not None and action_id == wire.login_action_id and response.is_success:
+            wire.logged_in = True  # from the next message on, events are routed
 
     # ------------------------------------------------------------------ state
 
@@ -971,26 +823,7 @@ class AMIClient:
         if state is ConnectionState.CONNECTED:
             log.info("AMI %s (%s:%d): connected and logged in as %r (epoch %d)", self.name, self.host,
                      self.port, self.username, self.epoch, extra={"server": self.name})
-        for callback in self._state_callbacks:
-            try:
-                callback(change)
-            except Exception:
-                log.exception("state callback failed", extra={"server": self.name})
-        for queue in self._state_queues:
-            if queue.full():
-                queue.get_nowait()
-            queue.put_nowait(change)
+        self.subscriptions.publish_state(change)
 
     def __repr__(self) -> str:
         return f"AMIClient({self.name!r}, {self.host}:{self.port}, state={self.state.value})"
-
-
-def _event_mask(events: bool | str | Sequence[str]) -> str:
-    if events is True:
-        return "on"
-    if events is False:
-        return "off"
-    if isinstance(events, str):
-        return events
-    return ",".join(events) if events else "off"
-

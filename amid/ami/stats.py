@@ -56,11 +56,11 @@ class SessionStats:
 
     up: bool = False                       # logged in right now
     connects_total: int = 0                # successful logins
-    disconnects_total: Counter = field(default_factory=Counter)   # reason -> count
+    disconnects_total: Counter[str] = field(default_factory=Counter)   # reason -> count
     login_failures_total: int = 0
-    protocol_errors_total: Counter = field(default_factory=Counter)  # kind -> count
+    protocol_errors_total: Counter[str] = field(default_factory=Counter)  # kind -> count
     events_total: int = 0
-    events_by_name: Counter = field(default_factory=Counter)       # event name -> count
+    events_by_name: Counter[str] = field(default_factory=Counter)       # event name -> count
     handler_errors_total: int = 0
     handler_dropped_total: int = 0         # events a too-slow handler queue had to drop
     last_event_time: float | None = None   # unix seconds

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from random import Random
 from typing import Any, Self
 
+from ..ami.address import split_host
 from ..ami.protocol import Parser, RemoteProtocolError
 from . import actions
 from ._asterisk_text import AMI_BANNER
@@ -557,14 +558,17 @@ class AMISimulator:
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    """``127.0.0.1:5038``, ``[::1]:5038`` or ``:5038`` -> (host, port)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
+    """``127.0.0.1:5038``, ``[::1]:5038`` or ``:5038`` -> (host, port), read as every
+    ``host:port`` of amid is (:mod:`amid.ami.address`)."""
+    try:
+        host, port = split_host(listen)
+    except ValueError:
+        port = None
+    if port is None or not port.isdigit():
         raise ValueError(f"listen address must be HOST:PORT, got {listen!r}")
     if int(port) > 65535:  # the bind would wrap it silently (99999 listens on 34463)
         raise ValueError(f"port {port} is not in 0-65535")
-    host = host.strip("[]") or "127.0.0.1"
-    return host, int(port)
+    return host or "127.0.0.1", int(port)
 
 
 async def serve_forever(listen: str, *, replay: str | None = None, speed: float | None = None,

@@ -47,9 +47,10 @@ import pydantic
 
 from amid._encode import format_iso_cached
 from amid.ami.address import format_host
+from amid.ami.tls import TlsSettings, client_context
 from amid.records import Record
 from amid.sinks.base import SinkError
-from amid.units import PositiveDuration, Size
+from amid.units import PositiveDuration, Size, TlsSetting
 
 __all__ = [
     "FACILITIES",
@@ -194,6 +195,8 @@ class Options(pydantic.BaseModel, extra="forbid", frozen=True, validate_default=
     # Unset: 2048, or 1024 for rfc3164. Applies to unix datagrams too.
     udp_max_bytes: Annotated[Size, pydantic.Field(ge=480, le=UDP_PAYLOAD_MAX)] | None = None
     tcp_framing: Literal["octet-counting", "lf"] = "octet-counting"
+    tls: TlsSetting = None  # {ca_file, verify, cert_file, key_file, server_hostname}, as servers'
+    # The flat spellings (tls_server_name deprecated: tls: {server_hostname: …}).
     tls_ca_file: str | None = None
     tls_verify: bool = True
     tls_cert_file: str | None = None
@@ -239,8 +242,11 @@ class Options(pydantic.BaseModel, extra="forbid", frozen=True, validate_default=
     @pydantic.model_validator(mode="after")
     def _check_transport_keys(self) -> "Options":
         transport = parse_address(self.address).transport
-        tls_keys = ("tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name",
+        tls_keys = ("tls", "tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name",
                     "tls_verify")
+        flat = [key for key in tls_keys[1:] if key in self.model_fields_set]
+        if self.tls is not None and flat:
+            raise ValueError(f"give TLS settings once: tls: {{…}} or {', '.join(flat)}")
         if transport != "tls":
             misplaced = [key for key in tls_keys if key in self.model_fields_set]
             if misplaced:
@@ -253,6 +259,21 @@ class Options(pydantic.BaseModel, extra="forbid", frozen=True, validate_default=
             default = 1024 if self.format == "rfc3164" else 2048
             object.__setattr__(self, "udp_max_bytes", default)  # frozen: set once, here
         return self
+
+    @property
+    def tls_settings(self) -> TlsSettings:
+        """The TLS settings, from ``tls:`` or the flat ``tls_*`` keys."""
+        if self.tls is not None:
+            return self.tls.settings
+        return TlsSettings(ca_file=self.tls_ca_file, verify=self.tls_verify,
+                           cert_file=self.tls_cert_file, key_file=self.tls_key_file,
+                           server_hostname=self.tls_server_name)
+
+    def deprecations(self) -> list[str]:
+        """Old spellings used (see amid.units.DeprecatedKeys)."""
+        if "tls_server_name" in self.model_fields_set:
+            return ["tls_server_name is deprecated: use tls: {server_hostname: …}"]
+        return []
 
     @property
     def endpoint(self) -> Endpoint:
@@ -656,7 +677,7 @@ class SyslogSink:
         if ep.transport == "tls":
             reader, writer = await asyncio.open_connection(
                 ep.host, ep.port, ssl=self._ssl,
-                server_hostname=self.options.tls_server_name or ep.host,
+                server_hostname=self.options.tls_settings.server_hostname or ep.host,
                 ssl_handshake_timeout=self.options.connect_timeout)
         else:
             reader, writer = await asyncio.open_connection(ep.host, ep.port)
@@ -679,14 +700,8 @@ def _describe(exc: BaseException) -> str:
 
 
 def _client_ssl_context(options: Options) -> ssl.SSLContext:
-    """A client TLS context: system CAs (or ``tls_ca_file``), verification on unless disabled."""
-    context = ssl.create_default_context(cafile=options.tls_ca_file)
-    if not options.tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if options.tls_cert_file:
-        context.load_cert_chain(options.tls_cert_file, options.tls_key_file)
-    return context
+    """A client TLS context: system CAs (or the CA file), verification on unless disabled."""
+    return client_context(options.tls_settings)
 
 
 def create(name: str, options: Options | Mapping[str, Any]) -> SyslogSink:

@@ -48,6 +48,7 @@ from multidict import CIMultiDict
 from pydantic_core import PydanticCustomError
 
 from amid.ami.address import format_host
+from amid.ami.tls import TlsSettings, client_context
 from amid.records import Record
 from amid.sinks.base import SinkDisabled, SinkError, SinkRejected
 from amid.units import PositiveDuration
@@ -329,15 +330,12 @@ class WebhookSink:
     def _make_ssl_context(self) -> ssl.SSLContext:
         options = self._options
         # With tls_ca_file only that CA is trusted (not the system store): pinning a private CA.
-        context = ssl.create_default_context(cafile=options.tls_ca_file)
         if not options.tls_verify:
             log.warning("webhook sink %s: TLS certificate verification is OFF for %s",
                         self.name, self._endpoint)
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if options.tls_cert_file is not None:
-            context.load_cert_chain(options.tls_cert_file, options.tls_key_file)
-        return context
+        return client_context(TlsSettings(ca_file=options.tls_ca_file, verify=options.tls_verify,
+                                          cert_file=options.tls_cert_file,
+                                          key_file=options.tls_key_file))
 
     async def send(self, batch: Sequence[Record]) -> None:
         """POST ``batch`` once; return when the endpoint answered 2xx, raise SinkError otherwise."""
