@@ -488,6 +488,8 @@ class AMIClient:
         try:
             assert wire.transport is not None
             wire.transport.write(data)
+            self.stats.sent_actions_total += 1
+            self.stats.sent_bytes_total += len(data)
             try:
                 async with asyncio.timeout(timeout if timeout is not None else self.action_timeout):
                     response = await pending.response
@@ -737,6 +739,7 @@ class AMIClient:
     # ------------------------------------------------------------------ read path
 
     def _on_data(self, wire: _Wire, data: bytes) -> None:
+        self.stats.received_bytes_total += len(data)
         for raw_listener in self._raw_listeners:
             try:
                 raw_listener(data)

@@ -57,7 +57,10 @@ _T = TypeVar("_T")
 Overflow = Literal["drop_oldest", "drop_newest", "spool"]
 SpoolFallback = Literal["drop_oldest", "drop_newest"]
 
-DELIVERY_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# 50 µs to 60 s: a healthy sink confirms in a fraction of a millisecond, one riding out an
+# outage in minutes (those land in +Inf).
+DELIVERY_LATENCY_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
+                            0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 # "spool_corrupt" only happens if spool files are damaged while the daemon runs; "spool_io"
 # if the spool's last write at shutdown fails (disk full, I/O error).
 DROP_REASONS = ("queue_full", "spool_full", "disabled", "shutdown", "spool_corrupt", "spool_io")
@@ -75,6 +78,12 @@ class SinkStats:
     state: str = "starting"    # starting | ok | retrying | disabled | closed
     received_total: int = 0    # offered, plus recovered from the spool at start
     sent_total: int = 0        # confirmed by sink.send
+    received_bytes_total: int = 0  # Record.size of what was offered (queue accounting size)
+    sent_bytes_total: int = 0      # JSON bytes of the records confirmed by sink.send
+    discarded_total: int = 0   # events the sink's filter did not accept (counted by the router)
+    queue_max_events: int = 0  # the configured bounds, for fill ratios
+    queue_max_bytes: int = 0
+    spool_max_bytes: int = 0   # 0 without a spool
     failed_attempts_total: int = 0
     retried_total: int = 0     # batches re-sent
     dropped_total: Counter = field(default_factory=lambda: Counter({r: 0 for r in DROP_REASONS}))
@@ -161,7 +170,8 @@ class SinkRunner:
         self._sleep = sleep
         self._wall_clock = wall_clock
 
-        self.stats = SinkStats()
+        self.stats = SinkStats(queue_max_events=max_queue_events, queue_max_bytes=max_queue_bytes,
+                               spool_max_bytes=spool_max_bytes if overflow == "spool" else 0)
         self._queue: deque[Record] = deque()
         self._mode = _Mode.MEMORY
         self._spool: Spool | None = None
@@ -191,6 +201,7 @@ class SinkRunner:
     def offer(self, record: Record) -> None:
         """Queue ``record`` for delivery. Never blocks or awaits; drops are counted."""
         self.stats.received_total += 1
+        self.stats.received_bytes_total += record.size
         if self._closed:
             self._drop(1, "shutdown")
             return
@@ -226,6 +237,7 @@ class SinkRunner:
             if self._queue_fits(size, count):
                 stats = self.stats
                 stats.received_total += count
+                stats.received_bytes_total += size
                 self._queue.extend(records)
                 stats.queue_events += count
                 stats.queue_bytes += size
@@ -259,6 +271,9 @@ class SinkRunner:
         stats.received_total += (previous.sent_total + sum(previous.dropped_total.values())
                                  + previous.dead_lettered_total)
         stats.sent_total += previous.sent_total
+        stats.received_bytes_total += previous.received_bytes_total
+        stats.sent_bytes_total += previous.sent_bytes_total
+        stats.discarded_total += previous.discarded_total
         stats.failed_attempts_total += previous.failed_attempts_total
         stats.retried_total += previous.retried_total
         stats.dropped_total.update(previous.dropped_total)
@@ -566,6 +581,7 @@ class SinkRunner:
                     now = self._wall_clock()
                     _observe_latencies(self.stats.delivery_latency, now, batch.records)
                     self.stats.sent_total += count
+                    self.stats.sent_bytes_total += sum(len(record.json) for record in batch.records)
                     self.stats.last_success_time = now
                     self.stats.state = "ok"
                 else:
