@@ -25,7 +25,8 @@ class _Discards(Protocol):
 
 
 class _Offer(Protocol):
-    stats: _Discards
+    @property
+    def stats(self) -> _Discards: ...
 
     def offer(self, record: Record) -> None: ...
 

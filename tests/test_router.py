@@ -63,3 +63,14 @@ def test_on_event_routes_a_single_event() -> None:
     for event in events("Newchannel", "VarSet"):
         router.on_event(event)
     assert [r.name for r in sink.records] == ["Newchannel"]
+    assert sink.stats.discarded_total == 1
+
+
+def test_records_amid_makes_are_routed_and_discarded_by_the_same_filters() -> None:
+    gaps, calls = Recorder(), Recorder()
+    router = Router("run")
+    router.set_routes([(EventFilter(), gaps), (EventFilter(include=["Hangup"]), calls)])
+    router.emit(Record.synthetic(id="pbx:run:2:gap", server="pbx", name="AmidGap", received_at=1.0,
+                                 epoch=2, fields={"Server": "pbx"}))
+    assert [r.name for r in gaps.records] == ["AmidGap"] and calls.records == []
+    assert (gaps.stats.discarded_total, calls.stats.discarded_total) == (0, 1)
