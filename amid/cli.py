@@ -8,6 +8,7 @@ and decides exit codes. Nothing else in amid exits the process.
     amid tail --host pbx --username amid --secret-file F     print every event as JSON
     amid action --host pbx ... CoreShowChannels              send one action, print the answer
     amid healthcheck                          exit 0 if /readyz says ready (container HEALTHCHECK)
+    amid top                                  live view of a running daemon's servers and sinks
 """
 
 from __future__ import annotations
@@ -131,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--url", default=os.environ.get("AMID_HEALTHCHECK_URL",
                                                         "http://127.0.0.1:9180/readyz"))
     health.add_argument("--timeout", type=float, default=3.0)
+
+    top = sub.add_parser("top", help="live view of a running daemon (reads its /metrics); q quits")
+    top.add_argument("--url", default="http://127.0.0.1:9180",
+                     help="the daemon's http.listen address (default: %(default)s)")
+    top.add_argument("--once", action="store_true",
+                     help="print one plain snapshot (rates over --interval) and exit, for scripts")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default: 1)")
     return parser
 
 
@@ -534,6 +542,11 @@ def cmd_action(args: argparse.Namespace) -> int:
     return _run_loop(_action(args))
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from amid.top import run_top
+    return run_top(args.url, once=args.once, interval=args.interval)
+
+
 def cmd_healthcheck(args: argparse.Namespace) -> int:
     from amid.http import healthcheck
     return healthcheck(args.url, args.timeout, out=sys.stdout)
@@ -541,7 +554,7 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "check-config": cmd_check_config, "demo": cmd_demo,
             "simulate": cmd_simulate, "tail": cmd_tail, "action": cmd_action,
-            "healthcheck": cmd_healthcheck}
+            "healthcheck": cmd_healthcheck, "top": cmd_top}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

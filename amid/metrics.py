@@ -1,5 +1,12 @@
 """Prometheus view of amid's plain stats objects, built at scrape time.
 
+Names follow one pattern (Vector's ``component_received_events_total`` is the model):
+``amid_<ami|sink|config>_<what>_<unit>[_total]``, e.g. ``amid_ami_received_events_total``,
+``amid_sink_sent_bytes_total``, ``amid_sink_dropped_events_total{reason}``. "received" is what
+came into a server or sink, "sent" what it passed on (a sink: confirmed by its peer; a server:
+actions written to Asterisk); a sink's filter "discards" (on purpose), its queue or spool
+"drops" (an overflow or failure).
+
 Hot paths (the AMI reader, the sink runners) only bump ints and ``Counter`` entries on their
 stats objects; :class:`AmidCollector` turns those into metric families when Prometheus scrapes.
 Nothing here registers at import time and nothing touches prometheus_client's global
@@ -12,10 +19,18 @@ event loop thread (``amid.http`` calls it from a request handler, which does).
 from __future__ import annotations
 
 import platform
+import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -34,8 +49,10 @@ __all__ = [
     "DISCONNECT_REASONS",
     "DROP_REASONS",
     "OTHER_EVENT",
+    "RELOAD_RESULTS",
     "SINK_STATES",
     "AmidCollector",
+    "ReloadStats",
     "build_registry",
 ]
 
@@ -46,6 +63,7 @@ DISCONNECT_REASONS = ("eof", "ping_timeout", "protocol_error", "connect_error", 
                       "server_shutdown", "error", "closed")
 DROP_REASONS = ("queue_full", "spool_full", "spool_corrupt", "spool_io", "disabled", "shutdown")
 SINK_STATES = ("starting", "ok", "retrying", "disabled", "closing", "closed")
+RELOAD_RESULTS = ("success", "failure")
 
 # Event names beyond the per-server budget are summed under this label value.
 OTHER_EVENT = "other"
@@ -57,14 +75,36 @@ _SERVER = ["server"]
 _SINK = ["sink", "type"]
 
 
+@dataclass
+class ReloadStats:
+    """Outcome of the daemon's configuration loads (the load at start counts as a success).
+
+    The daemon calls :meth:`record` after each reload (SIGHUP); the collector reads it at
+    scrape time as ``amid_config_last_reload_successful`` and friends, the way Prometheus and
+    Alertmanager expose their own reloads.
+    """
+
+    last_successful: bool = True
+    last_success_time: float = field(default_factory=time.time)
+    reloads_total: Counter[str] = field(default_factory=Counter)  # "success" | "failure" -> count
+
+    def record(self, successful: bool, now: float | None = None) -> None:
+        """Note one reload attempt's outcome."""
+        self.last_successful = successful
+        self.reloads_total[RELOAD_RESULTS[0] if successful else RELOAD_RESULTS[1]] += 1
+        if successful:
+            self.last_success_time = time.time() if now is None else now
+
+
 class AmidCollector(Collector):
     """A prometheus_client collector reading amid's stats objects at each scrape.
 
     ``servers()`` yields ``(server name, SessionStats)`` and ``sinks()`` yields
     ``(sink name, sink type, SinkStats)``; both are called on every scrape, so servers and sinks
     added or removed by a reload appear and disappear without re-registering anything.
+    ``config`` is the daemon's :class:`ReloadStats`.
 
-    The ``event`` label of ``amid_ami_events_received_by_name_total`` is bounded: per server,
+    The ``event`` label of ``amid_ami_received_events_by_name_total`` is bounded: per server,
     the first ``max_event_names`` distinct names seen at scrape time keep their own series for
     the collector's lifetime; every later name is summed under ``event="other"``. Keeping the
     admitted set fixed (rather than "top N now") keeps each series monotonic.
@@ -75,6 +115,7 @@ class AmidCollector(Collector):
         *,
         servers: ServerSource,
         sinks: SinkSource,
+        config: ReloadStats,
         version: str,
         max_event_names: int = 300,
     ) -> None:
@@ -82,6 +123,7 @@ class AmidCollector(Collector):
             raise ValueError("max_event_names must be >= 0")
         self._servers = servers
         self._sinks = sinks
+        self._config = config
         self._version = version
         self._max_event_names = max_event_names
         # server -> event names that own a series (insertion-ordered, bounded by max_event_names)
@@ -95,41 +137,61 @@ class AmidCollector(Collector):
             value={"version": self._version, "python": platform.python_version(),
                    "speedups": SPEEDUPS},
         )
+        yield from self._config_families()
         yield from self._server_families(list(self._servers()))
         yield from self._sink_families(list(self._sinks()))
+
+    def _config_families(self) -> Iterator[Metric]:
+        config = self._config
+        yield GaugeMetricFamily(
+            "amid_config_last_reload_successful",
+            "1 if the last configuration reload (SIGHUP) was applied in full, else 0.",
+            value=1.0 if config.last_successful else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "amid_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last configuration load applied in full (the start counts).",
+            value=config.last_success_time,
+        )
+        reloads = CounterMetricFamily(
+            "amid_config_reloads", "Configuration reloads (SIGHUP), by result.", labels=["result"]
+        )
+        for result, count in _with_zeros(config.reloads_total, RELOAD_RESULTS):
+            reloads.add_metric([result], count)
+        yield reloads
 
     # -- AMI servers ---------------------------------------------------------------------
 
     def _server_families(self, servers: list[tuple[str, SessionStats]]) -> Iterator[Metric]:
+        def counter(name: str, doc: str) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, labels=_SERVER)
+
         up = GaugeMetricFamily("amid_ami_up", "1 while logged in to the AMI server, else 0.", labels=_SERVER)
-        connects = CounterMetricFamily(
-            "amid_ami_connects", "Successful AMI logins (connection established).", labels=_SERVER
-        )
+        connects = counter("amid_ami_connects", "Successful AMI logins (connection established).")
         disconnects = CounterMetricFamily(
             "amid_ami_disconnects", "AMI connections lost or closed, by reason.", labels=["server", "reason"]
         )
-        login_failures = CounterMetricFamily(
-            "amid_ami_login_failures", "AMI login attempts refused by the server.", labels=_SERVER
-        )
+        login_failures = counter("amid_ami_login_failures", "AMI login attempts refused by the server.")
         protocol_errors = CounterMetricFamily(
             "amid_ami_protocol_errors",
             "Malformed or unexpected AMI input, by kind.",
             labels=["server", "kind"],
         )
-        events = CounterMetricFamily("amid_ami_events_received", "AMI events received.", labels=_SERVER)
-        events_by_name = CounterMetricFamily(
-            "amid_ami_events_received_by_name",
+        received_events = counter(
+            "amid_ami_received_events", "AMI events received (each is handed on to the sinks' router)."
+        )
+        received_by_name = CounterMetricFamily(
+            "amid_ami_received_events_by_name",
             "AMI events received by event name (a bounded set of names per server;"
             f" the rest are counted under event=\"{OTHER_EVENT}\").",
             labels=["server", "event"],
         )
-        handler_errors = CounterMetricFamily(
-            "amid_ami_handler_errors", "Exceptions raised by event handlers.", labels=_SERVER
-        )
-        handler_dropped = CounterMetricFamily(
-            "amid_ami_handler_dropped",
-            "Events dropped because an event handler's queue was full.",
-            labels=_SERVER,
+        received_bytes = counter("amid_ami_received_bytes", "Bytes read from the AMI connection.")
+        sent_actions = counter("amid_ami_sent_actions", "AMI actions written (login, keepalive pings, others).")
+        sent_bytes = counter("amid_ami_sent_bytes", "Bytes of AMI actions written.")
+        handler_errors = counter("amid_ami_handler_errors", "Exceptions raised by event handlers.")
+        handler_dropped = counter(
+            "amid_ami_handler_dropped_events", "Events dropped because an event handler's queue was full."
         )
         last_event = GaugeMetricFamily(
             "amid_ami_last_event_timestamp_seconds",
@@ -154,9 +216,12 @@ class AmidCollector(Collector):
             login_failures.add_metric(labels, stats.login_failures_total)
             for kind, count in _with_zeros(stats.protocol_errors_total, PROTOCOL_ERROR_KINDS):
                 protocol_errors.add_metric([server, kind], count)
-            events.add_metric(labels, stats.events_total)
+            received_events.add_metric(labels, stats.events_total)
             for event, count in self._bounded_event_counts(server, stats.events_by_name):
-                events_by_name.add_metric([server, event], count)
+                received_by_name.add_metric([server, event], count)
+            received_bytes.add_metric(labels, stats.received_bytes_total)
+            sent_actions.add_metric(labels, stats.sent_actions_total)
+            sent_bytes.add_metric(labels, stats.sent_bytes_total)
             handler_errors.add_metric(labels, stats.handler_errors_total)
             handler_dropped.add_metric(labels, stats.handler_dropped_total)
             last_event.add_metric(labels, _timestamp(stats.last_event_time))
@@ -169,8 +234,9 @@ class AmidCollector(Collector):
             del self._admitted_events[gone]
 
         yield from (
-            up, connects, disconnects, login_failures, protocol_errors, events, events_by_name,
-            handler_errors, handler_dropped, last_event, last_pong, ping_rtt,
+            up, connects, disconnects, login_failures, protocol_errors, received_events,
+            received_by_name, received_bytes, sent_actions, sent_bytes, handler_errors,
+            handler_dropped, last_event, last_pong, ping_rtt,
         )
 
     def _bounded_event_counts(self, server: str, by_name: Mapping[str, int]) -> list[tuple[str, int]]:
@@ -202,30 +268,45 @@ class AmidCollector(Collector):
             "Current sink state: 1 for the state the sink is in, 0 for the others.",
             labels=["sink", "type", "state"],
         )
-        received = counter(
-            "amid_sink_received", "Events routed to the sink (accepted or dropped at its queue)."
+        received_events = counter(
+            "amid_sink_received_events", "Events routed to the sink (accepted by its filter; queued or dropped)."
         )
-        sent = counter("amid_sink_sent", "Events delivered by the sink.")
-        failed = counter("amid_sink_failed_attempts", "Delivery attempts that failed (each retry that fails counts again).")
-        retried = counter("amid_sink_retried", "Delivery attempts that were retries of an earlier failed attempt.")
+        received_bytes = counter(
+            "amid_sink_received_bytes",
+            "Bytes of the events routed to the sink, as counted against queue.max_bytes"
+            " (estimated from the AMI message before the JSON is built).",
+        )
+        sent_events = counter("amid_sink_sent_events", "Events delivered (confirmed by the sink's peer).")
+        sent_bytes = counter(
+            "amid_sink_sent_bytes", "Bytes of the JSON records delivered (without the transport's framing)."
+        )
+        discarded = counter("amid_sink_discarded_events", "Events the sink's filter did not accept (on purpose).")
         dropped = CounterMetricFamily(
-            "amid_sink_dropped", "Events the sink dropped, by reason.", labels=["sink", "type", "reason"]
+            "amid_sink_dropped_events", "Events the sink dropped, by reason.", labels=["sink", "type", "reason"]
         )
         dead_lettered = counter(
-            "amid_sink_dead_lettered", "Events the peer rejected for good, written to the dead-letter file."
+            "amid_sink_dead_lettered_events", "Events the peer rejected for good, written to the dead-letter file."
         )
         truncated = counter(
-            "amid_sink_truncated", "Events delivered shortened to the transport's size limit (syslog udp/unix)."
+            "amid_sink_truncated_events",
+            "Events delivered shortened to the transport's size limit (syslog udp/unix).",
         )
+        failed = counter("amid_sink_failed_attempts", "Delivery attempts that failed (each retry that fails counts again).")
+        retried = counter("amid_sink_retried_attempts", "Delivery attempts that were retries of an earlier failed attempt.")
         spool_corrupt = counter(
             "amid_sink_spool_corrupt_records",
             "Damaged spool records skipped when the spool was opened (torn or corrupted writes).",
         )
         queue_events = gauge("amid_sink_queue_events", "Events waiting in the sink's in-memory queue.")
         queue_bytes = gauge("amid_sink_queue_bytes", "Bytes of events waiting in the sink's in-memory queue.")
+        queue_max_events = gauge("amid_sink_queue_max_events", "The queue's bound in events (queue.max_events).")
+        queue_max_bytes = gauge("amid_sink_queue_max_bytes", "The queue's bound in bytes (queue.max_bytes).")
         in_flight = gauge("amid_sink_in_flight_events", "Events in the batch being delivered right now.")
         spool_events = gauge("amid_sink_spool_events", "Events waiting in the sink's on-disk spool.")
         spool_bytes = gauge("amid_sink_spool_bytes", "Bytes used by the sink's on-disk spool.")
+        spool_max_bytes = gauge(
+            "amid_sink_spool_max_bytes", "The spool's cap in bytes (spool.max_bytes; 0 without a spool)."
+        )
         last_success = gauge(
             "amid_sink_last_success_timestamp_seconds",
             "Unix time of the sink's last successful delivery (0 if none yet).",
@@ -240,27 +321,34 @@ class AmidCollector(Collector):
             labels = [sink, sink_type]
             for name in _with_extra(SINK_STATES, stats.state):
                 state.add_metric([sink, sink_type, name], 1.0 if name == stats.state else 0.0)
-            received.add_metric(labels, stats.received_total)
-            sent.add_metric(labels, stats.sent_total)
-            failed.add_metric(labels, stats.failed_attempts_total)
-            retried.add_metric(labels, stats.retried_total)
+            received_events.add_metric(labels, stats.received_total)
+            received_bytes.add_metric(labels, stats.received_bytes_total)
+            sent_events.add_metric(labels, stats.sent_total)
+            sent_bytes.add_metric(labels, stats.sent_bytes_total)
+            discarded.add_metric(labels, stats.discarded_total)
             for reason, count in _with_zeros(stats.dropped_total, DROP_REASONS):
                 dropped.add_metric([sink, sink_type, reason], count)
             dead_lettered.add_metric(labels, stats.dead_lettered_total)
             truncated.add_metric(labels, stats.truncated_total)
+            failed.add_metric(labels, stats.failed_attempts_total)
+            retried.add_metric(labels, stats.retried_total)
             spool_corrupt.add_metric(labels, stats.spool_corrupt_records_total)
             queue_events.add_metric(labels, stats.queue_events)
             queue_bytes.add_metric(labels, stats.queue_bytes)
+            queue_max_events.add_metric(labels, stats.queue_max_events)
+            queue_max_bytes.add_metric(labels, stats.queue_max_bytes)
             in_flight.add_metric(labels, stats.in_flight_events)
             spool_events.add_metric(labels, stats.spool_events)
             spool_bytes.add_metric(labels, stats.spool_bytes)
+            spool_max_bytes.add_metric(labels, stats.spool_max_bytes)
             last_success.add_metric(labels, _timestamp(stats.last_success_time))
             _add_histogram(latency, labels, stats.delivery_latency)
 
         yield from (
-            state, received, sent, failed, retried, dropped, dead_lettered, truncated, spool_corrupt,
-            queue_events, queue_bytes,
-            in_flight, spool_events, spool_bytes, last_success, latency,
+            state, received_events, received_bytes, sent_events, sent_bytes, discarded, dropped,
+            dead_lettered, truncated, failed, retried, spool_corrupt, queue_events, queue_bytes,
+            queue_max_events, queue_max_bytes, in_flight, spool_events, spool_bytes, spool_max_bytes,
+            last_success, latency,
         )
 
 

@@ -20,7 +20,14 @@ from amid.records import Record
 __all__ = ["EventFilter", "Router"]
 
 
+class _Discards(Protocol):
+    discarded_total: int  # events the route's filter did not accept (a sink's SinkStats)
+
+
 class _Offer(Protocol):
+    @property
+    def stats(self) -> _Discards: ...
+
     def offer(self, record: Record) -> None: ...
 
     def offer_many(self, records: list[Record]) -> None: ...
@@ -109,10 +116,14 @@ class Router:
                 runner.offer_many(records)
             else:
                 accepts = flt.accepts
-                runner.offer_many([record for record, event in zip(records, events) if accepts(event)])
+                accepted = [record for record, event in zip(records, events) if accepts(event)]
+                runner.stats.discarded_total += len(records) - len(accepted)
+                runner.offer_many(accepted)
 
     def emit(self, record: Record) -> None:
         """Route a record amid made itself (e.g. ``AmidGap``)."""
         for flt, runner in self._routes:
             if flt.accepts_record(record):
                 runner.offer(record)
+            else:
+                runner.stats.discarded_total += 1

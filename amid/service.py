@@ -32,6 +32,7 @@ from amid.ami.session import AMIClient, ConnectionState, SessionSettings, StateC
 from amid.ami.stats import SessionStats
 from amid.config import Config, ConfigError, DeprecatedKeys, ServerConfig, SinkConfig, load
 from amid.logs import set_log_level
+from amid.metrics import ReloadStats
 from amid.records import Record, format_iso
 from amid.router import EventFilter, Router
 from amid.sinks.base import PluginLoadError, load_plugin_factories
@@ -136,6 +137,7 @@ class Daemon:
         self.server_stats: dict[str, SessionStats] = {}
         self.sinks: dict[str, _SinkSlot] = {}
         self._replaced_stats: dict[str, SinkStats] = {}  # see reload: shown while handing over
+        self.reload_stats = ReloadStats()  # outcome of the last reload, for the metrics
         self.http = None
         self._install_signal_handlers = install_signals
         self.status_interval = status_interval
@@ -252,7 +254,7 @@ class Daemon:
             servers=lambda: list(self.server_stats.items()),
             sinks=lambda: [(name, slot.config.type, self._replaced_stats.get(name, slot.runner.stats))
                            for name, slot in self.sinks.items()],
-            version=__version__)
+            config=self.reload_stats, version=__version__)
         registry = build_registry(collector)
         self.http = HealthServer(self.config.http.listen, registry, live=self.liveness,
                                  ready=self.readiness)
@@ -447,14 +449,17 @@ class Daemon:
                     new = await asyncio.to_thread(load_config, self.config_path, self.environ, self.types)
                 except ConfigError as exc:
                     log.error("reload refused, keeping the running config:\n%s", exc)
+                    self.reload_stats.record(False)
                     return False
                 if self._stopping:  # a stop arrived while the file was read
                     return False
                 problems = await self._apply(new)
                 if problems:
                     log.error("reload only partly applied:\n%s", "\n".join(problems))
+                    self.reload_stats.record(False)
                     return False
                 log.info("configuration reloaded")
+                self.reload_stats.record(True)
                 return True
             finally:
                 if self.notifier is not None:

@@ -437,7 +437,7 @@ def run_outage(events: int, max_events: int, max_bytes: int) -> dict:
             "peak_second": max((r for _, r in second), default=rss_end),
             "queue_events": _metric(text, "amid_sink_queue_events", sink="hook"),
             "queue_bytes": _metric(text, "amid_sink_queue_bytes", sink="hook"),
-            "dropped": _metric(text, "amid_sink_dropped_total", sink="hook", reason="queue_full"),
+            "dropped": _metric(text, "amid_sink_dropped_events_total", sink="hook", reason="queue_full"),
             "max_events": max_events, "max_bytes": max_bytes}
 
 

@@ -2,7 +2,7 @@
 
     samples = await scrape(server.port)
     assert samples[key("amid_ami_up", server="pbx1")] == 1
-    assert total(samples, "amid_sink_dropped_total", sink="webhook") == 0
+    assert total(samples, "amid_sink_dropped_events_total", sink="webhook") == 0
 """
 
 from __future__ import annotations

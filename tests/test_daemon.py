@@ -115,10 +115,10 @@ async def test_every_event_reaches_file_syslog_and_webhook(tmp_path, sim, rsyslo
             samples = await scrape(daemon.http.port)
             assert samples[("amid_ami_up", (("server", "pbx1"),))] == 1
             for sink in ("file", "syslog", "webhook"):
-                received = total(samples, "amid_sink_received_total", sink=sink)
-                accounted = (total(samples, "amid_sink_sent_total", sink=sink)
-                             + total(samples, "amid_sink_dropped_total", sink=sink)
-                             + total(samples, "amid_sink_dead_lettered_total", sink=sink)
+                received = total(samples, "amid_sink_received_events_total", sink=sink)
+                accounted = (total(samples, "amid_sink_sent_events_total", sink=sink)
+                             + total(samples, "amid_sink_dropped_events_total", sink=sink)
+                             + total(samples, "amid_sink_dead_lettered_events_total", sink=sink)
                              + total(samples, "amid_sink_queue_events", sink=sink)
                              + total(samples, "amid_sink_in_flight_events", sink=sink)
                              + total(samples, "amid_sink_spool_events", sink=sink))
@@ -310,11 +310,11 @@ async def test_a_reconfigured_sink_keeps_counting_where_its_predecessor_stopped(
         await wait_until(lambda: stats.events_by_name["OriginateResponse"] == 2)
         await wait_until(lambda: len(read_jsonl(events_file)) == stats.events_total)
         after = await scrape(daemon.http.port)
-        for name in ("amid_sink_received_total", "amid_sink_sent_total",
+        for name in ("amid_sink_received_events_total", "amid_sink_sent_events_total",
                      "amid_sink_delivery_latency_seconds_count"):
             assert total(after, name, sink="file") >= total(before, name, sink="file") > 0, name
-        assert total(after, "amid_sink_received_total", sink="file") == stats.events_total
-        assert total(after, "amid_sink_sent_total", sink="file") == stats.events_total
+        assert total(after, "amid_sink_received_events_total", sink="file") == stats.events_total
+        assert total(after, "amid_sink_sent_events_total", sink="file") == stats.events_total
     finally:
         await stop_daemon(daemon, task)
 
@@ -391,7 +391,7 @@ async def test_a_scrape_during_a_reload_handover_sees_no_counter_drop(tmp_path, 
             receiver.release()
             assert await reload
             after = await scrape(daemon.http.port)
-            for name in ("amid_sink_received_total", "amid_sink_sent_total"):
+            for name in ("amid_sink_received_events_total", "amid_sink_sent_events_total"):
                 assert (total(before, name, sink="webhook") <= total(during, name, sink="webhook")
                         <= total(after, name, sink="webhook")), name
         finally:

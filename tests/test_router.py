@@ -5,12 +5,14 @@ from __future__ import annotations
 from amid.ami.protocol import Event
 from amid.records import Record
 from amid.router import EventFilter, Router
+from amid.sinks.delivery import SinkStats
 
 
 class Recorder:
     def __init__(self) -> None:
         self.records: list[Record] = []
         self.calls = 0
+        self.stats = SinkStats()  # the router counts what a filter discards here
 
     def offer(self, record: Record) -> None:
         self.records.append(record)
@@ -39,6 +41,8 @@ def test_each_sink_gets_what_its_filter_accepts_in_order_and_records_are_shared(
     assert [r.seq for r in everything.records] == [1, 2, 3, 4]
     assert [r.seq for r in calls_only.records] == [1, 3, 4]  # names match case-insensitively
     assert [r.seq for r in matched.records] == [2]
+    assert (everything.stats.discarded_total, calls_only.stats.discarded_total,
+            matched.stats.discarded_total) == (0, 1, 3)
     assert calls_only.records[0] is everything.records[0]  # one record, shared by the sinks
     assert everything.calls == 1  # one hand-over per read, not per event
     assert everything.records[0].id == "pbx:run:1:1"
@@ -59,3 +63,14 @@ def test_on_event_routes_a_single_event() -> None:
     for event in events("Newchannel", "VarSet"):
         router.on_event(event)
     assert [r.name for r in sink.records] == ["Newchannel"]
+    assert sink.stats.discarded_total == 1
+
+
+def test_records_amid_makes_are_routed_and_discarded_by_the_same_filters() -> None:
+    gaps, calls = Recorder(), Recorder()
+    router = Router("run")
+    router.set_routes([(EventFilter(), gaps), (EventFilter(include=["Hangup"]), calls)])
+    router.emit(Record.synthetic(id="pbx:run:2:gap", server="pbx", name="AmidGap", received_at=1.0,
+                                 epoch=2, fields={"Server": "pbx"}))
+    assert [r.name for r in gaps.records] == ["AmidGap"] and calls.records == []
+    assert (gaps.stats.discarded_total, calls.stats.discarded_total) == (0, 1)

@@ -666,7 +666,7 @@ async def test_truncation_is_counted_once_per_delivered_message_and_reaches_the_
             runner.offer(record)
         assert await waited(runner.drain(WAIT))
         assert sink.stats.truncated_total == 2
-        assert runner.stats.truncated_total == 2  # what amid_sink_truncated_total shows
+        assert runner.stats.truncated_total == 2  # what amid_sink_truncated_events_total shows
     finally:
         await waited(runner.close(WAIT))
         await peer.stop()

@@ -467,6 +467,8 @@ class AMIClient(CannedActions):
         action_id = action_id or self._action_ids()
         data = encode_action(name, fields, action_id=action_id)
         assert wire.transport is not None
+        self.stats.sent_actions_total += 1
+        self.stats.sent_bytes_total += len(data)
         return await self._actions.wait(
             action_id, data, wire.transport.write, what=f"{name} from {self.name}",
             timeout=timeout if timeout is not None else self.settings.action_timeout,
@@ -657,6 +659,7 @@ class AMIClient(CannedActions):
     # ------------------------------------------------------------------ read path
 
     def _on_data(self, wire: _Wire, data: bytes) -> None:
+        self.stats.received_bytes_total += len(data)
         for raw_listener in self._raw_listeners:
             try:
                 raw_listener(data)

@@ -47,7 +47,9 @@ class Histogram:
         return out
 
 
-PING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# 50 µs (loopback) to 5 s (the default ping_timeout): a LAN PBX answers in well under 1 ms.
+PING_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2,
+                0.5, 1.0, 2.0, 5.0)
 
 
 @dataclass
@@ -60,6 +62,9 @@ class SessionStats:
     login_failures_total: int = 0
     protocol_errors_total: Counter[str] = field(default_factory=Counter)  # kind -> count
     events_total: int = 0
+    received_bytes_total: int = 0          # bytes read from the AMI connection
+    sent_actions_total: int = 0            # actions written (login, pings, the caller's)
+    sent_bytes_total: int = 0              # bytes of those actions
     events_by_name: Counter[str] = field(default_factory=Counter)       # event name -> count
     handler_errors_total: int = 0
     handler_dropped_total: int = 0         # events a too-slow handler queue had to drop
