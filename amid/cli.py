@@ -464,20 +464,22 @@ async def _tail(args: argparse.Namespace) -> int:
     client = _client_from_args(args, ping_interval=args.ping_interval,
                                ping_timeout=max(2.0, args.ping_interval))
 
-    def on_event(event) -> None:
+    def on_events(events: list) -> None:
+        # The daemon's read path: every event of one read at once, their records encoded in
+        # one call and written with one write.
         nonlocal seen
         if done.is_set():
             return
-        seen += 1
-        if not args.raw:
-            record = Record.of_event(event, "tail")
-            writer.write(record.json + b"\n")
-        if args.count is not None and seen >= args.count:
+        if args.count is not None and seen + len(events) >= args.count:
+            events = events[:args.count - seen]
             done.set()
+        seen += len(events)
+        if not args.raw and events:
+            writer.write(b"\n".join(Record.jsons(Record.of_events(events, "tail"))) + b"\n")
 
     if args.raw:
         client.add_raw_listener(writer.write)
-    client.add_listener(on_event)
+    client.add_batch_listener(on_events)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, done.set)

@@ -187,6 +187,8 @@ class AmidCollector(Collector):
             labels=["server", "event"],
         )
         received_bytes = counter("amid_ami_received_bytes", "Bytes read from the AMI connection.")
+        reads = counter("amid_ami_reads", "Socket reads that returned data (events per read = "
+                        "received events / reads).")
         sent_actions = counter("amid_ami_sent_actions", "AMI actions written (login, keepalive pings, others).")
         sent_bytes = counter("amid_ami_sent_bytes", "Bytes of AMI actions written.")
         handler_errors = counter("amid_ami_handler_errors", "Exceptions raised by event handlers.")
@@ -220,6 +222,7 @@ class AmidCollector(Collector):
             for event, count in self._bounded_event_counts(server, stats.events_by_name):
                 received_by_name.add_metric([server, event], count)
             received_bytes.add_metric(labels, stats.received_bytes_total)
+            reads.add_metric(labels, stats.reads_total)
             sent_actions.add_metric(labels, stats.sent_actions_total)
             sent_bytes.add_metric(labels, stats.sent_bytes_total)
             handler_errors.add_metric(labels, stats.handler_errors_total)
@@ -235,7 +238,7 @@ class AmidCollector(Collector):
 
         yield from (
             up, connects, disconnects, login_failures, protocol_errors, received_events,
-            received_by_name, received_bytes, sent_actions, sent_bytes, handler_errors,
+            received_by_name, received_bytes, reads, sent_actions, sent_bytes, handler_errors,
             handler_dropped, last_event, last_pong, ping_rtt,
         )
 

@@ -9,10 +9,13 @@
         answers the login like Asterisk (plain ``Secret``, any ActionID), then streams the events
         of the real capture s09a (16,003 events) K times as fast as the socket takes them.
 
-    python -m benchmarks.ami_server paced
+    python -m benchmarks.ami_server paced [--chunked]
         answers the login, then waits for commands on stdin, one per line:
         ``stream RATE COUNT`` sends COUNT pre-built call events to every logged-in session at RATE
-        events/s (RATE 0: as fast as possible), then prints ``done SENT SECONDS``.
+        events/s (RATE 0: as fast as possible), then prints ``done SENT SECONDS``. Paced events
+        are written the way Asterisk writes them: each event with its own ``send()`` on a
+        TCP_NODELAY socket, at its own moment; ``--chunked`` sends what is due every millisecond
+        in one write instead (the old, kinder source: a read then carries tens of events).
 
 It prints ``port N`` once listening, and runs until stdin closes (or it is terminated).
 """
@@ -93,7 +96,10 @@ class StreamSession(asyncio.Protocol):
 class StreamServer:
     """Streams a pre-rendered blob of events (or paced slices of it) to logged-in sessions."""
 
-    def __init__(self, events: list[bytes], *, stream_on_login: int = 0) -> None:
+    def __init__(self, events: list[bytes], *, stream_on_login: int = 0,
+                 per_event: bool = False) -> None:
+        self.events = events
+        self.per_event = per_event
         self.blob = b"".join(events)
         self.ends = []
         total = 0
@@ -131,6 +137,8 @@ class StreamServer:
 
     async def stream(self, session: StreamSession, count: int, rate: float) -> int:
         """Send ``count`` events; ``rate`` events/s (0: as fast as the socket takes them)."""
+        if rate > 0 and self.per_event:
+            return await self._stream_per_event(session, count, rate)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         sent = 0
@@ -151,6 +159,36 @@ class StreamServer:
             sent += batch
             if rate <= 0:
                 await asyncio.sleep(0)
+        return sent
+
+
+    async def _stream_per_event(self, session: StreamSession, count: int, rate: float) -> int:
+        """Each event its own write (one ``send()``: asyncio writes at once while the socket
+        keeps up, and sets TCP_NODELAY), each at its own due time. The loop's timers are only
+        good to a millisecond, so gaps shorter than that are waited out by yielding (this
+        process spins, as a busy Asterisk would be busy)."""
+        loop = asyncio.get_running_loop()
+        events, pool = self.events, len(self.events)
+        t0 = loop.time()
+        interval = 1.0 / rate
+        sent = 0
+        while sent < count and not session.closed:
+            due = t0 + sent * interval
+            gap = due - loop.time()
+            if gap > 0.002:
+                await asyncio.sleep(gap - 0.001)
+                continue
+            if gap > 0:
+                await asyncio.sleep(0)
+                continue
+            if not session.writable.is_set():
+                await session.writable.wait()
+                if session.closed:
+                    break
+            raw = events[sent % pool]
+            cut = raw.index(b"\r\n") + 2  # after the Event: line
+            session.transport.write(b"%sBenchSent: %.6f\r\n%s" % (raw[:cut], time.time(), raw[cut:]))
+            sent += 1
         return sent
 
 
@@ -206,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--dump", type=Path, default=None)
     p.add_argument("--uvloop", action="store_true")
+    p.add_argument("--chunked", action="store_true",
+                   help="paced mode: what is due every millisecond in one write")
     args = p.parse_args(argv)
     if args.mode == "sim":
         coro = _serve_simulator(args.events, args.dump)
@@ -216,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             args.dump.write_bytes(b"".join(events) * args.repeat)
         coro = _serve_stream(StreamServer(events, stream_on_login=len(events) * args.repeat), False)
     else:
-        coro = _serve_stream(StreamServer(_prebuilt_events()), True)
+        coro = _serve_stream(StreamServer(_prebuilt_events(), per_event=not args.chunked), True)
     if args.uvloop:
         import uvloop
         uvloop.run(coro)

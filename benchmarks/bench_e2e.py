@@ -1,13 +1,16 @@
 """Benchmark 3, end to end: AMI source process -> ``amid run`` (its own process) -> sinks.
 
 * The source (benchmarks.ami_server ``paced``) sends amid's pre-built call events at a fixed rate
-  (what is due every millisecond, as one write) or as fast as the socket takes them.
+  the way Asterisk writes them (each event its own ``send()``, TCP_NODELAY, at its own moment,
+  stamped with a ``BenchSent`` field) or, flat out, as fast as the socket takes them.
 * ``amid run`` gets a generated config: one server, a JSONL file sink (and, in the all-sinks
   scenario, a webhook to a local aiohttp receiver and RFC 5424 syslog over UDP to a local
   listener, both in benchmarks.sink_peers, another process).
 * A tailer thread in this process is woken by inotify whenever the JSONL file grows; for every
-  new line, latency = the moment the line was seen written − the record's ``received_at`` (set
-  by amid when the bytes came off the socket). Both are the same machine's wall clock.
+  new line, latency = the moment the line was seen written − the event's ``BenchSent`` (when the
+  source wrote it; flat out, the record's ``received_at``, when amid read it). Both are the same
+  machine's wall clock. Each paced phase also reports amid's socket reads per second and events
+  per read (``amid_ami_reads_total``): the per-read cost is what Asterisk's write pattern exposes.
 * CPU seconds come from /proc/<pid>/stat (utime+stime) of the amid process; RSS and peak RSS from
   VmRSS / VmHWM in /proc/<pid>/status.
 """
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import (ROOT, markdown_table, percentile, proc_cpu_seconds, proc_status_kib,
+from benchmarks.common import (ROOT, markdown_table, percentile, proc_cpu_seconds, proc_status_kib, proc_written_bytes,
                                python_for_subprocess, s09a_messages)
 
 IN_MODIFY = 0x00000002
@@ -41,6 +44,9 @@ _RECEIVED_AT = b'"received_at":"'
 
 
 # ------------------------------------------------------------------------------ the tailer
+
+_BENCH_SENT = b'"BenchSent":"'
+
 
 class Tailer(threading.Thread):
     """Follows a JSONL file (inotify wake-ups), timestamps every new line as it appears."""
@@ -61,6 +67,13 @@ class Tailer(threading.Thread):
             raise OSError(ctypes.get_errno(), f"inotify_add_watch({path}) failed")
 
     def _received_at(self, line: bytes) -> float | None:
+        """When the event left the source (its ``BenchSent`` field, per-event source), else
+        when amid read it: with Asterisk-like writes the latency includes any time the event
+        waited in amid's socket buffer."""
+        sent = line.find(_BENCH_SENT)
+        if sent >= 0:
+            end = line.find(b'"', sent + len(_BENCH_SENT))
+            return float(line[sent + len(_BENCH_SENT):end])
         at = line.find(_RECEIVED_AT)
         if at < 0:
             return None
@@ -226,10 +239,12 @@ def amid_daemon(workdir: Path, config: dict, env: dict[str, str] | None = None
                   + (workdir / "amid.log").read_text()[-2000:], file=sys.stderr)
 
 
-def _config(workdir: Path, ami_port: int, http_port: int, sinks: list[dict]) -> dict:
+def _config(workdir: Path, ami_port: int, http_port: int, sinks: list[dict], sessions: int = 1) -> dict:
+    names = ["bench"] if sessions == 1 else [f"pbx{n}" for n in range(1, sessions + 1)]
     return {
-        "servers": [{"name": "bench", "host": "127.0.0.1", "port": ami_port, "username": "amid",
-                     "secret": "amidsecret", "auth": "plain", "ping_interval": "20s"}],
+        "servers": [{"name": name, "host": "127.0.0.1", "port": ami_port, "username": "amid",
+                     "secret": "amidsecret", "auth": "plain", "ping_interval": "20s"}
+                    for name in names],
         "sinks": sinks,
         "http": {"listen": f"127.0.0.1:{http_port}"},
         "state_dir": str(workdir / "state"),
@@ -238,9 +253,9 @@ def _config(workdir: Path, ami_port: int, http_port: int, sinks: list[dict]) -> 
     }
 
 
-def _file_sink(path: Path) -> dict:
+def _file_sink(path: Path, overflow: str = "drop_oldest") -> dict:
     # A file write is one syscall: waiting to fill a batch only adds latency (see README).
-    return {"name": "jsonl", "type": "file", "path": str(path), "overflow": "drop_oldest",
+    return {"name": "jsonl", "type": "file", "path": str(path), "overflow": overflow,
             "batch": {"max_events": 500, "max_wait": 0}}
 
 
@@ -280,6 +295,16 @@ class Phase:
     latencies: list[float] = field(default_factory=list)
     complete: bool = True
     extra: str = ""
+    reads: float = float("nan")  # AMI socket reads amid made during the phase
+    written: int = 0             # bytes amid wrote (files, spool, sockets) during the phase
+
+    @property
+    def reads_per_second(self) -> float:
+        return self.reads / self.seconds if self.seconds else float("nan")
+
+    @property
+    def events_per_read(self) -> float:
+        return self.events / self.reads if self.reads else float("nan")
 
     @property
     def rate(self) -> float:
@@ -293,19 +318,31 @@ class Phase:
         return percentile(sorted(self.latencies), q) * 1000
 
 
+def _reads(http_port: int | None) -> float:
+    if http_port is None:
+        return float("nan")
+    value = _metric(_metrics(http_port), "amid_ami_reads_total")
+    return float("nan") if value is None else value
+
+
 def _run_phase(name: str, source: Source, tailer: Tailer, pid: int, rate: float, count: int,
-               timeout: float) -> Phase:
-    target = tailer.lines + count
+               timeout: float, http_port: int | None = None, sessions: int = 1) -> Phase:
+    """``count`` events at ``rate``/s to each of ``sessions`` sessions."""
+    target = tailer.lines + count * sessions
     tailer.take_latencies()
+    reads0 = _reads(http_port)
+    wrote0 = proc_written_bytes(pid)
     cpu0, t0 = proc_cpu_seconds(pid), time.time()
     source.stream(rate, count)
+    count *= sessions
     start_lines = target - count
     complete = tailer.wait_for(target, timeout)
     t1 = tailer.last_seen
     cpu1 = proc_cpu_seconds(pid)
     written = tailer.lines - start_lines
     return Phase(name, written, t1 - t0, cpu1 - cpu0, tailer.take_latencies(), complete,
-                 "" if complete else f"{count - written:,} of {count:,} events never written")
+                 "" if complete else f"{count - written:,} of {count:,} events never written",
+                 _reads(http_port) - reads0, proc_written_bytes(pid) - wrote0)
 
 
 def _floor_rate() -> float:
@@ -322,7 +359,8 @@ def _floor_rate() -> float:
 
 
 def run_scenario(*, all_sinks: bool, rates: list[int], seconds: float, flat_out: int,
-                 env: dict[str, str] | None = None, flat_out_reps: int = 1) -> dict:
+                 env: dict[str, str] | None = None, flat_out_reps: int = 1,
+                 overflow: str = "drop_oldest", sessions: int = 1) -> dict:
     """One amid process (``env`` added to its environment), the phases run one after the
     other against it. The flat-out phase runs ``flat_out_reps`` times, alternating with the
     floor parser measured in this process (a shared machine's speed drifts: the ratio of two
@@ -333,7 +371,7 @@ def run_scenario(*, all_sinks: bool, rates: list[int], seconds: float, flat_out:
         source = Source()
         peers = SinkPeers() if all_sinks else None
         http_port = _free_port()
-        sinks = [_file_sink(jsonl)]
+        sinks = [_file_sink(jsonl, overflow)]
         if peers is not None:
             sinks += [{"name": "hook", "type": "webhook", "url": f"http://127.0.0.1:{peers.webhook_port}/events",
                        "overflow": "drop_oldest"},
@@ -341,25 +379,32 @@ def run_scenario(*, all_sinks: bool, rates: list[int], seconds: float, flat_out:
                        "overflow": "drop_oldest"}]
         phases: list[Phase] = []
         try:
-            with amid_daemon(workdir, _config(workdir, source.port, http_port, sinks), env) as proc:
+            with amid_daemon(workdir, _config(workdir, source.port, http_port, sinks, sessions),
+                             env) as proc:
                 _wait_file(jsonl, proc, 20)
-                source.wait_sessions(1, 20)
+                source.wait_sessions(sessions, 20)
                 tailer = Tailer(jsonl)
                 tailer.start()
                 try:
                     # Warm-up: imports, first JSON encoding, allocator.
-                    _run_phase("warm-up", source, tailer, proc.pid, 5000, 2000, 30)
+                    _run_phase("warm-up", source, tailer, proc.pid, 5000 // sessions,
+                               max(2000 // sessions, 100), 30, sessions=sessions)
                     rss_idle = proc_status_kib(proc.pid, "VmRSS")
                     for rate in rates:
-                        phases.append(_run_phase(f"{rate:,}/s paced", source, tailer, proc.pid, rate,
-                                                 int(rate * seconds), 30 + seconds * 3))
+                        label = (f"{rate:,}/s paced" if sessions == 1
+                                 else f"{sessions} sessions × {rate:,}/s paced")
+                        phases.append(_run_phase(label, source, tailer, proc.pid, rate,
+                                                 int(rate * seconds), 30 + seconds * 3, http_port,
+                                                 sessions))
                     runs, floors = [], []
-                    for _ in range(flat_out_reps):
+                    for _ in range(flat_out_reps if flat_out else 0):
                         floors.append(_floor_rate())
-                        runs.append(_run_phase("flat out", source, tailer, proc.pid, 0, flat_out, 120))
-                    floors.append(_floor_rate())
-                    runs.sort(key=lambda phase: phase.rate)
-                    phases.append(runs[len(runs) // 2])
+                        runs.append(_run_phase("flat out", source, tailer, proc.pid, 0, flat_out, 120,
+                                               http_port))
+                    if runs:
+                        floors.append(_floor_rate())
+                        runs.sort(key=lambda phase: phase.rate)
+                        phases.append(runs[len(runs) // 2])
                     rss_steady = proc_status_kib(proc.pid, "VmRSS")
                     hwm = proc_status_kib(proc.pid, "VmHWM")
                     # amid gives memory back once its queues are empty (checked every 5 s).
@@ -447,12 +492,15 @@ def _phase_rows(phases: list[Phase]) -> list[list[str]]:
     rows = []
     for p in phases:
         rows.append([p.name, f"{p.events:,}", f"{p.rate:,.0f}" + ("" if p.complete else f" ({p.extra}!)"),
+                     f"{p.reads_per_second:,.0f}", f"{p.events_per_read:.1f}",
                      f"{p.core_share * 100:.0f}%", f"{p.cpu / p.events * 100_000:.2f}",
+                     f"{p.written / p.seconds / 1e6:.1f}" if p.seconds else "",
                      f"{p.lat(50):.2f}", f"{p.lat(99):.2f}", f"{p.lat(100):.1f}"])
     return rows
 
 
-HEADER = ["phase", "events", "events/s written", "amid CPU (of one core)", "CPU s / 100k events",
+HEADER = ["phase", "events", "events/s written", "reads/s", "events/read", "amid CPU (of one core)",
+          "CPU s / 100k events", "MB/s written",
           "p50 ms", "p99 ms", "max ms"]
 
 
@@ -487,6 +535,19 @@ def run(quick: bool) -> tuple[str, dict]:
                + f"\n\nDelivered: file {total:,} lines, webhook {hooks:,} records, syslog {syslog:,} "
                  f"datagrams (UDP may drop under load; the sink counts what it sent). "
                  f"Peak RSS (VmHWM) {every['hwm'] / 1024:.0f} MiB.")
+    durable = run_scenario(all_sinks=False, rates=[1000, 10_000, 40_000], seconds=seconds,
+                           flat_out=flat_out // 2, overflow="spool")
+    out.append("**Durable file sink** (`overflow: spool`: every record written ahead to the spool, "
+               "read back by the sink's worker, acknowledged after the file write; same source):\n\n"
+               + markdown_table(HEADER, _phase_rows(durable["phases"]))
+               + f"\n\nPeak RSS (VmHWM) {durable['hwm'] / 1024:.0f} MiB. MB/s written counts the "
+                 "spool and the file (the spool's bytes are about the file's again).")
+    many = run_scenario(all_sinks=False, rates=[200], seconds=seconds * 2, flat_out=0, sessions=50)
+    out.append("**50 AMI sessions** (one amid process, 50 servers on the source, each paced at "
+               "200 events/s, one event per write; file sink):\n\n"
+               + markdown_table(HEADER, _phase_rows(many["phases"]))
+               + f"\n\nRSS after warm-up {many['rss_idle'] / 1024:.0f} MiB, peak (VmHWM) "
+                 f"{many['hwm'] / 1024:.0f} MiB.")
     outage_events = 100_000 if quick else 200_000
     outage = run_outage(outage_events, max_events=20_000, max_bytes=16 * 1024 * 1024)
     out.append(
@@ -499,7 +560,8 @@ def run(quick: bool) -> tuple[str, dict]:
         f"and drains within each half); webhook queue at the end "
         f"{outage['queue_events'] or 0:,.0f} events / {(outage['queue_bytes'] or 0) / 1024**2:.1f} MiB, "
         f"dropped (queue_full) {outage['dropped'] or 0:,.0f}.")
-    return "\n\n".join(out), {"file": file_only, "pure": pure, "all": every, "outage": outage}
+    return "\n\n".join(out), {"file": file_only, "pure": pure, "all": every, "outage": outage,
+                              "durable": durable, "sessions": many}
 
 
 if __name__ == "__main__":

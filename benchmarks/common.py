@@ -138,6 +138,14 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def proc_written_bytes(pid: int) -> int:
+    """Bytes the process handed to write()-like calls so far (``wchar`` of /proc/<pid>/io)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    return 0
+
+
 def proc_status_kib(pid: int, key: str) -> int:
     """A ``kB`` value from /proc/<pid>/status (``VmRSS``, ``VmHWM``)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -659,7 +659,9 @@ class AMIClient(CannedActions):
     # ------------------------------------------------------------------ read path
 
     def _on_data(self, wire: _Wire, data: bytes) -> None:
-        self.stats.received_bytes_total += len(data)
+        stats = self.stats
+        stats.received_bytes_total += len(data)
+        stats.reads_total += 1
         for raw_listener in self._raw_listeners:
             try:
                 raw_listener(data)

@@ -63,6 +63,7 @@ class SessionStats:
     protocol_errors_total: Counter[str] = field(default_factory=Counter)  # kind -> count
     events_total: int = 0
     received_bytes_total: int = 0          # bytes read from the AMI connection
+    reads_total: int = 0                   # socket reads that returned data (the per-read cost)
     sent_actions_total: int = 0            # actions written (login, pings, the caller's)
     sent_bytes_total: int = 0              # bytes of those actions
     events_by_name: Counter[str] = field(default_factory=Counter)       # event name -> count
