@@ -273,7 +273,7 @@ def _build_handler(
         try:
             journal_handler = build_journal_handler()
         except ImportError:
-            fallback_reason = "systemd-python is not installed (pip install 'amid[systemd]')"
+            fallback_reason = "systemd-python is not installed (pip install 'asterisk-amid[systemd]')"
         else:
             # libsystemd would fail every send (and logging print a traceback per record) without journald.
             if os.path.exists(JOURNAL_SOCKET):
