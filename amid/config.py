@@ -80,8 +80,14 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from amid.ami.address import split_host_port
-from amid.units import (Duration, PositiveDuration, PositiveSize, Size, parse_duration,
-                        parse_size)
+from amid.units import (
+    Duration,
+    PositiveDuration,
+    PositiveSize,
+    Size,
+    parse_duration,
+    parse_size,
+)
 
 __all__ = [
     "Config",
@@ -558,7 +564,7 @@ class _Loader:
             self.problem(loc, "unknown key")
 
     def add_validation_errors(self, exc: ValidationError, prefix: Loc = (),
-                              skip_keys: frozenset[str | int] = frozenset()) -> None:
+                              skip_keys: frozenset[str | int | None] = frozenset()) -> None:
         """Report pydantic's errors; ``skip_keys``: first-level keys already reported."""
         errors = [error for error in exc.errors(include_url=False, include_input=False)
                   if _blamed_key(error) not in skip_keys]
