@@ -152,7 +152,8 @@ def test_wheel_holds_the_package_its_license_and_no_c_source(dist: dict[str, Pat
 def test_sdist_holds_what_an_operator_and_the_tests_need(dist: dict[str, Path]) -> None:
     with tarfile.open(dist["sdist"]) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
-    for needed in ("LICENSE", "README.md", "pyproject.toml", "setup.py", "amid/_speedups.c", "amid/py.typed",
+    assert [n for n in names if n.endswith("/_speedups.c")], "the accelerator's C source"
+    for needed in ("LICENSE", "README.md", "pyproject.toml", "setup.py", "amid/py.typed",
                    "amid/sample-config.yaml", "config/amid.yaml", "deploy/systemd/amid.service",
                    "deploy/systemd/amid.yaml", "Dockerfile", "tests/conftest.py", "tests/test_config.py",
                    "tests/fixtures/README.md", "tests/fixtures/s04_originate_events.raw",
