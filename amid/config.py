@@ -80,14 +80,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from amid.ami.address import split_host_port
-from amid.units import (
-    Duration,
-    PositiveDuration,
-    PositiveSize,
-    Size,
-    parse_duration,
-    parse_size,
-)
+from amid.units import (Duration, PositiveDuration, PositiveSize, Size, parse_duration,
+                        parse_size)
 
 __all__ = [
     "Config",

@@ -173,8 +173,8 @@ def final_stage() -> list[tuple[str, str]]:
     return instructions[last_from:]
 
 
-# The one image from outside the Dockerfile: Debian's slim image, for which tests/test_container.py builds an honest
-# local stand-in (Debian minbase with the slim image's dpkg excludes) with mmdebstrap.
+# The one image from outside the Dockerfile: Debian's slim image, for which tests/test_container.py
+# builds an honest local stand-in (Debian minbase with the slim image's dpkg excludes) with mmdebstrap.
 BASE_IMAGE = "debian:bookworm-slim"
 
 
