@@ -552,7 +552,7 @@ class _Loader:
         reported as missing (a typo is one problem, not two)."""
         close = difflib.get_close_matches(str(loc[-1]), sorted(known), n=1)
         if close:
-            self.meant.add(loc[:-1] + (close[0],))
+            self.meant.add((*loc[:-1], close[0]))
             self.problem(loc, f"unknown key (did you mean {close[0]!r}?)")
         else:
             self.problem(loc, "unknown key")
@@ -947,7 +947,7 @@ class _Loader:
         known_keys = _model_keys(model)
         unknown = [key for key in own if key not in known_keys]
         for key in unknown:
-            self.unknown_key(loc + (key,), known_keys | _SINK_COMMON_KEYS)
+            self.unknown_key((*loc, key), known_keys | _SINK_COMMON_KEYS)
         values = {k: v for k, v in own.items() if k not in unknown}
         try:
             return model.model_validate(values)

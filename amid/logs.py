@@ -10,7 +10,8 @@ Log calls carry structure through ``extra``::
 - ``json``: one JSON object per line with ``ts``, ``level``, ``logger``, ``message``, the extras, and ``exc`` when
   an exception is attached (the container default).
 - ``journal``: ``systemd.journal.JournalHandler`` (the ``asterisk-amid[systemd]`` extra) with
-  ``PRIORITY`` and the extras as upper-case fields (``SERVER``, ``SINK``). Without systemd-python or a running journald, text on stderr.
+  ``PRIORITY`` and the extras as upper-case fields (``SERVER``, ``SINK``). Without systemd-python or a
+  running journald, text on stderr.
 
 Every handler installed here redacts the values of AMI ``Secret:`` and ``Key:`` fields from messages and
 tracebacks, so a secret cannot leak through a debug dump of raw AMI traffic.
