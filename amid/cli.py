@@ -9,6 +9,7 @@ and decides exit codes. Nothing else in amid exits the process.
     amid action --host pbx ... CoreShowChannels              send one action, print the answer
     amid healthcheck                          exit 0 if /readyz says ready (container HEALTHCHECK)
     amid top                                  live view of a running daemon's servers and sinks
+    amid init-config > /etc/amid/amid.yaml    the commented sample config
 """
 
 from __future__ import annotations
@@ -42,15 +43,16 @@ DEFAULT_CONFIG = "/etc/amid/amid.yaml"
 def _add_connection_args(p: argparse.ArgumentParser) -> None:
     env = os.environ
     p.add_argument("--host", default=env.get("AMID_HOST", "127.0.0.1"),
-                   help="Asterisk host, optionally host:port (default $AMID_HOST or 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="AMI port (default 5038)")
-    p.add_argument("--username", default=env.get("AMID_USERNAME"), help="AMI user (default $AMID_USERNAME)")
+                   help="Asterisk host, optionally host:port ($AMID_HOST if set)")
+    p.add_argument("--port", type=int, default=None,
+                   help="AMI port (default: the one in --host, else 5038)")
+    p.add_argument("--username", default=env.get("AMID_USERNAME"), help="AMI user ($AMID_USERNAME if set)")
     secret = p.add_mutually_exclusive_group()
     secret.add_argument("--secret", default=None,
                         help="AMI secret (visible in `ps`: prefer --secret-file or $AMID_SECRET)")
     secret.add_argument("--secret-file", default=env.get("AMID_SECRET_FILE"),
-                        help="file holding the AMI secret")
-    p.add_argument("--auth", choices=("md5", "plain"), default="md5")
+                        help="file holding the AMI secret ($AMID_SECRET_FILE if set)")
+    p.add_argument("--auth", choices=("md5", "plain"), default="md5", help="login method")
     p.add_argument("--tls", action="store_true", help="connect with TLS")
     p.add_argument("--tls-ca", default=None, help="CA file to verify the server with")
     p.add_argument("--tls-no-verify", action="store_true", help="do not verify the server certificate")
@@ -71,18 +73,34 @@ def _speedups_text() -> str:
     return f"pure Python: {REASON}"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none (None, off) or where the
+    help text already says what it is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or "default" in text
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="amid", description="Asterisk Manager Interface event daemon")
+    parser = argparse.ArgumentParser(prog="amid", description="Asterisk Manager Interface event daemon",
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version",
                         version=f"amid {__version__} (read path: {_speedups_text()})")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def logging_args(p: argparse.ArgumentParser, default_format: str | None = None,
-                     from_config: bool = False) -> None:
+                     from_config: bool = False, level: str = "info") -> None:
         default = "from the config, else text on stderr" if from_config else "text on stderr"
         p.add_argument("--log-format", choices=("text", "json", "journal"), default=default_format,
                        help=f"log format (default: {default})")
-        p.add_argument("--log-level", default=None, help="debug, info, warning, error")
+        level_default = "from the config, else info" if from_config else level
+        p.add_argument("--log-level", default=None,
+                       help=f"debug, info, warning, error (default: {level_default})")
 
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", default=None,
@@ -97,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--call-rate", type=_non_negative, default=2.0,
                       help="simulated calls per second (0: none)")
     demo.add_argument("--count", type=int, default=None, help="exit after this many events")
-    logging_args(demo)
+    logging_args(demo, level="warning")
 
     sim = sub.add_parser("simulate", help="run the Asterisk 22 AMI simulator")
     sim.add_argument("--listen", default="127.0.0.1:5038", help="host:port to listen on")
@@ -120,18 +138,25 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--raw", action="store_true",
                       help="write the raw bytes received instead (a capture `amid simulate --replay` plays)")
     tail.add_argument("--ping-interval", type=float, default=1.0, help="seconds between pings (default 1)")
-    logging_args(tail)
+    logging_args(tail, level="warning")
 
     action = sub.add_parser("action", help="send one action and print the response as JSON")
     _add_connection_args(action)
     action.add_argument("name", help="action name, e.g. CoreShowChannels")
     action.add_argument("fields", nargs="*", metavar="Key=Value", help="action fields")
-    logging_args(action)
+    logging_args(action, level="warning")
 
     health = sub.add_parser("healthcheck", help="exit 0 if the daemon's /readyz answers 200")
-    health.add_argument("--url", default=os.environ.get("AMID_HEALTHCHECK_URL",
-                                                        "http://127.0.0.1:9180/readyz"))
-    health.add_argument("--timeout", type=float, default=3.0)
+    health.add_argument("--config", default=None,
+                        help="config file whose http.listen to ask (default as for run: "
+                             "$AMID_CONFIG, else /etc/amid/amid.yaml if it exists, with AMID_* "
+                             "overrides)")
+    health.add_argument("--url", default=None,
+                        help="ask this URL instead (default: /readyz at the configured http.listen)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+
+    sub.add_parser("init-config", help="print the commented sample config "
+                                       "(amid init-config > /etc/amid/amid.yaml)")
 
     top = sub.add_parser("top", help="live view of a running daemon (reads its /metrics); q quits")
     top.add_argument("--url", default="http://127.0.0.1:9180",
@@ -139,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--once", action="store_true",
                      help="print one plain snapshot (rates over --interval) and exit, for scripts")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default: 1)")
+
+    # Every subcommand, also one added elsewhere: its one-line summary heads its --help, and
+    # its options show their defaults.
+    for choice in sub._choices_actions:
+        command = sub.choices[choice.dest]
+        command.formatter_class = _HelpFormatter
+        if not command.description:
+            command.description = choice.help
     return parser
 
 
@@ -551,12 +584,43 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
     from amid.http import healthcheck
-    return healthcheck(args.url, args.timeout, out=sys.stdout)
+    url = args.url or _configured_readyz(args.config)
+    if url is None:
+        return EXIT_FAILURE
+    return healthcheck(url, args.timeout, out=sys.stdout)
+
+
+def _configured_readyz(config_arg: str | None) -> str | None:
+    """The /readyz URL of the http.listen the daemon reads (the same file and AMID_*
+    variables as ``amid run``); None, said on stdout, when there is none to ask."""
+    from amid.config import ConfigError
+    from amid.service import SinkTypes, load_config
+    path = _config_path(config_arg)
+    try:
+        config = load_config(path, os.environ, SinkTypes.discover())
+    except ConfigError as exc:
+        print(f"amid healthcheck: {path or 'environment'} is invalid:\n{exc}")
+        return None
+    address = config.http.address
+    if address is None:
+        print("amid healthcheck: http.listen is off: no /readyz to ask")
+        return None
+    host, port = address
+    # A wildcard listens on loopback too; ask there.
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{format_host(host)}:{port}/readyz"
+
+
+def cmd_init_config(args: argparse.Namespace) -> int:
+    from importlib.resources import files
+    sys.stdout.buffer.write(files("amid").joinpath("sample-config.yaml").read_bytes())
+    sys.stdout.flush()
+    return EXIT_OK
 
 
 COMMANDS = {"run": cmd_run, "check-config": cmd_check_config, "demo": cmd_demo,
             "simulate": cmd_simulate, "tail": cmd_tail, "action": cmd_action,
-            "healthcheck": cmd_healthcheck, "top": cmd_top}
+            "healthcheck": cmd_healthcheck, "top": cmd_top, "init-config": cmd_init_config}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,7 +43,9 @@ Environment overrides (container use)
     Shortcuts for the one-server case: ``AMID_HOST``, ``AMID_PORT``, ``AMID_USERNAME``,
     ``AMID_SECRET``, ``AMID_SECRET_FILE`` address ``servers[0]`` (created when missing).
     Values are parsed as YAML (``true``, ``5038``, ``on``, ``[call, system]`` work; an empty
-    value is null), except secrets and ``*_file`` paths, which are taken verbatim. Setting
+    value is null), except secrets, ``*_file`` paths and every string-typed setting, which
+    are taken verbatim (``AMID_SINKS__0__PATH=-`` is stdout, ``AMID_USERNAME=yes`` the user
+    "yes"; a setting that may be null is null for an empty value, ``null`` or ``~``). Setting
     ``<key>`` removes ``<key>_file`` from the same mapping and vice versa, so an override
     replaces whichever form the file used. ``AMID_CONFIG`` (the CLI reads it) and ``AMID_PURE_PYTHON``
     (see amid.ami._accel) are not config keys.
@@ -59,7 +61,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from annotated_types import Ge, Gt, Le
@@ -385,6 +388,8 @@ class HttpConfig(_Model):
     def _empty_disables(cls, value: Any) -> Any:
         if value == "" or value is False:  # `listen: ""`, or `off` (YAML's false)
             return None
+        if isinstance(value, str) and value.strip().lower() in ("off", "null", "~"):
+            return None  # AMID_HTTP__LISTEN=off: environment values of a string stay strings
         if isinstance(value, (bool, int)):  # `listen: 9180`, `on`
             raise PydanticCustomError("listen", "listen must be host:port, e.g. 127.0.0.1:9180 "
                                       "(null, \"\" or off disables it)")
@@ -497,6 +502,8 @@ class _Loader:
         self.env_origin: dict[Loc, str] = {}   # key path -> environment variable that set it
         self.renamed: dict[Loc, Loc] = {}      # "secret" path -> the "secret_file" path it came from
         self.reported: set[Loc] = set()        # secrets whose _file failed: no follow-up errors
+        self.env_raw: dict[Loc, str] = {}      # key path -> the environment value as written
+        self.meant: set[Loc] = set()           # keys an unknown key was probably meant to be
 
     # -- problems -------------------------------------------------------------------
 
@@ -523,8 +530,24 @@ class _Loader:
     def env_problem(self, var: str, loc: Loc, message: str) -> None:
         self.problems.append(Problem(_format_loc(loc), None, message, self.path, var))
 
-    def add_validation_errors(self, exc: ValidationError, prefix: Loc = ()) -> None:
-        for error in exc.errors(include_url=False, include_input=False):
+    def unknown_key(self, loc: Loc, known: frozenset[str]) -> None:
+        """Report an unknown key; the key it was probably meant to be is then not also
+        reported as missing (a typo is one problem, not two)."""
+        close = difflib.get_close_matches(str(loc[-1]), sorted(known), n=1)
+        if close:
+            self.meant.add((*loc[:-1], close[0]))
+            self.problem(loc, f"unknown key (did you mean {close[0]!r}?)")
+        else:
+            self.problem(loc, "unknown key")
+
+    def add_validation_errors(self, exc: ValidationError, prefix: Loc = (),
+                              skip_keys: frozenset[str | int | None] = frozenset()) -> None:
+        """Report pydantic's errors; ``skip_keys``: first-level keys already reported."""
+        errors = [error for error in exc.errors(include_url=False, include_input=False)
+                  if _blamed_key(error) not in skip_keys]
+        # Unknown keys first: their "did you mean" silences the matching "missing".
+        errors.sort(key=lambda error: error["type"] != "extra_forbidden")
+        for error in errors:
             loc: Loc = prefix + tuple(error["loc"])
             ctx = error.get("ctx") or {}
             message = error["msg"]
@@ -532,14 +555,22 @@ class _Loader:
                 loc = loc + (ctx["field"],)
             elif error["type"] == "extra_forbidden":
                 model = None if prefix else _model_at(loc[:-1])
-                message = ("unknown key" if model is None or not isinstance(loc[-1], str)
-                           else _unknown_key_message(loc[-1], _model_keys(model) - {"options"}))
+                if model is None or not isinstance(loc[-1], str):
+                    self.problem(loc, "unknown key")
+                else:
+                    self.unknown_key(loc, _model_keys(model) - {"options"})
+                continue
             elif error["type"] == "missing":
+                if loc in self.meant:
+                    continue
                 key = loc[-1] if loc else ""
                 message = (f"required: give {key} or {key}_file" if _is_secret_key(key)
                            else "required key is missing")
             elif error["type"] in ("tuple_type", "list_type"):
                 message = "Input should be a list"
+            elif error["type"] in ("value_error", "assertion_error") and "error" in ctx:
+                # A validator's own words, without pydantic's "Value error, " prefix.
+                message = str(ctx["error"])
             self.problem(loc, message)
 
     # -- steps ----------------------------------------------------------------------
@@ -549,6 +580,7 @@ class _Loader:
         if data is None:
             raise ConfigError(self.problems)
         self.apply_environment(data)
+        self.keep_env_strings(data, sink_option_models)
         self.resolve_files(data, ())
         self.fill_defaults(data)
         self.check_names(data)
@@ -672,6 +704,7 @@ class _Loader:
             if last:
                 value = _env_value(part, raw)
                 container[key] = value
+                self.env_raw[loc] = raw
                 if isinstance(container, dict):
                     # The override replaces whichever form (secret / secret_file) was used.
                     twin = part[:-5] if part.endswith("_file") else f"{part}_file"
@@ -685,6 +718,44 @@ class _Loader:
                 child = [] if next_part is not None and next_part.isdigit() else {}
                 container[key] = child
             container = child
+
+    def keep_env_strings(self, data: dict[str, Any], sink_option_models: Mapping[str, Any]) -> None:
+        """A string-typed setting takes its environment value as written, not as YAML:
+        ``-``, ``yes``, ``123`` or ``[a]`` stay strings (an empty value is null; ``null``
+        and ``~`` too where the setting may be null)."""
+        for loc, raw in self.env_raw.items():
+            kind = _string_kind(self._annotation_at(loc, data, sink_option_models))
+            if not raw.strip():
+                continue  # an empty value is null, as documented: the default applies
+            if kind == "str" or (kind == "optional_str" and _env_value("", raw) is not None):
+                _set_at(data, loc, raw)
+
+    def _annotation_at(self, loc: Loc, data: dict[str, Any],
+                       sink_option_models: Mapping[str, Any]) -> Any:
+        """The declared type of the setting at ``loc`` (None when unknown)."""
+        model: type[BaseModel] | None = Config
+        path = loc
+        if (len(loc) >= 3 and loc[0] == "sinks" and isinstance(loc[1], int)
+                and loc[2] not in _SINK_COMMON_KEYS):
+            sinks = data.get("sinks")
+            sink = sinks[loc[1]] if isinstance(sinks, list) and loc[1] < len(sinks) else None
+            sink_type = sink.get("type") if isinstance(sink, dict) else None
+            if not isinstance(sink_type, str) or sink_type not in sink_option_models:
+                return None
+            try:
+                model = _options_model(sink_option_models[sink_type])
+            except Exception:  # reported, with its reason, by split_sinks
+                return None
+            path = loc[2:]
+        for part in path[:-1]:
+            if isinstance(part, int) or model is None:
+                continue
+            field = _field_named(model, part)
+            model = _find_model(field.annotation) if field is not None else None
+        if model is None or not isinstance(path[-1], str):
+            return None
+        field = _field_named(model, path[-1])
+        return field.annotation if field is not None else None
 
     def _list_index(self, items: list[Any], part: str, last: bool, var: str,
                     loc: Loc) -> int | None:
@@ -859,12 +930,22 @@ class _Loader:
         known_keys = _model_keys(model)
         unknown = [key for key in own if key not in known_keys]
         for key in unknown:
-            self.problem(loc + (key,), _unknown_key_message(key, known_keys | _SINK_COMMON_KEYS))
+            self.unknown_key((*loc, key), known_keys | _SINK_COMMON_KEYS)
+        values = {k: v for k, v in own.items() if k not in unknown}
         try:
-            return model.model_validate({k: v for k, v in own.items() if k not in unknown})
+            return model.model_validate(values)
         except ValidationError as exc:
             self.add_validation_errors(exc, loc)
-            return None
+            failed = frozenset(_blamed_key(error) for error in exc.errors())
+        # The model's own checks across keys run only once every key is valid: validate
+        # again without the keys just reported, so that their problems are listed too.
+        rest = {k: v for k, v in values.items() if k not in failed}
+        if len(rest) < len(values):
+            try:
+                model.model_validate(rest)
+            except ValidationError as exc:
+                self.add_validation_errors(exc, loc, skip_keys=failed)
+        return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -940,9 +1021,34 @@ def _model_keys(model: type[BaseModel]) -> frozenset[str]:
     return frozenset(keys)
 
 
-def _unknown_key_message(key: str, known: frozenset[str]) -> str:
-    close = difflib.get_close_matches(key, sorted(known), n=1)
-    return f"unknown key (did you mean {close[0]!r}?)" if close else "unknown key"
+def _blamed_key(error: Any) -> str | int | None:
+    """The first-level key a pydantic error is about (a model check names it in ctx)."""
+    if error["type"] == "amid_field":
+        return (error.get("ctx") or {}).get("field")
+    return error["loc"][0] if error["loc"] else None
+
+
+def _field_named(model: type[BaseModel], key: str) -> Any:
+    """The field of ``model`` a config key sets (by name or alias), or None."""
+    for name, field in model.model_fields.items():
+        if key in (name, field.alias):
+            return field
+    return None
+
+
+def _string_kind(annotation: Any) -> str | None:
+    """``"str"`` for a str (or path) setting, ``"optional_str"`` for one that may also be
+    None, else None (the value's YAML type matters)."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if annotation in (str, Path):
+        return "str"
+    if get_origin(annotation) in (Union, UnionType):
+        members = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if (len(members) < len(get_args(annotation))
+                and all(_string_kind(member) == "str" for member in members)):
+            return "optional_str"
+    return None
 
 
 def _unique(problems: list[Problem]) -> list[Problem]:

@@ -9,8 +9,9 @@ Log calls carry structure through ``extra``::
   journald keeps the level.
 - ``json``: one JSON object per line with ``ts``, ``level``, ``logger``, ``message``, the extras, and ``exc`` when
   an exception is attached (the container default).
-- ``journal``: ``systemd.journal.JournalHandler`` (the ``amid[systemd]`` extra) with ``PRIORITY`` and the extras
-  as upper-case fields (``SERVER``, ``SINK``). Without systemd-python or a running journald, text on stderr.
+- ``journal``: ``systemd.journal.JournalHandler`` (the ``asterisk-amid[systemd]`` extra) with
+  ``PRIORITY`` and the extras as upper-case fields (``SERVER``, ``SINK``). Without systemd-python or a
+  running journald, text on stderr.
 
 Every handler installed here redacts the values of AMI ``Secret:`` and ``Key:`` fields from messages and
 tracebacks, so a secret cannot leak through a debug dump of raw AMI traffic.
@@ -218,7 +219,7 @@ def build_journal_handler(sender: Callable[..., Any] | None = None) -> logging.H
     ``sender`` receives ``(MESSAGE, **fields)`` after the fields are cleaned; it defaults to
     ``systemd.journal.send``. Raises ImportError when systemd-python is not installed.
     """
-    from systemd import journal  # optional extra amid[systemd]
+    from systemd import journal  # optional extra asterisk-amid[systemd]
 
     deliver = journal.send if sender is None else sender
 
@@ -274,7 +275,7 @@ def _build_handler(
         try:
             journal_handler = build_journal_handler()
         except ImportError:
-            fallback_reason = "systemd-python is not installed (pip install 'amid[systemd]')"
+            fallback_reason = "systemd-python is not installed (pip install 'asterisk-amid[systemd]')"
         else:
             # libsystemd would fail every send (and logging print a traceback per record) without journald.
             if os.path.exists(JOURNAL_SOCKET):

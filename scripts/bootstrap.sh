@@ -20,4 +20,9 @@ if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
     fi
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
+# amid's distribution was once called "amid" (on the package index that is another project); an
+# editable install of this checkout under the old name would shadow the new one: it goes first.
+if .venv/bin/python -m pip show amid 2>/dev/null | grep -xF "Editable project location: $PWD" >/dev/null; then
+    .venv/bin/python -m pip uninstall -q -y amid
+fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}"

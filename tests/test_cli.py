@@ -541,3 +541,95 @@ async def test_tail_prints_every_event_of_a_real_asterisk_call_unaltered(capture
         want = [(k, recover_bytes(v)) for k, v in message.fields]
         assert sorted(got) == sorted(want)
         assert list(dict.fromkeys(k for k, _ in got)) == list(dict.fromkeys(k for k, _ in want))
+
+
+# ---------------------------------------------------------------- operator polish (issue 16)
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def test_healthcheck_asks_the_configured_http_listen_from_file_and_environment(sim, tmp_path):
+    """`amid healthcheck` (the container HEALTHCHECK) reads http.listen as `amid run` does:
+    from --config/$AMID_CONFIG and AMID_* overrides; not a fixed 127.0.0.1:9180."""
+    events_file = tmp_path / "events.jsonl"
+    config = daemon_config(tmp_path, sim, events_file)
+    listen = f"127.0.0.1:{free_port()}"
+    daemon_env = {"AMID_CONFIG": str(config), "AMID_HTTP__LISTEN": listen}
+    code, out, _ = await run_amid("healthcheck", env_extra=daemon_env)
+    assert code == 1 and f"http://{listen}/readyz: " in out.decode()  # nothing listens yet
+    proc = await asyncio.create_subprocess_exec(
+        *AMID, "run", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
+        env=env(**daemon_env))
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                code, out, _ = await run_amid("healthcheck", env_extra=daemon_env)
+                if code == 0:
+                    break
+                await asyncio.sleep(0.1)
+        assert out.decode().startswith(f"http://{listen}/readyz: HTTP 200 ")
+        # The file alone (no override) says 127.0.0.1:0: not where the daemon listens.
+        code, _, _ = await run_amid("healthcheck", "--config", str(config))
+        assert code == 1
+        # --url still asks exactly where it is told.
+        code, _, _ = await run_amid("healthcheck", "--url", f"http://{listen}/livez")
+        assert code == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            await proc.wait()
+    assert proc.returncode == 0
+
+
+async def test_healthcheck_says_why_when_there_is_nothing_to_ask(tmp_path):
+    config = tmp_path / "amid.yaml"
+    config.write_text("servers: [{host: 127.0.0.1, username: amid, secret: x}]\nhttp: {listen: off}\n")
+    code, out, _ = await run_amid("healthcheck", "--config", str(config))
+    assert (code, out.decode()) == (1, "amid healthcheck: http.listen is off: no /readyz to ask\n")
+    config.write_text("servers: [{host: 127.0.0.1, username: amid, secret: x}]\nhttp: {listen: 7}\n")
+    code, out, _ = await run_amid("healthcheck", "--config", str(config))
+    assert code == 1 and "http.listen: listen must be host:port" in out.decode()
+
+
+def subcommand_parsers() -> dict[str, object]:
+    import argparse
+
+    from amid.cli import build_parser
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def test_there_is_a_help_test_for_every_subcommand():
+    assert {"run", "check-config", "demo", "simulate", "tail", "action", "healthcheck",
+            "init-config"} <= set(subcommand_parsers())
+
+
+@pytest.mark.parametrize("name", sorted(subcommand_parsers()))
+def test_every_subcommand_help_has_a_one_line_description_and_shows_defaults(name, capsys):
+    from amid.cli import main
+    command = subcommand_parsers()[name]
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    description = text.split("\n\n")[1]
+    assert description.strip() and "\n" not in description.strip(), description
+    assert description == command.description
+    for action in command._actions:
+        if not action.option_strings or action.help == "==SUPPRESS==":
+            continue
+        if action.default is None or action.default is False or action.dest == "help":
+            continue
+        # Each option with a default says it, in its own help text.
+        rendered = command._get_formatter()._expand_help(action) if action.help else ""
+        assert "default" in rendered, (action.option_strings, rendered)
+
+
+async def test_init_config_prints_the_sample_config_byte_for_byte():
+    code, out, err = await run_amid("init-config")
+    assert (code, err) == (0, b"")
+    assert out == (ROOT / "config" / "amid.yaml").read_bytes()

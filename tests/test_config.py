@@ -322,8 +322,7 @@ def test_every_problem_is_reported_at_once_in_file_order(tmp_path):
     expected = [
         (4, "servers[0].port"),
         (11, "servers[1].ping_interval"),
-        (13, "sinks[0].path"),  # only "pathh" was given
-        (15, "sinks[0].pathh"),
+        (15, "sinks[0].pathh"),  # the typo is one problem: no "sinks[0].path is missing" too
         (19, "sinks[1].overflow"),
         (20, "sinks[2].name"),  # duplicate
         (21, "sinks[2].type"),  # unknown type
@@ -630,3 +629,104 @@ def test_a_secret_with_a_line_break_is_refused_without_showing_it(tmp_path):
         load(path, {})
     text = str(err.value)
     assert "servers[0].secret" in text and "line break" in text and "TOPSECRET" not in text
+
+
+# ---------------------------------------------------------------------------------------
+# Operator polish (issue 16) and every problem of every sink (issue 13)
+
+
+def real_problems(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> list[str]:
+    """check-config's lines for ``text``, validated with the real sink option models."""
+    from amid.service import SinkTypes
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path, environ or {}, sink_option_models=SinkTypes.discover().option_models)
+    return [f"{p.path}: {p.message}" for p in info.value.problems]
+
+
+def test_a_typo_in_a_key_is_one_problem_not_also_a_missing_key(tmp_path):
+    problems = real_problems(tmp_path, MINIMAL + """\
+sinks:
+  - {name: out, type: file, pathh: out.jsonl}
+  - {name: hook, type: webhook, urll: "http://127.0.0.1:1/"}
+servers_x: 1
+""")
+    assert problems == [
+        "sinks[0].pathh: unknown key (did you mean 'path'?)",
+        "sinks[1].urll: unknown key (did you mean 'url'?)",
+        "servers_x: unknown key (did you mean 'servers'?)",
+    ]
+    # A missing key with no typo nearby is still reported as missing.
+    assert real_problems(tmp_path, MINIMAL + "sinks: [{name: out, type: file}]\n") == [
+        "sinks[0].path: required key is missing"]
+
+
+def test_every_problem_of_every_sink_is_listed(tmp_path):
+    """A sink's checks across keys (its model's own validator) are not hidden by another bad
+    key of the same sink, e.g. a bad whsec_ secret next to a bad timeout."""
+    problems = real_problems(tmp_path, MINIMAL + """\
+sinks:
+  - name: hook
+    type: webhook
+    url: http://127.0.0.1:1/
+    secret: whsec_!!!
+    timeout: soon
+    tls_ca_file: /etc/ssl/ca.pem
+  - {name: out, type: file, path: "-", rotate_bytes: 1MiB, mode: rw}
+  - {name: log, type: syslog, address: "udp://127.0.0.1:514", tcp_framing: lf, facility: nope}
+""")
+    assert problems == [
+        "sinks[0].secret: secret #1: the part after whsec_ is not valid base64",
+        ("sinks[0].timeout: invalid duration 'soon': use a number of seconds or e.g. '250ms', "
+         "'5s', '1m', '1h'"),
+        "sinks[0].tls_ca_file: tls_ca_file needs an https:// url",
+        "sinks[1].mode: mode must be octal permission bits like 0640, not 'rw'",
+        "sinks[1]: rotate_bytes cannot be used with path '-' (standard output)",
+        next(p for p in problems if p.startswith("sinks[2].facility: unknown facility 'nope'")),
+        "sinks[2]: tcp_framing only applies to a tcp:// or tls:// address",
+    ]
+
+
+def test_messages_carry_no_library_prefixes(tmp_path):
+    problems = real_problems(tmp_path, MINIMAL + """\
+sinks:
+  - {name: out, type: file, path: "-", rotate_bytes: 1MiB}
+  - {name: log, type: syslog, address: "udp://127.0.0.1:514", tls_verify: false}
+  - {name: hook, type: webhook, url: "http://127.0.0.1:1/", tls_key_file: /k}
+""")
+    assert len(problems) == 3, problems
+    for problem in problems:
+        assert not any(prefix in problem for prefix in ("Value error", "Assertion failed",
+                                                        "value_error")), problem
+
+
+@pytest.mark.parametrize("value", ["-", "yes", "no", "on", "off", "123", "0x1F", "1.5", "null",
+                                   "~", "[a, b]", "{a: b}", "#1", "2026-12-05", "'quoted'"])
+def test_string_settings_from_the_environment_stay_strings(tmp_path, value):
+    from amid.service import SinkTypes
+    path = write(tmp_path, """\
+        servers: [{host: 127.0.0.1, username: amid, secret: x}]
+        sinks: [{name: out, type: file, path: out.jsonl},
+                {name: log, type: syslog, address: "udp://127.0.0.1:514"}]
+        """)
+    environ = {"AMID_SINKS__0__PATH": value, "AMID_SERVERS__0__USERNAME": value,
+               "AMID_SINKS__LOG__APP_NAME": value}
+    config = load(path, environ, sink_option_models=SinkTypes.discover().option_models)
+    assert config.sinks[0].options.path == value
+    assert config.servers[0].username == value
+    assert config.sinks[1].options.app_name == value
+
+
+def test_environment_values_of_other_types_are_still_yaml(tmp_path):
+    environ = {"AMID_HOST": "127.0.0.1", "AMID_USERNAME": "amid", "AMID_SECRET": "x",
+               "AMID_PORT": "5039", "AMID_SERVERS__0__EVENTS": "[call, system]",
+               "AMID_SERVERS__0__TLS": "true", "AMID_STATE_DIR": "", "AMID_HTTP__LISTEN": "off"}
+    config = load(None, environ, sink_option_models=MODELS)
+    server = config.servers[0]
+    assert (server.port, server.events, server.tls is not None) == (5039, ("call", "system"), True)
+    assert config.http.listen is None
+    assert config.state_dir == Path("amid-state")  # empty: null, so the default
+    assert load(None, {**environ, "AMID_HTTP__LISTEN": "null"},
+                sink_option_models=MODELS).http.listen is None
+    assert load(None, {**environ, "AMID_HTTP__LISTEN": "127.0.0.1:9"},
+                sink_option_models=MODELS).http.listen == "127.0.0.1:9"

@@ -135,12 +135,19 @@ class Options(pydantic.BaseModel):
                 raise _invalid(f"{name!r} is set by the sink itself (Standard Webhooks)")
         return headers
 
-    @pydantic.model_validator(mode="after")
-    def _check_secret_and_tls(self) -> Options:
+    @pydantic.field_validator("secret")
+    @classmethod
+    def _check_secret(cls, secret: Any) -> Any:
+        # A field check (not in the model check below, which runs only when every field is
+        # valid): a bad secret is reported next to the sink's other problems.
         try:
-            signing_keys(self.secret)
+            signing_keys(secret)
         except ValueError as exc:  # the message names the problem, never the secret
-            raise _invalid(str(exc), field="secret") from None
+            raise _invalid(str(exc)) from None
+        return secret
+
+    @pydantic.model_validator(mode="after")
+    def _check_tls_and_credentials(self) -> Options:
         tls_keys = [k for k in ("tls_ca_file", "tls_cert_file", "tls_key_file")
                     if getattr(self, k) is not None]
         if tls_keys and urlsplit(self.url).scheme != "https":
