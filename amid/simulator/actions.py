@@ -7,6 +7,7 @@ duplicate headers wins, and the ActionID is echoed byte for byte.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -169,8 +170,50 @@ def _challenge(sim: AMISimulator, session: SimSession, msg: Message, aid: bytes 
 
 
 def _logoff(sim: AMISimulator, session: SimSession, msg: Message, aid: bytes | None) -> None:
+    session.end_reason = "logoff"
     session.send(response("Goodbye", aid, [("Message", "Thanks for all the fish.")]))
     session.close()
+
+
+# -- test control (not Asterisk's): what a conservation test reads back and injects -------------
+_FAULTS = ("close_mid_message", "half_open", "garbage", "restart")
+
+
+def _test_stats(sim: AMISimulator, session: SimSession, msg: Message, aid: bytes | None) -> None:
+    """``Action: AmidTestStats``: the simulator's counters and numbered streams, one JSON line."""
+    session.send(response("Success", aid, [("Stats", json.dumps(sim.stats.as_dict()))]))
+
+
+def _test_fault(sim: AMISimulator, session: SimSession, msg: Message, aid: bytes | None) -> None:
+    """``Action: AmidTestFault``, ``Fault: close_mid_message|half_open|garbage|restart``, on every
+    other session with a numbered stream (``Session: N`` for one); ``restart`` takes ``DownFor``
+    (seconds, default 0)."""
+    fault = header(msg, "Fault").lower()
+    wanted = header(msg, "Session")
+    if fault not in _FAULTS or (wanted and not wanted.isdigit()):
+        session.send(error(aid, f"Fault must be one of {', '.join(_FAULTS)}; Session a number"))
+        return
+    if fault == "restart":
+        try:
+            down_for = float(header(msg, "DownFor") or 0)
+        except ValueError:
+            down_for = -1.0
+        if not down_for >= 0:
+            session.send(error(aid, "DownFor must be 0 or more seconds"))
+            return
+        session.send(ack(aid, "Restarting"))
+        sim._spawn(sim.restart(down_for=down_for))
+        return
+    targets = [s for s in sim.sessions if s is not session and s.stream is not None
+               and (not wanted or s.number == int(wanted))]
+    for target in targets:
+        if fault == "close_mid_message":
+            target.faults.close_mid_message_after = 0
+        elif fault == "half_open":
+            target.faults.stall = target.faults.ignore_pings = True
+        else:
+            target.faults.garbage = bytes(sim._rng.getrandbits(8) for _ in range(512))
+    session.send(ack(aid, f"{fault} on {len(targets)} sessions"))
 
 
 # -- session control ----------------------------------------------------------------------------
@@ -485,3 +528,5 @@ _HANDLERS: dict[str, _Handler] = {
     "corestatus": _core_status, "hangup": _hangup, "getvar": _getvar, "command": _command,
 }
 assert set(_HANDLERS) <= set(ACTION_PRIVILEGES)
+# The test-control actions are the simulator's own: not in ListCommands, open to any logged-in user.
+_HANDLERS.update({"amidteststats": _test_stats, "amidtestfault": _test_fault})
