@@ -107,6 +107,7 @@ class SimSession(asyncio.Protocol):
         self.number: int | None = None            # login number (1, 2, ...), once logged in
         self.end_reason: str | None = None        # why the simulator ended it, if it did
         self.stream: StreamStats | None = None    # its numbered stream, if any
+        self.events_out = 0                       # events sent outside a numbered stream
 
     # -- public, for tests -------------------------------------------------------------
     @property
@@ -241,6 +242,9 @@ class SimSession(asyncio.Protocol):
             faults.close_mid_message_after = remaining - 1
         self.send(raw)
         self.sim.stats.events_sent += 1
+        self.events_out += 1
+        if self.stream is not None:
+            self.stream.other_events += 1
 
     def deliver(self, event: OutEvent) -> None:
         """Send a broadcast event if this session's permissions, mask and filters let it."""
@@ -319,6 +323,8 @@ class AMISimulator:
         self.stream_rate = stream_rate
         self.write_mode: WriteMode = write_mode
         self._numbered_pool: list[bytes] | None = None
+        self._streams_running = asyncio.Event()
+        self._streams_running.set()
         self.write_timeout = write_timeout
         self.faults = FaultConfig()
         self.stats = SimulatorStats()
@@ -605,11 +611,20 @@ class AMISimulator:
         mode = write_mode or self.write_mode
         stats = StreamStats(session=session.number, username=session.username or "",
                             peer=session.remote_address, rate=rate, write_mode=mode)
-        stream = NumberedStream(session, self.stats, stats, self._numbered_pool, rate, mode)
+        stats.other_events = session.events_out
+        stream = NumberedStream(session, self.stats, stats, self._numbered_pool, rate, mode,
+                                self._streams_running)
         session.stream = stats
         self.stats.streams[session.number] = stats
         self._spawn(stream.run())
         return stats
+
+    def pause_streams(self) -> None:
+        """Hold every numbered stream (sessions stay open); :meth:`resume_streams` goes on."""
+        self._streams_running.clear()
+
+    def resume_streams(self) -> None:
+        self._streams_running.set()
 
     def streams_sent(self) -> dict[int, int]:
         """Numbered events written in full, by session number."""

@@ -62,6 +62,7 @@ class StreamStats:
     half_sent: int | None = None         # the seq cut in half by close_mid_message (not in sent)
     garbage_after: list[int] = field(default_factory=list)  # `sent` when garbage went out
     stalled_after: int | None = None     # `sent` when the stream went half-open
+    other_events: int = 0                # events of the session that are not numbered (FullyBooted…)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,7 +78,8 @@ class NumberedStream:
     """The paced writer of one session. Owned by the simulator, which runs :meth:`run` as a task."""
 
     def __init__(self, session: SimSession, sim_stats: SimulatorStats, stats: StreamStats,
-                 pool: list[bytes], rate: float, write_mode: WriteMode) -> None:
+                 pool: list[bytes], rate: float, write_mode: WriteMode,
+                 running: asyncio.Event) -> None:
         if rate <= 0:
             raise ValueError(f"stream rate must be positive, got {rate}")
         if write_mode not in WRITE_MODES:
@@ -88,6 +90,7 @@ class NumberedStream:
         self._pool = pool
         self._rate = rate
         self._mode = write_mode
+        self._running = running
         self._tail = b"%s: %d\r\n%s: " % (SESSION_FIELD.encode(), stats.session, SEQ_FIELD.encode())
 
     def render(self, seq: int) -> bytes:
@@ -108,6 +111,10 @@ class NumberedStream:
             while session.state is SessionState.AUTHENTICATED:
                 if session.writing_paused:
                     await session._writable.wait()
+                    continue
+                if not self._running.is_set():  # paused: resume on the clock, without a burst
+                    await self._running.wait()
+                    start = loop.time() - self.stats.sent / rate
                     continue
                 now = loop.time()
                 due = min(int((now - start) * rate) + 1 - self.stats.sent, _MAX_BURST)
