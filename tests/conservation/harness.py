@@ -28,15 +28,15 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import yaml
+from http_receiver import HttpReceiver
+from promparse import Samples, scrape, total
 
 from amid.simulator import AMISimulator
 from amid.simulator.stream import StreamStats
-from http_receiver import HttpReceiver
-from promparse import Samples, scrape, total
 
 from .oracle import SessionBound, SinkReport, check, numbered, parse_jsonl
 
@@ -141,26 +141,40 @@ class AmidProcess:
         self.metrics_port = 0
 
     async def start(self, *, timeout: float = 15.0) -> None:
-        amid = Path(sys.executable).with_name("amid")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AMID_")}
-        with open(self.log, "ab") as log:
-            log.write(b"--- start\n")
-            self.process = subprocess.Popen([str(amid), "run", "--config", str(self.config)],
-                                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
-        start = self.log.stat().st_size
+        start = self._launch()
         async with asyncio.timeout(timeout):
             while True:
-                if self.process.poll() is not None:
-                    raise AssertionError(f"amid exited {self.process.returncode}: {self.tail_log()}")
-                with open(self.log, "rb") as f:
-                    f.seek(start)
-                    found = _PORT_LINE.search(f.read())
-                if found:
-                    self.metrics_port = int(found.group(1))
+                if not self.running:
+                    raise AssertionError(f"amid exited {self.returncode}: {self.tail_log()}")
+                port = self._metrics_port_in_log(start)
+                if port:
+                    self.metrics_port = port
                     break
                 await asyncio.sleep(0.02)
             while not await self._ready():
                 await asyncio.sleep(0.05)
+
+    def _launch(self) -> int:
+        """Start the process (its log appended to ``log``); the log's size before it started."""
+        amid = Path(sys.executable).with_name("amid")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AMID_")}
+        with open(self.log, "ab") as log:
+            log.write(b"--- start\n")
+            start = log.tell()
+            self.process = subprocess.Popen([str(amid), "run", "--config", str(self.config)],
+                                            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                            env=env)
+        return start
+
+    def _metrics_port_in_log(self, start: int) -> int:
+        with open(self.log, "rb") as log:
+            log.seek(start)
+            found = _PORT_LINE.search(log.read())
+        return int(found.group(1)) if found else 0
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.poll()
 
     async def _ready(self) -> bool:
         try:
@@ -236,7 +250,7 @@ class Harness:
     read_before_kill: dict[int, int] = field(default_factory=dict)   # session -> events read
     _first_session: int = 1                 # the first simulator session of the amid running now
 
-    async def __aenter__(self) -> Harness:
+    async def __aenter__(self) -> Self:
         self.sim = AMISimulator(stream_rate=self.stream_rate, auth_failure_delay=0.05)
         await self.sim.start()
         self.webhook = HttpReceiver()

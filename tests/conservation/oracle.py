@@ -62,21 +62,17 @@ class SinkReport:
 
     def summary(self) -> str:
         def ranges(numbers: list[int]) -> str:
-            out, start, prev = [], None, None
+            spans: list[list[int]] = []
             for n in sorted(numbers):
-                if start is None:
-                    start = prev = n
-                elif n == prev + 1:
-                    prev = n
+                if spans and n == spans[-1][1] + 1:
+                    spans[-1][1] = n
                 else:
-                    out.append(f"{start}-{prev}" if start != prev else str(start))
-                    start = prev = n
-            if start is not None:
-                out.append(f"{start}-{prev}" if start != prev else str(start))
+                    spans.append([n, n])
+            out = [f"{a}-{b}" if a != b else str(a) for a, b in spans]
             return ",".join(out[:8]) + (",…" if len(out) > 8 else "")
 
-        lines = [f"sink {self.sink}: {self.delivered} delivered, {self.duplicates} duplicates, "
-                 f"{self.missing} missing, unread tails {dict(self.tails)}"]
+        lines = [(f"sink {self.sink}: {self.delivered} delivered, {self.duplicates} duplicates, "
+                  f"{self.missing} missing, unread tails {dict(self.tails)}")]
         lines += [f"  session {s}: hole {ranges(h)} ({len(h)})" for s, h in self.holes.items()]
         lines += [f"  session {s}: delivered up to {got}, must reach {must}"
                   for s, (got, must) in self.short.items()]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import resource
 import signal
 from pathlib import Path
 
@@ -171,10 +172,11 @@ async def test_garbage_after_login_drops_the_session_and_loses_nothing_read(tmp_
         await h.start_amid()
         await h.wait_sent(800)
         (session,) = h.sim.sessions
-        for _ in range(20):                      # a peer that keeps sending garbage
-            session.faults.garbage = rng.randbytes(512)
-            await h.wait_sent(h.sim.stats.streams[1].sent + 20, session=1, timeout=5)
-        await h.wait_session(2, timeout=10)     # amid gave up on it and came back
+        async with asyncio.timeout(5):          # a peer that keeps sending garbage, until amid
+            while 2 not in h.sim.stats.streams:  # gives up on it and comes back
+                if not session.faults.garbage:
+                    session.faults.garbage = rng.randbytes(512)
+                await asyncio.sleep(0.005)
         await h.wait_sent(300, session=2)
         assert await h.stop_amid() == 0
         h.check()
@@ -204,3 +206,24 @@ async def test_every_dropped_record_is_in_the_drop_counter(tmp_path: Path) -> No
         assert await h.stop_amid() == 0
         reports = h.check(expect_drops=True)
         assert reports["webhook"].missing > 0 and reports["file"].missing == 0
+
+
+@pytest.mark.xfail(reason="needs the file sink's disk-full fix (a failed write is undone, the "
+                          "retry writes each record once)", strict=False)
+async def test_disk_full_and_back_leaves_whole_lines_written_once(tmp_path: Path) -> None:
+    # "Disk full" without privileges: amid's file size limit (RLIMIT_FSIZE, set from outside
+    # with prlimit) stops its writes mid-line with EFBIG, as ENOSPC would; then it is lifted.
+    async with Harness(tmp_path, stream_rate=RATE) as h:
+        await h.start_amid()
+        await h.wait_sent(800)
+        hard = resource.prlimit(h.amid.pid, resource.RLIMIT_FSIZE)[1]
+        size = h.events_file.stat().st_size
+        resource.prlimit(h.amid.pid, resource.RLIMIT_FSIZE, (size + 10_000, hard))
+        async with asyncio.timeout(10):            # until the file stopped growing: full
+            while h.events_file.stat().st_size < size + 10_000 - 2_000:
+                await asyncio.sleep(0.02)
+        await h.wait_sent(h.sim.stats.streams[1].sent + int(RATE))
+        resource.prlimit(h.amid.pid, resource.RLIMIT_FSIZE, (hard, hard))
+        await h.wait_sent(h.sim.stats.streams[1].sent + 500)
+        assert await h.stop_amid() == 0
+        h.check()
