@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["handle"]
 
-Pairs = Iterable[tuple[str, str]]
+Pairs = Iterable[tuple[str | bytes, str | bytes]]
 # Action name (lower case) -> the write classes allowed to run it (empty: anybody).
 ACTION_PRIVILEGES: dict[str, frozenset[str]] = {
     name.lower(): frozenset(p for p in privs.split(",") if p not in ("all", "<none>"))
@@ -154,6 +154,7 @@ def _login(sim: AMISimulator, session: SimSession, msg: Message, aid: bytes | No
             ("Privilege", "system,all"), ("Uptime", str(int(now - sim.started_at))),
             ("LastReload", str(int(now - sim.reloaded_at))), ("Status", "Fully Booted")]))
     tv = event_tv(session.login_time)
+    assert user is not None  # a failed login returned above
     sim.security_event(session, "SuccessfulAuth", severity="Informational", account=user.username,
                        extra=[("UsingPassword", "0")], session_tv=tv)
     sim._notify_sessions()
@@ -327,15 +328,16 @@ def _status(sim: AMISimulator, session: SimSession, msg: Message, aid: bytes | N
     now = time.time()
     out = [list_start(aid, "Channel status will follow")]
     for chan in chans:
-        pairs = [("Privilege", "Call"), ("Channel", chan.name), *chan.snapshot.items(),
-                 ("Type", chan.name.partition("/")[0]), ("DNID", ""),
-                 ("EffectiveConnectedLineNum", chan.snapshot["ConnectedLineNum"]),
-                 ("EffectiveConnectedLineName", chan.snapshot["ConnectedLineName"]),
-                 ("TimeToHangup", "0"), ("BridgeID", chan.bridge_id),
-                 ("Application", chan.application), ("Data", chan.app_data),
-                 ("Nativeformats", "(slin)"), ("Readformat", "slin"), ("Readtrans", ""),
-                 ("Writeformat", "slin"), ("Writetrans", ""), ("Callgroup", "0"),
-                 ("Pickupgroup", "0"), ("Seconds", str(chan.seconds_up(now)))]
+        pairs: list[tuple[str | bytes, str | bytes]] = [
+            ("Privilege", "Call"), ("Channel", chan.name), *chan.snapshot.items(),
+            ("Type", chan.name.partition("/")[0]), ("DNID", ""),
+            ("EffectiveConnectedLineNum", chan.snapshot["ConnectedLineNum"]),
+            ("EffectiveConnectedLineName", chan.snapshot["ConnectedLineName"]),
+            ("TimeToHangup", "0"), ("BridgeID", chan.bridge_id),
+            ("Application", chan.application), ("Data", chan.app_data),
+            ("Nativeformats", "(slin)"), ("Readformat", "slin"), ("Readtrans", ""),
+            ("Writeformat", "slin"), ("Writetrans", ""), ("Callgroup", "0"),
+            ("Pickupgroup", "0"), ("Seconds", str(chan.seconds_up(now)))]
         names = list(chan.variables) if all_vars else wanted
         pairs += [("Variable", f"{v}={_variable(chan, v)}") for v in names]
         if aid:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from random import Random
-from typing import Any, Self
+from typing import Any, Self, cast
 
 from ..ami.protocol import Parser, RemoteProtocolError
 from . import actions
@@ -142,8 +142,8 @@ class SimSession(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop transports are not asyncio.Transport subclasses)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=_STREAM_SLICE)
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=_STREAM_SLICE)
         proto = "TLS" if transport.get_extra_info("sslcontext") is not None else "TCP"
         self.local_address = _format_address(proto, transport.get_extra_info("sockname"))
         self.remote_address = _format_address(proto, transport.get_extra_info("peername"))
@@ -208,7 +208,7 @@ class SimSession(asyncio.Protocol):
             self.transport.abort()
 
     # -- output --------------------------------------------------------------------------
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         transport = self.transport
         if transport is None or self.state is SessionState.CLOSED or transport.is_closing():
             return
@@ -217,7 +217,7 @@ class SimSession(asyncio.Protocol):
         stats.bytes_sent += len(data)
         stats.writes += 1
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         """Send a response or a message addressed to this session only (faults apply)."""
         faults = self.faults
         if faults.stall:
@@ -254,7 +254,7 @@ class SimSession(asyncio.Protocol):
         if classes is None:
             if not self.event_mask:
                 return
-        elif not (classes & self.event_mask and classes & self.user.read):
+        elif not (classes & self.event_mask and self.user and classes & self.user.read):
             return
         if self.filters and not self._passes_filters(event):
             return
@@ -338,7 +338,7 @@ class AMISimulator:
         self._rng = Random(seed)
         self._seed = seed
         self.ids = IdAllocator(self._rng)
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._session_waiters: list[tuple] = []
         self._tasks: set[asyncio.Task] = set()
         self._call_timer: asyncio.TimerHandle | None = None
