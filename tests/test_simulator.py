@@ -812,3 +812,24 @@ async def test_simulate_subprocess_streams_and_writes_its_stats_file(tmp_path: P
     (stream,) = stats["streams"]
     assert stream["end"] == "logoff" and stream["write_mode"] == "per-event"
     assert received == [(1, k) for k in range(1, stream["sent"] + 1)]
+
+
+async def test_paused_streams_send_nothing_and_resume_on_the_clock() -> None:
+    rate = 1000
+    async with AMISimulator(stream_rate=rate) as sim:
+        client = await login(sim.port)
+        await client.wait_for(lambda c: len(numbered(c.messages)) >= 50)
+        sim.pause_streams()
+        held = sim.stats.streams[1].sent
+        await client.wait_for(lambda c: len(numbered(c.messages)) >= held)
+        await asyncio.sleep(0.1)                  # ~100 events would have been due meanwhile
+        ping = await client.action("Action: Ping\nActionID: p")   # the session still answers
+        assert b"Pong" in ping and sim.stats.streams[1].sent == held
+        sim.resume_streams()
+        resumed = time.monotonic()
+        await client.wait_for(lambda c: len(numbered(c.messages)) >= held + 50)
+        # No burst for the time it was held: paced from where it stopped.
+        assert sim.stats.streams[1].sent - held <= rate * (time.monotonic() - resumed) + 1
+        got = [k for _, k in numbered(client.messages)]
+        assert got == list(range(1, len(got) + 1))
+        await client.close()

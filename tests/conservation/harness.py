@@ -288,8 +288,8 @@ class Harness:
             sinks[name].update(override)
         config = {
             "servers": [{"name": "pbx1", "host": "127.0.0.1", "port": self.sim.port,
-                         "username": "amid", "secret": "amidsecret", "ping_interval": "500ms",
-                         "ping_timeout": "500ms",
+                         "username": "amid", "secret": "amidsecret", "ping_interval": "1s",
+                         "ping_timeout": "2s",  # a busy machine must not look like a dead peer
                          "reconnect": {"min_delay": "50ms", "max_delay": "300ms"}, **self.server}],
             "sinks": list(sinks.values()),
             "http": {"listen": "127.0.0.1:0"},

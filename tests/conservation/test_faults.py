@@ -152,7 +152,8 @@ async def test_ami_peer_gone_mid_message(tmp_path: Path) -> None:
 
 
 async def test_half_open_peer_is_left_and_nothing_read_is_lost(tmp_path: Path) -> None:
-    async with Harness(tmp_path, stream_rate=RATE) as h:
+    quick_pings = {"ping_interval": "300ms", "ping_timeout": "500ms"}
+    async with Harness(tmp_path, stream_rate=RATE, server=quick_pings) as h:
         await h.start_amid()
         await h.wait_sent(800)
         (session,) = h.sim.sessions
