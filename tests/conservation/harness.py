@@ -59,17 +59,35 @@ class _SyslogConnection(asyncio.Protocol):
         self.receiver.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        self.receiver.messages += self.frames(data)
+
+    def frames(self, data: bytes) -> list[bytes]:
+        """The whole messages ``data`` completes (RFC 6587 octet counting: "LEN SP MSG")."""
         buffer = self.buffer
         buffer += data
-        while True:  # RFC 6587 octet counting: "LEN SP MSG"
+        out = []
+        while True:
             space = buffer.find(b" ")
             if space < 0 or not buffer[:space].isdigit():
                 break
             length = int(buffer[:space])
             if len(buffer) < space + 1 + length:
                 break
-            self.receiver.messages.append(bytes(buffer[space + 1:space + 1 + length]))
+            out.append(bytes(buffer[space + 1:space + 1 + length]))
             del buffer[:space + 1 + length]
+        return out
+
+    def take_unread(self) -> list[bytes]:
+        """The whole messages still in the kernel's receive buffer: TCP acknowledged them to
+        the sender, and a crash now loses them (what only an application-level ack, RELP, can
+        tell the sender)."""
+        assert self.transport is not None
+        fd = self.transport.get_extra_info("socket").fileno()
+        chunks = []
+        with contextlib.suppress(OSError):  # non-blocking: BlockingIOError once it is empty
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+        return self.frames(b"".join(chunks))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.receiver.connections.discard(self)
@@ -80,6 +98,7 @@ class SyslogReceiver:
 
     def __init__(self) -> None:
         self.messages: list[bytes] = []
+        self.acknowledged_lost: list[bytes] = []   # acked by TCP, lost by a reset (see reset)
         self.connections: set[_SyslogConnection] = set()
         self.port = 0
         self._server: asyncio.AbstractServer | None = None
@@ -92,9 +111,14 @@ class SyslogReceiver:
 
     async def reset(self, *, stall_for: float = 0.2, down_for: float = 0.0) -> None:
         """Crash and restart: stop reading for ``stall_for`` seconds (what the sender writes
-        meanwhile sits in the kernel's buffers, acknowledged by TCP), then stop listening and
-        reset every connection (RST: those bytes are lost), listen again on the same port after
-        ``down_for`` seconds."""
+        meanwhile fills this side's receive buffer, acknowledged by TCP, then waits
+        unacknowledged in the sender's), then stop listening and reset every connection (RST),
+        and listen again on the same port after ``down_for`` seconds.
+
+        The whole messages left in the receive buffer are lost to the receiver but were
+        acknowledged to the sender: plain TCP cannot tell it more (RELP can). They are kept in
+        :attr:`acknowledged_lost` and count as delivered; what the sender still held
+        unacknowledged is its to send again."""
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.pause_reading()
@@ -104,6 +128,7 @@ class SyslogReceiver:
         for connection in list(self.connections):
             transport = connection.transport
             if transport is not None:
+                self.acknowledged_lost += connection.take_unread()
                 sock = transport.get_extra_info("socket")
                 if sock is not None:  # linger 0: close sends RST, as a crashed receiver's kernel does
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -121,7 +146,7 @@ class SyslogReceiver:
     def records(self) -> tuple[list[dict[str, Any]], int]:
         """The record JSON of every message (the MSG part), and how many were not records."""
         records, bad = [], 0
-        for message in self.messages:
+        for message in self.messages + self.acknowledged_lost:
             start = message.find(b'{"id":')
             try:
                 records.append(json.loads(message[start:]))

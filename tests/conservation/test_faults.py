@@ -129,12 +129,14 @@ async def test_webhook_faults_lose_nothing(tmp_path: Path, fault: str) -> None:
 async def test_syslog_tcp_receiver_reset_loses_nothing(tmp_path: Path) -> None:
     async with Harness(tmp_path, stream_rate=RATE) as h:
         await h.start_amid()
-        for round_ in range(3):
-            await h.wait_sent(500 * (round_ + 1))
-            await h.syslog.reset(down_for=0.2)
-        await h.wait_sent(2000)
+        for round_ in range(5):
+            await h.wait_sent(400 * (round_ + 1))
+            await h.syslog.reset(down_for=0.1)
+        await h.wait_sent(2400)
         assert await h.stop_amid() == 0
-        h.check(max_duplicates=3 * 500)
+        # What the receiver's TCP acknowledged and the crash lost counts as delivered (see
+        # SyslogReceiver.reset); what amid resent may arrive twice.
+        h.check(max_duplicates=5 * 500)
 
 
 async def test_ami_peer_gone_mid_message(tmp_path: Path) -> None:
