@@ -833,3 +833,19 @@ async def test_paused_streams_send_nothing_and_resume_on_the_clock() -> None:
         got = [k for _, k in numbered(client.messages)]
         assert got == list(range(1, len(got) + 1))
         await client.close()
+
+
+def test_pacing_sleeps_between_events_under_uvloop_too() -> None:
+    # uvloop truncates timers to the millisecond below: a sub-millisecond wait must not turn
+    # into a busy loop until the deadline (it did: ~30 loop turns per event at 1,000/s).
+    uvloop = pytest.importorskip("uvloop")
+
+    async def stream() -> tuple[int, int]:
+        async with AMISimulator(stream_rate=1000) as sim:
+            client = await login(sim.port)
+            await client.wait_for(lambda c: len(numbered(c.messages)) >= 300)
+            await client.close()
+            return sim.stats.streams[1].sent, sim.stats.streams[1].wakeups
+
+    sent, wakeups = uvloop.run(stream())
+    assert wakeups <= 3 * sent

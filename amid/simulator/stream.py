@@ -22,6 +22,7 @@ half of an event and closes. Each fault point is recorded, so a test knows which
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -63,6 +64,7 @@ class StreamStats:
     garbage_after: list[int] = field(default_factory=list)  # `sent` when garbage went out
     stalled_after: int | None = None     # `sent` when the stream went half-open
     other_events: int = 0                # events of the session that are not numbered (FullyBooted…)
+    wakeups: int = 0                     # turns of the pacing loop (a busy wait would show here)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,6 +111,7 @@ class NumberedStream:
         rate = self._rate
         try:
             while session.state is SessionState.AUTHENTICATED:
+                self.stats.wakeups += 1
                 if session.writing_paused:
                     await session._writable.wait()
                     continue
@@ -116,12 +119,17 @@ class NumberedStream:
                     await self._running.wait()
                     start = loop.time() - self.stats.sent / rate
                     continue
-                now = loop.time()
-                due = min(int((now - start) * rate) + 1 - self.stats.sent, _MAX_BURST)
-                if due > 0 and not self._send(due):
-                    break
-                # Sleep to the next event's deadline (at once if still behind).
-                await asyncio.sleep(max(0.0, start + self.stats.sent / rate - loop.time()))
+                elapsed = (loop.time() - start) * rate   # events due by now, and a fraction
+                due = min(int(elapsed) + 1 - self.stats.sent, _MAX_BURST)
+                if due > 0:
+                    if not self._send(due):
+                        break
+                    await asyncio.sleep(0)
+                    continue
+                # Nothing due: sleep to the next deadline (one reading of the clock for both, or
+                # rounding could call it due and not due at once), in whole milliseconds: uvloop
+                # truncates a timer to the millisecond below and would spin to the deadline.
+                await asyncio.sleep(math.ceil((self.stats.sent - elapsed) / rate * 1000) / 1000)
         finally:
             self.stats.open = False
 
