@@ -128,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --replay-verbatim: pace by the capture's .chunks timings times this "
                           "factor (0: as fast as possible)")
     sim.add_argument("--call-rate", type=_non_negative, default=0.0, help="calls per second to generate")
+    sim.add_argument("--stream-rate", type=_non_negative, default=0.0,
+                     help="numbered events per second to every session that logs in with events on "
+                          "(call events with AmidTestSession/AmidTestSeq fields; 0: none)")
+    sim.add_argument("--write-mode", choices=("per-event", "chunked"), default="per-event",
+                     help="per-event: each event its own send(), as Asterisk writes (default); "
+                          "chunked: the events due at one tick in one write")
+    sim.add_argument("--stats-file", default=None,
+                     help="write the counters and numbered streams as JSON here (twice a second, "
+                          "and at exit)")
     sim.add_argument("--tls-cert", default=None, help="serve TLS with this certificate (PEM)")
     sim.add_argument("--tls-key", default=None, help="private key for --tls-cert")
     logging_args(sim)
@@ -404,7 +413,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         options.update(replay=args.replay, interactive=not args.replay_verbatim,
                        speed=args.replay_speed or None)
     else:
-        options["call_rate"] = args.call_rate
+        options.update(call_rate=args.call_rate, stream_rate=args.stream_rate,
+                       write_mode=args.write_mode, stats_file=args.stats_file)
 
     def listening(port: int) -> None:  # called once the socket is bound
         what = f"replaying {args.replay}" if args.replay else "user amid / secret amidsecret"

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import shutil
+import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -647,3 +650,202 @@ async def test_a_call_started_late_still_emits_only_what_is_due_at_its_start() -
     assert 0 < due_at_start < len(SHORT_CALL.setup)
     assert len(emitted) == due_at_start
     call.cancel()
+
+
+# -- numbered streams (conservation tests' source), Asterisk-like writes, faults, restart --------------
+_SEQ = re.compile(rb"\r\nAmidTestSession: (\d+)\r\nAmidTestSeq: (\d+)$")
+
+
+def numbered(messages: list[bytes]) -> list[tuple[int, int]]:
+    """(session, seq) of every numbered event, in arrival order."""
+    return [(int(m.group(1)), int(m.group(2))) for m in map(_SEQ.search, messages) if m]
+
+
+async def test_numbered_stream_numbers_each_session_and_logoff_ends_it_exactly() -> None:
+    async with AMISimulator(stream_rate=2000) as sim:
+        first, second = await login(sim.port), await login(sim.port)
+        for client in (first, second):
+            await client.wait_for(lambda c: len(numbered(c.messages)) >= 150)
+        reply = await first.action("Action: Logoff\nActionID: bye")
+        assert reply.startswith(b"Response: Goodbye")
+        await first.wait_eof()
+        streams = sim.stats.streams
+        got = numbered(first.messages)
+        session = got[0][0]
+        # Every event written before the Goodbye reached the client, numbered 1..sent.
+        assert got == [(session, k) for k in range(1, streams[session].sent + 1)]
+        assert streams[session].end == "logoff" and not streams[session].open
+        # Real call events under the numbers; the other session has its own count.
+        assert {m.split(b"\r\n", 1)[0] for m in first.messages} >= {b"Event: Newchannel",
+                                                                    b"Event: VarSet"}
+        other = numbered(second.messages)
+        assert {s for s, _ in other} == {3 - session} and streams[3 - session].open
+        assert [k for _, k in other] == list(range(1, len(other) + 1))
+        await second.close()
+
+
+async def test_numbered_stream_is_paced_by_a_steady_clock() -> None:
+    rate = 500
+    async with AMISimulator(stream_rate=rate) as sim:
+        client = await login(sim.port)
+        started = time.monotonic()
+        await client.wait_for(lambda c: len(numbered(c.messages)) >= 100)
+        elapsed = time.monotonic() - started
+        sent = sim.stats.streams[1].sent
+        # Paced, not flat out: never ahead of the clock (the first event is due at once).
+        assert sent <= rate * (time.monotonic() - started) + 1
+        assert elapsed >= 99 / rate
+        await client.close()
+
+
+@pytest.mark.parametrize("mode", ["per-event", "chunked"])
+async def test_write_mode_per_event_sends_each_event_on_its_own(mode: str) -> None:
+    async with AMISimulator(stream_rate=5000, write_mode=mode) as sim:  # type: ignore[arg-type]
+        client = await login(sim.port)
+        (session,) = await sim.wait_for_sessions(1)
+        await client.wait_for(lambda c: len(numbered(c.messages)) >= 1000)
+        sock = session.transport.get_extra_info("socket")
+        before = sim.stats.writes
+        sent_before = sim.stats.streams[1].sent
+        await client.wait_for(lambda c: len(numbered(c.messages)) >= 2000)
+        writes = sim.stats.writes - before
+        events = sim.stats.streams[1].sent - sent_before
+        if mode == "per-event":
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert writes == events        # one write (one send) per event
+        else:
+            assert writes < events / 2     # the events due at a tick share a write
+        await client.close()
+
+
+async def test_stream_faults_are_recorded_where_they_hit() -> None:
+    async with AMISimulator(stream_rate=2000) as sim:
+        cut, spoiled, silent = [await login(sim.port) for _ in range(3)]
+        for client in (cut, spoiled, silent):
+            await client.wait_for(lambda c: len(numbered(c.messages)) >= 20)
+        by_number = {numbered(c.messages)[0][0]: c for c in (cut, spoiled, silent)}
+        sessions = {s.number: s for s in sim.sessions}
+        n_cut, n_spoiled, n_silent = by_number
+        sessions[n_cut].faults.close_mid_message_after = 0
+        sessions[n_spoiled].faults.garbage = b"\x00\xff garbage \xfe"
+        sessions[n_silent].faults.stall = sessions[n_silent].faults.ignore_pings = True
+
+        await cut.wait_eof()
+        stream = sim.stats.streams[n_cut]
+        assert stream.end == "close_mid_message" and stream.half_sent == stream.sent + 1
+        assert [k for _, k in numbered(cut.messages)] == list(range(1, stream.sent + 1))
+        assert cut.tail.startswith(b"Event: ") and b"AmidTestSeq" not in cut.tail
+
+        await spoiled.wait_for(lambda c: b"\x00\xff garbage \xfe" in c.data)
+        (after,) = sim.stats.streams[n_spoiled].garbage_after
+        assert bytes(spoiled.data).count(b"\x00\xff garbage \xfe") == 1
+        assert b"AmidTestSeq: %d\r\n\r\n\x00\xff garbage \xfe" % after in spoiled.data
+
+        async with asyncio.timeout(WAIT):
+            while sim.stats.streams[n_silent].stalled_after is None:
+                await asyncio.sleep(0.01)
+        stream = sim.stats.streams[n_silent]
+        await silent.send(b"Action: Ping\r\nActionID: p\r\n\r\n")
+        await spoiled.wait_for(lambda c: len(numbered(c.messages)) >= after + 50)  # time passes
+        assert stream.end == "half_open" and stream.sent == stream.stalled_after
+        assert len(numbered(silent.messages)) == stream.sent and b"Pong" not in silent.data
+        assert not silent.eof
+        for client in (spoiled, silent):
+            await client.close()
+
+
+async def test_restart_closes_every_session_and_listens_again_on_the_same_port() -> None:
+    async with AMISimulator(stream_rate=1000) as sim:
+        port = sim.port
+        client = await login(sim.port)
+        await client.wait_for(lambda c: len(numbered(c.messages)) >= 10)
+        await sim.restart(down_for=0.05)
+        await client.wait_eof()
+        shutdown = [m for m in client.messages if m.startswith(b"Event: Shutdown")]
+        assert shutdown and b"Restart: True" in shutdown[0]
+        assert sim.port == port and sim.stats.streams[1].end == "restart"
+        again = await login(port)
+        await again.wait_for(lambda c: len(numbered(c.messages)) >= 10)
+        assert numbered(again.messages)[0] == (2, 1)   # session numbers carry on
+        await again.close()
+
+
+async def test_control_actions_read_stats_and_inject_faults() -> None:
+    async with AMISimulator(stream_rate=1000) as sim:
+        streamed = await login(sim.port)
+        control = await login(sim.port, events="off")
+        await streamed.wait_for(lambda c: len(numbered(c.messages)) >= 10)
+        reply = await control.action("Action: AmidTestFault\nFault: close_mid_message\nActionID: f")
+        assert b"close_mid_message on 1 sessions" in reply
+        await streamed.wait_eof()
+        reply = await control.action("Action: AmidTestStats\nActionID: s")
+        stats = json.loads(reply.split(b"\r\nStats: ", 1)[1])
+        (stream,) = stats["streams"]     # the control session (events off) has no stream
+        assert stream["end"] == "close_mid_message"
+        assert stream["sent"] == len(numbered(streamed.messages))
+        bad = await control.action("Action: AmidTestFault\nFault: explode\nActionID: e")
+        assert bad.startswith(b"Response: Error")
+        await control.close()
+
+
+async def test_simulate_subprocess_streams_and_writes_its_stats_file(tmp_path: Path) -> None:
+    stats_file = tmp_path / "stats.json"
+    amid = Path(sys.executable).with_name("amid")
+    process = await asyncio.create_subprocess_exec(
+        str(amid), "simulate", "--listen", "127.0.0.1:0", "--stream-rate", "1000",
+        "--stats-file", str(stats_file), stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(WAIT * 2):
+            line = (await process.stderr.readline()).decode()
+        port = int(re.search(r":(\d+) \(", line).group(1))
+        client = await login(port)
+        await client.wait_for(lambda c: len(numbered(c.messages)) >= 200)
+        await client.action("Action: Logoff\nActionID: bye")
+        await client.wait_eof()
+        received = numbered(client.messages)
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        async with asyncio.timeout(WAIT):
+            assert await process.wait() == 0
+    stats = json.loads(stats_file.read_text())
+    (stream,) = stats["streams"]
+    assert stream["end"] == "logoff" and stream["write_mode"] == "per-event"
+    assert received == [(1, k) for k in range(1, stream["sent"] + 1)]
+
+
+async def test_paused_streams_send_nothing_and_resume_on_the_clock() -> None:
+    rate = 1000
+    async with AMISimulator(stream_rate=rate) as sim:
+        client = await login(sim.port)
+        await client.wait_for(lambda c: len(numbered(c.messages)) >= 50)
+        sim.pause_streams()
+        held = sim.stats.streams[1].sent
+        await client.wait_for(lambda c: len(numbered(c.messages)) >= held)
+        await asyncio.sleep(0.1)                  # ~100 events would have been due meanwhile
+        ping = await client.action("Action: Ping\nActionID: p")   # the session still answers
+        assert b"Pong" in ping and sim.stats.streams[1].sent == held
+        sim.resume_streams()
+        resumed = time.monotonic()
+        await client.wait_for(lambda c: len(numbered(c.messages)) >= held + 50)
+        # No burst for the time it was held: paced from where it stopped.
+        assert sim.stats.streams[1].sent - held <= rate * (time.monotonic() - resumed) + 1
+        got = [k for _, k in numbered(client.messages)]
+        assert got == list(range(1, len(got) + 1))
+        await client.close()
+
+
+def test_pacing_sleeps_between_events_under_uvloop_too() -> None:
+    # uvloop truncates timers to the millisecond below: a sub-millisecond wait must not turn
+    # into a busy loop until the deadline (it did: ~30 loop turns per event at 1,000/s).
+    uvloop = pytest.importorskip("uvloop")
+
+    async def stream() -> tuple[int, int]:
+        async with AMISimulator(stream_rate=1000) as sim:
+            client = await login(sim.port)
+            await client.wait_for(lambda c: len(numbered(c.messages)) >= 300)
+            await client.close()
+            return sim.stats.streams[1].sent, sim.stats.streams[1].wakeups
+
+    sent, wakeups = uvloop.run(stream())
+    assert wakeups <= 3 * sent

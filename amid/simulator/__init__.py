@@ -14,8 +14,9 @@ from .server import (
            SimSession,
            SimulatorStats,
            SimUser,
+           StreamStats,
            serve_forever,
 )
 
 __all__ = ["ALL_CLASSES", "AMISimulator", "Call", "FaultConfig", "ReplayServer", "SimSession",
-           "SimUser", "SimulatorStats", "replay", "serve_forever"]
+           "SimUser", "SimulatorStats", "StreamStats", "replay", "serve_forever"]

@@ -7,6 +7,7 @@ duplicate headers wins, and the ActionID is echoed byte for byte.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["handle"]
 
-Pairs = Iterable[tuple[str, str]]
+Pairs = Iterable[tuple[str | bytes, str | bytes]]
 # Action name (lower case) -> the write classes allowed to run it (empty: anybody).
 ACTION_PRIVILEGES: dict[str, frozenset[str]] = {
     name.lower(): frozenset(p for p in privs.split(",") if p not in ("all", "<none>"))
@@ -153,6 +154,7 @@ def _login(sim: AMISimulator, session: SimSession, msg: Message, aid: bytes | No
             ("Privilege", "system,all"), ("Uptime", str(int(now - sim.started_at))),
             ("LastReload", str(int(now - sim.reloaded_at))), ("Status", "Fully Booted")]))
     tv = event_tv(session.login_time)
+    assert user is not None  # a failed login returned above
     sim.security_event(session, "SuccessfulAuth", severity="Informational", account=user.username,
                        extra=[("UsingPassword", "0")], session_tv=tv)
     sim._notify_sessions()
@@ -169,8 +171,50 @@ def _challenge(sim: AMISimulator, session: SimSession, msg: Message, aid: bytes 
 
 
 def _logoff(sim: AMISimulator, session: SimSession, msg: Message, aid: bytes | None) -> None:
+    session.end_reason = "logoff"
     session.send(response("Goodbye", aid, [("Message", "Thanks for all the fish.")]))
     session.close()
+
+
+# -- test control (not Asterisk's): what a conservation test reads back and injects -------------
+_FAULTS = ("close_mid_message", "half_open", "garbage", "restart")
+
+
+def _test_stats(sim: AMISimulator, session: SimSession, msg: Message, aid: bytes | None) -> None:
+    """``Action: AmidTestStats``: the simulator's counters and numbered streams, one JSON line."""
+    session.send(response("Success", aid, [("Stats", json.dumps(sim.stats.as_dict()))]))
+
+
+def _test_fault(sim: AMISimulator, session: SimSession, msg: Message, aid: bytes | None) -> None:
+    """``Action: AmidTestFault``, ``Fault: close_mid_message|half_open|garbage|restart``, on every
+    other session with a numbered stream (``Session: N`` for one); ``restart`` takes ``DownFor``
+    (seconds, default 0)."""
+    fault = header(msg, "Fault").lower()
+    wanted = header(msg, "Session")
+    if fault not in _FAULTS or (wanted and not wanted.isdigit()):
+        session.send(error(aid, f"Fault must be one of {', '.join(_FAULTS)}; Session a number"))
+        return
+    if fault == "restart":
+        try:
+            down_for = float(header(msg, "DownFor") or 0)
+        except ValueError:
+            down_for = -1.0
+        if not down_for >= 0:
+            session.send(error(aid, "DownFor must be 0 or more seconds"))
+            return
+        session.send(ack(aid, "Restarting"))
+        sim._spawn(sim.restart(down_for=down_for))
+        return
+    targets = [s for s in sim.sessions if s is not session and s.stream is not None
+               and (not wanted or s.number == int(wanted))]
+    for target in targets:
+        if fault == "close_mid_message":
+            target.faults.close_mid_message_after = 0
+        elif fault == "half_open":
+            target.faults.stall = target.faults.ignore_pings = True
+        else:
+            target.faults.garbage = bytes(sim._rng.getrandbits(8) for _ in range(512))
+    session.send(ack(aid, f"{fault} on {len(targets)} sessions"))
 
 
 # -- session control ----------------------------------------------------------------------------
@@ -284,15 +328,16 @@ def _status(sim: AMISimulator, session: SimSession, msg: Message, aid: bytes | N
     now = time.time()
     out = [list_start(aid, "Channel status will follow")]
     for chan in chans:
-        pairs = [("Privilege", "Call"), ("Channel", chan.name), *chan.snapshot.items(),
-                 ("Type", chan.name.partition("/")[0]), ("DNID", ""),
-                 ("EffectiveConnectedLineNum", chan.snapshot["ConnectedLineNum"]),
-                 ("EffectiveConnectedLineName", chan.snapshot["ConnectedLineName"]),
-                 ("TimeToHangup", "0"), ("BridgeID", chan.bridge_id),
-                 ("Application", chan.application), ("Data", chan.app_data),
-                 ("Nativeformats", "(slin)"), ("Readformat", "slin"), ("Readtrans", ""),
-                 ("Writeformat", "slin"), ("Writetrans", ""), ("Callgroup", "0"),
-                 ("Pickupgroup", "0"), ("Seconds", str(chan.seconds_up(now)))]
+        pairs: list[tuple[str | bytes, str | bytes]] = [
+            ("Privilege", "Call"), ("Channel", chan.name), *chan.snapshot.items(),
+            ("Type", chan.name.partition("/")[0]), ("DNID", ""),
+            ("EffectiveConnectedLineNum", chan.snapshot["ConnectedLineNum"]),
+            ("EffectiveConnectedLineName", chan.snapshot["ConnectedLineName"]),
+            ("TimeToHangup", "0"), ("BridgeID", chan.bridge_id),
+            ("Application", chan.application), ("Data", chan.app_data),
+            ("Nativeformats", "(slin)"), ("Readformat", "slin"), ("Readtrans", ""),
+            ("Writeformat", "slin"), ("Writetrans", ""), ("Callgroup", "0"),
+            ("Pickupgroup", "0"), ("Seconds", str(chan.seconds_up(now)))]
         names = list(chan.variables) if all_vars else wanted
         pairs += [("Variable", f"{v}={_variable(chan, v)}") for v in names]
         if aid:
@@ -485,3 +530,5 @@ _HANDLERS: dict[str, _Handler] = {
     "corestatus": _core_status, "hangup": _hangup, "getvar": _getvar, "command": _command,
 }
 assert set(_HANDLERS) <= set(ACTION_PRIVILEGES)
+# The test-control actions are the simulator's own: not in ListCommands, open to any logged-in user.
+_HANDLERS.update({"amidteststats": _test_stats, "amidtestfault": _test_fault})

@@ -13,7 +13,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from random import Random
 
 from . import _call_templates
@@ -46,8 +46,8 @@ class _CompiledEvent:
 class CallTemplate:
     """A call shape: setup events, an optional hold, teardown events."""
 
-    def __init__(self, name: str, setup: list[tuple[float, bytes]],
-                 teardown: list[tuple[float, bytes]] = (), *, holds: bool = False) -> None:
+    def __init__(self, name: str, setup: Sequence[tuple[float, bytes]],
+                 teardown: Sequence[tuple[float, bytes]] = (), *, holds: bool = False) -> None:
         self.name = name
         self.setup = [_CompiledEvent(t, raw) for t, raw in setup]
         self.teardown = [_CompiledEvent(t, raw) for t, raw in teardown]

@@ -87,8 +87,8 @@ class ChannelTracker:
         """Update the state from one event (``name`` = its ``Event:`` value)."""
         now = time.time() if now is None else now
         if name == "Newchannel":
-            chan = Channel(fields["Channel"], now, {k: fields.get(k, "") for k in SNAPSHOT_KEYS})
-            self.channels[chan.name] = chan
+            new = Channel(fields["Channel"], now, {k: fields.get(k, "") for k in SNAPSHOT_KEYS})
+            self.channels[new.name] = new
             return
         for prefix in _SNAPSHOT_PREFIXES:
             chan = self.channels.get(fields.get(prefix + "Channel", ""))

@@ -92,7 +92,8 @@ class EventFilter:
 
     def _match(self, target: bytes) -> bool:
         value = self.value
-        if self.method == "regex":
+        assert value is not None  # matches() takes a filter without a value as matching all
+        if self.regex is not None:
             return self.regex.search(target) is not None
         if self.method == "exact":
             return target == value

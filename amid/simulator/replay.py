@@ -141,7 +141,7 @@ class ReplayServer:
         self.host = host
         self._requested_port = port
         self.ssl = ssl
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._connections: set[_ReplayConnection] = set()
         self.connections_total = 0
 
@@ -185,10 +185,11 @@ class ReplayServer:
         if not self.chunks:
             return [(0.0, i, min(i + _SLICE, len(self.data))) for i in range(0, len(self.data), _SLICE)]
         plan, pos = [], 0
+        speed = self.speed or 1.0  # chunks are loaded only with a speed
         for when, size in self.chunks:
             if pos >= len(self.data):
                 break
-            plan.append((when / self.speed, pos, min(pos + size, len(self.data))))
+            plan.append((when / speed, pos, min(pos + size, len(self.data))))
             pos += size
         if pos < len(self.data):
             plan.append((plan[-1][0] if plan else 0.0, pos, len(self.data)))

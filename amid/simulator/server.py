@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
+import os
 import ssl as ssl_module
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from random import Random
-from typing import Any, Self
+from typing import Any, Self, cast
 
 from ..ami.address import split_host
 from ..ami.protocol import Parser, RemoteProtocolError
@@ -20,9 +23,10 @@ from ._asterisk_text import AMI_BANNER
 from .calls import Call, IdAllocator, prebuilt_call_events, template_for
 from .channels import ChannelTracker, parse_event
 from .model import ALL_CLASSES, EventFilter, OutEvent, SessionState, event_tv
+from .stream import NumberedStream, StreamStats, WriteMode, numbered_pool
 
-__all__ = ["AMISimulator", "FaultConfig", "SimSession", "SimUser", "SimulatorStats", "parse_listen",
-           "serve_forever"]
+__all__ = ["AMISimulator", "FaultConfig", "SimSession", "SimUser", "SimulatorStats", "StreamStats",
+           "parse_listen", "serve_forever"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,17 @@ class SimulatorStats:
     actions: int = 0
     events_sent: int = 0
     bytes_sent: int = 0
+    writes: int = 0                     # write() calls on the transports (one per event per-event)
     slow_readers_dropped: int = 0
+    # Numbered streams by session (login) number; kept after the session ends.
+    streams: dict[int, StreamStats] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready snapshot (what ``--stats-file`` and ``Action: AmidTestStats`` give)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "streams"}
+        data["time"] = time.time()
+        data["streams"] = [s.as_dict() for s in self.streams.values()]
+        return data
 
 
 class SimSession(asyncio.Protocol):
@@ -91,6 +105,10 @@ class SimSession(asyncio.Protocol):
         self._writable.set()
         self._auth_failure: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
+        self.number: int | None = None            # login number (1, 2, ...), once logged in
+        self.end_reason: str | None = None        # why the simulator ended it, if it did
+        self.stream: StreamStats | None = None    # its numbered stream, if any
+        self.events_out = 0                       # events sent outside a numbered stream
 
     # -- public, for tests -------------------------------------------------------------
     @property
@@ -125,8 +143,8 @@ class SimSession(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop transports are not asyncio.Transport subclasses)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=_STREAM_SLICE)
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=_STREAM_SLICE)
         proto = "TLS" if transport.get_extra_info("sslcontext") is not None else "TCP"
         self.local_address = _format_address(proto, transport.get_extra_info("sockname"))
         self.remote_address = _format_address(proto, transport.get_extra_info("peername"))
@@ -156,6 +174,12 @@ class SimSession(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self._writable.set()  # wake a streamer so it sees the session is gone
+        stream = self.stream
+        if stream is not None:
+            stream.open = False
+            stream.ended_at = time.time()
+            if stream.end is None:
+                stream.end = self.end_reason or ("peer_reset" if exc is not None else "peer_closed")
         self.closed.set()
         self.sim._session_closed(self)
 
@@ -180,18 +204,21 @@ class SimSession(asyncio.Protocol):
     def _drop_slow_reader(self) -> None:
         self._write_timer = None
         self.sim.stats.slow_readers_dropped += 1
+        self.end_reason = "write_timeout"
         if self.transport is not None:
             self.transport.abort()
 
     # -- output --------------------------------------------------------------------------
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         transport = self.transport
         if transport is None or self.state is SessionState.CLOSED or transport.is_closing():
             return
         transport.write(data)
-        self.sim.stats.bytes_sent += len(data)
+        stats = self.sim.stats
+        stats.bytes_sent += len(data)
+        stats.writes += 1
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         """Send a response or a message addressed to this session only (faults apply)."""
         faults = self.faults
         if faults.stall:
@@ -216,6 +243,9 @@ class SimSession(asyncio.Protocol):
             faults.close_mid_message_after = remaining - 1
         self.send(raw)
         self.sim.stats.events_sent += 1
+        self.events_out += 1
+        if self.stream is not None:
+            self.stream.other_events += 1
 
     def deliver(self, event: OutEvent) -> None:
         """Send a broadcast event if this session's permissions, mask and filters let it."""
@@ -225,7 +255,7 @@ class SimSession(asyncio.Protocol):
         if classes is None:
             if not self.event_mask:
                 return
-        elif not (classes & self.event_mask and classes & self.user.read):
+        elif not (classes & self.event_mask and self.user and classes & self.user.read):
             return
         if self.filters and not self._passes_filters(event):
             return
@@ -263,8 +293,12 @@ class AMISimulator:
     ``call_rate`` starts that many calls per second by itself; ``call_spread`` is how many
     seconds one short call's events are spread over (0: all at once); ``long_call_hold`` is how
     long a ``Local/310@test`` call stays up. ``stream_on_login`` sends that many pre-built call
-    events to every session right after its login (benchmarks). ``write_timeout`` (seconds,
-    off by default; Asterisk's own is 0.1) drops a client whose socket stays full that long.
+    events to every session right after its login (benchmarks). ``stream_rate`` gives every
+    session that logs in with events on a numbered stream of that many events per second
+    (``write_mode`` ``per-event``, as Asterisk writes, or ``chunked``; see
+    :mod:`amid.simulator.stream`), accounted per session in ``stats.streams``.
+    ``write_timeout`` (seconds, off by default; Asterisk's own is 0.1) drops a client whose
+    socket stays full that long.
 
     Test hooks: :attr:`sessions`, :meth:`wait_for_sessions`, :attr:`faults` /
     :meth:`set_faults`, :attr:`stats`, :attr:`channels` (live channel state) and :attr:`ids`
@@ -275,7 +309,8 @@ class AMISimulator:
                  users: Iterable[SimUser] = DEFAULT_USERS,
                  ssl: ssl_module.SSLContext | None = None, auth_failure_delay: float = 1.0,
                  call_rate: float = 0.0, call_spread: float = 1.0, long_call_hold: float = 30.0,
-                 stream_on_login: int = 0, write_timeout: float | None = None,
+                 stream_on_login: int = 0, stream_rate: float = 0.0,
+                 write_mode: WriteMode = "per-event", write_timeout: float | None = None,
                  seed: int = 0) -> None:
         self.host = host
         self._requested_port = port
@@ -286,6 +321,11 @@ class AMISimulator:
         self.call_spread = call_spread
         self.long_call_hold = long_call_hold
         self.stream_on_login = stream_on_login
+        self.stream_rate = stream_rate
+        self.write_mode: WriteMode = write_mode
+        self._numbered_pool: list[bytes] | None = None
+        self._streams_running = asyncio.Event()
+        self._streams_running.set()
         self.write_timeout = write_timeout
         self.faults = FaultConfig()
         self.stats = SimulatorStats()
@@ -299,7 +339,7 @@ class AMISimulator:
         self._rng = Random(seed)
         self._seed = seed
         self.ids = IdAllocator(self._rng)
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._session_waiters: list[tuple] = []
         self._tasks: set[asyncio.Task] = set()
         self._call_timer: asyncio.TimerHandle | None = None
@@ -344,6 +384,7 @@ class AMISimulator:
         for session in list(self.sessions):
             if shutdown_event:
                 session.deliver(shutdown)
+            session.end_reason = session.end_reason or "server_closed"
             session.close()
         if self.sessions:
             with contextlib.suppress(TimeoutError):
@@ -356,6 +397,39 @@ class AMISimulator:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._server.wait_closed()
+
+    async def restart(self, *, down_for: float = 0.0, timeout: float = 5.0) -> None:
+        """``core restart now``: ``Shutdown`` (``Restart: True``) to the sessions that get it,
+        every connection closed, nobody listening for ``down_for`` seconds, then listening again
+        on the same port. Calls, counters and session numbers carry on."""
+        loop = asyncio.get_running_loop()
+        port = self.port
+        if self._server is not None:
+            self._server.close()
+        shutdown = OutEvent(b"Event: Shutdown\r\nPrivilege: system,all\r\n"
+                            b"Shutdown: Cleanly\r\nRestart: True\r\n\r\n")
+        sessions = list(self.sessions)
+        for session in sessions:
+            session.end_reason = "restart"
+            session.deliver(shutdown)
+            session.close()
+        if sessions:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(*(s.closed.wait() for s in sessions))
+        for session in sessions:
+            if session.transport is not None:
+                session.transport.abort()
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._server.wait_closed()
+        if down_for > 0:
+            await asyncio.sleep(down_for)
+        self._requested_port = port
+        self._server = await loop.create_server(lambda: SimSession(self), self.host, port,
+                                                ssl=self.ssl)
+        self.started_at = self.reloaded_at = time.time()
 
     async def shutdown_gracefully(self, timeout: float | None = None) -> None:
         """``core stop gracefully``: refuse every action (``Asterisk is shutting down``) from
@@ -521,8 +595,48 @@ class AMISimulator:
         return len(targets)
 
     def _start_stream_on_login(self, session: SimSession) -> None:
+        session.number = self.stats.logins
         if self.stream_on_login > 0 and session.events_on:
             self._spawn(self._stream_to(session, self.stream_on_login))
+        if self.stream_rate > 0 and session.events_on:
+            self.start_numbered_stream(session)
+
+    def start_numbered_stream(self, session: SimSession, rate: float | None = None,
+                              write_mode: WriteMode | None = None) -> StreamStats:
+        """Start a numbered stream to a logged-in session (``stream_rate`` does it at login)."""
+        if session.number is None or session.stream is not None:
+            raise RuntimeError("a numbered stream needs a logged-in session without one")
+        if self._numbered_pool is None:
+            self._numbered_pool = numbered_pool(seed=self._seed)
+        rate = self.stream_rate if rate is None else rate
+        mode = write_mode or self.write_mode
+        stats = StreamStats(session=session.number, username=session.username or "",
+                            peer=session.remote_address, rate=rate, write_mode=mode)
+        stats.other_events = session.events_out
+        stream = NumberedStream(session, self.stats, stats, self._numbered_pool, rate, mode,
+                                self._streams_running)
+        session.stream = stats
+        self.stats.streams[session.number] = stats
+        self._spawn(stream.run())
+        return stats
+
+    def pause_streams(self) -> None:
+        """Hold every numbered stream (sessions stay open); :meth:`resume_streams` goes on."""
+        self._streams_running.clear()
+
+    def resume_streams(self) -> None:
+        self._streams_running.set()
+
+    def streams_sent(self) -> dict[int, int]:
+        """Numbered events written in full, by session number."""
+        return {number: s.sent for number, s in self.stats.streams.items()}
+
+    def write_stats(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`SimulatorStats.as_dict` as JSON, atomically (a reader never sees half)."""
+        target = Path(path)
+        scratch = target.with_name(f".{target.name}.tmp")
+        scratch.write_text(json.dumps(self.stats.as_dict(), indent=1))
+        os.replace(scratch, target)
 
     async def _stream_to(self, session: SimSession, n: int) -> None:
         blob, ends = self.prebuilt_stream()
@@ -575,12 +689,15 @@ async def serve_forever(listen: str, *, replay: str | None = None, speed: float 
                         close_at_end: bool = False, interactive: bool = True,
                         tls_cert: str | None = None,
                         tls_key: str | None = None, ready: Callable[[int], None] | None = None,
+                        stats_file: str | None = None, stats_interval: float = 0.5,
                         **options: Any) -> None:
     """Run the simulator (or, with ``replay=FILE``, the replay server) on ``listen`` until
     cancelled; on cancellation it closes cleanly (Shutdown event to the sessions that get it).
 
-    ``options`` go to :class:`AMISimulator` (``call_rate``, ``call_spread``, ``users``…);
-    ``ready(port)`` is called once the socket is bound.
+    ``options`` go to :class:`AMISimulator` (``call_rate``, ``call_spread``, ``stream_rate``,
+    ``write_mode``, ``users``…); ``ready(port)`` is called once the socket is bound.
+    ``stats_file`` gets the simulator's counters and numbered streams as JSON every
+    ``stats_interval`` seconds and once more after the last session closed.
     """
     from .replay import ReplayServer
 
@@ -596,9 +713,24 @@ async def serve_forever(listen: str, *, replay: str | None = None, speed: float 
     else:
         server = AMISimulator(host=host, port=port, ssl=ssl_context, **options)
     await server.start()
+    stats_writer: asyncio.Task[None] | None = None
+    if stats_file is not None and isinstance(server, AMISimulator):
+        stats_writer = asyncio.create_task(_write_stats_every(server, stats_file, stats_interval))
     try:
         if ready is not None:
             ready(server.port)
         await asyncio.Future()  # until cancelled
     finally:
+        if stats_writer is not None:
+            stats_writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stats_writer
         await asyncio.shield(server.close())
+        if stats_file is not None and isinstance(server, AMISimulator):
+            server.write_stats(stats_file)
+
+
+async def _write_stats_every(sim: AMISimulator, path: str, interval: float) -> None:
+    while True:
+        sim.write_stats(path)
+        await asyncio.sleep(interval)
