@@ -255,8 +255,8 @@ def sink_idle(samples: Samples, sink: str) -> bool:
     busy = sum(total(samples, name, sink=sink) for name in (
         "amid_sink_queue_events", "amid_sink_in_flight_events", "amid_sink_spool_events"))
     accounted = sum(total(samples, name, sink=sink) for name in (
-        "amid_sink_sent_total", "amid_sink_dropped_total", "amid_sink_dead_lettered_total"))
-    return busy == 0 and accounted >= total(samples, "amid_sink_received_total", sink=sink)
+        "amid_sink_sent_events_total", "amid_sink_dropped_events_total", "amid_sink_dead_lettered_events_total"))
+    return busy == 0 and accounted >= total(samples, "amid_sink_received_events_total", sink=sink)
 
 
 @dataclass
@@ -350,7 +350,7 @@ class Harness:
         """``kill -9`` amid, noting just before what it had provably read of its open session."""
         with contextlib.suppress(Exception):
             samples = await self.amid.scrape()
-            read = int(total(samples, "amid_ami_events_received_total"))
+            read = int(total(samples, "amid_ami_received_events_total"))
             mine = {n: s for n, s in self.sim.stats.streams.items() if n >= self._first_session}
             open_now = [n for n, s in mine.items() if s.open]
             if len(open_now) == 1:
@@ -367,7 +367,7 @@ class Harness:
         async with asyncio.timeout(timeout):
             while True:
                 samples = await self.amid.scrape()
-                received = total(samples, "amid_ami_events_received_total")
+                received = total(samples, "amid_ami_received_events_total")
                 if received == previous and all(sink_idle(samples, s) for s in SINKS):
                     return samples
                 previous = received
@@ -425,7 +425,7 @@ class Harness:
         bounds = self.bounds()
         for sink in sinks:
             records, torn = delivered[sink]
-            dropped = int(total(self.final, "amid_sink_dropped_total", sink=sink)) \
+            dropped = int(total(self.final, "amid_sink_dropped_events_total", sink=sink)) \
                 if self.final is not None else 0
             if not expect_drops:
                 assert dropped == 0, f"sink {sink}: {dropped} dropped"

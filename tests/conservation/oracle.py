@@ -8,13 +8,13 @@ under a per-start ``run`` in its ``id``). For one sink's delivered records the o
   no session shows under two;
 * **no hole**: within each session the numbers delivered are contiguous from 1 (and amid's own
   ``seq`` within each ``(run, epoch)`` is contiguous from 1), except for numbers a drop counter
-  accounts for (``dropped``: the sink's ``amid_sink_dropped_total`` at a final scrape; zero when a
+  accounts for (``dropped``: the sink's ``amid_sink_dropped_events_total`` at a final scrape; zero when a
   run was killed and the sink is spooled, since a spooled sink has nothing to drop) and the event
   a fault spoiled on the wire (the one right after injected garbage);
 * **a lost tail only where explained**: a session must be delivered at least up to its
   ``must_deliver`` bound: everything it sent when the simulator ended it in order (Logoff, a cut
   or half-open stream, a restart: amid reads up to the end of what it got), and for a session amid
-  was killed on, what amid had provably read (its ``amid_ami_events_received_total`` scraped just
+  was killed on, what amid had provably read (its ``amid_ami_received_events_total`` scraped just
   before the kill, minus the session's events that are not numbered). What lies beyond is the
   unread tail, reported with its size;
 * **duplicates only in flight**: at most ``max_duplicates`` (a batch per fault that can leave a
