@@ -11,16 +11,53 @@ Library use::
 
 __version__ = "0.1.0"
 
-from amid.ami.protocol import (ActionIdGenerator, Event, LocalProtocolError, Message, Parser,  # noqa: E402
-                               ProtocolError, RemoteProtocolError, Response, encode_action)
-from amid.ami.session import (DEFAULT_PORT, AMIClient, AMIConnectionError, AMIError,  # noqa: E402
-                              ActionTimeout, ConnectionState, LoginError, StateChange, is_error,
-                              is_success, make_ssl_context)
-from amid.records import Record  # noqa: E402
+from amid.ami.protocol import (
+                               ActionIdGenerator,
+                               Event,
+                               LocalProtocolError,
+                               Message,
+                               Parser,
+                               ProtocolError,
+                               RemoteProtocolError,
+                               Response,
+                               encode_action,
+)
+from amid.ami.session import (
+                               DEFAULT_PORT,
+                               ActionTimeout,
+                               AMIClient,
+                               AMIConnectionError,
+                               AMIError,
+                               ConnectionState,
+                               LoginError,
+                               StateChange,
+                               is_error,
+                               is_success,
+                               make_ssl_context,
+)
+from amid.records import Record
 
 __all__ = [
-    "AMIClient", "AMIConnectionError", "AMIError", "ActionIdGenerator", "ActionTimeout",
-    "ConnectionState", "DEFAULT_PORT", "Event", "LocalProtocolError", "LoginError", "Message",
-    "Parser", "ProtocolError", "Record", "RemoteProtocolError", "Response", "StateChange",
-    "encode_action", "is_error", "is_success", "make_ssl_context", "__version__",
+                               "DEFAULT_PORT",
+                               "AMIClient",
+                               "AMIConnectionError",
+                               "AMIError",
+                               "ActionIdGenerator",
+                               "ActionTimeout",
+                               "ConnectionState",
+                               "Event",
+                               "LocalProtocolError",
+                               "LoginError",
+                               "Message",
+                               "Parser",
+                               "ProtocolError",
+                               "Record",
+                               "RemoteProtocolError",
+                               "Response",
+                               "StateChange",
+                               "__version__",
+                               "encode_action",
+                               "is_error",
+                               "is_success",
+                               "make_ssl_context",
 ]

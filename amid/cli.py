@@ -193,7 +193,7 @@ def _config_path(arg: str | None) -> str | None:
 
 def _setup_logging(fmt: str | None, level: str | None, default_format: str = "text") -> None:
     from amid.logs import setup_logging
-    setup_logging(fmt or default_format, (level or "info").lower())
+    setup_logging(fmt or default_format, (level or "info").lower())  # type: ignore[arg-type]
 
 
 def _read_secret(args: argparse.Namespace) -> str:
@@ -651,7 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # `amid tail | head`: the reader went away; not an error worth a traceback.
         with contextlib.suppress(Exception):
-            sys.stdout = open(os.devnull, "w")
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stays open for the interpreter's exit
         return EXIT_OK
 
 

@@ -80,22 +80,31 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from amid.ami.address import split_host_port
-from amid.units import (DeprecatedKeys, Duration, PositiveDuration, PositiveSize, Size, TlsConfig,
-                        TlsSetting, parse_duration, parse_size)
+from amid.units import (
+    DeprecatedKeys,
+    Duration,
+    PositiveDuration,
+    PositiveSize,
+    Size,
+    TlsConfig,
+    TlsSetting,
+    parse_duration,
+    parse_size,
+)
 
 __all__ = [
     "Config",
     "ConfigError",
     "DeprecatedKeys",
     "Duration",
-    "PositiveDuration",
-    "PositiveSize",
-    "Size",
     "HttpConfig",
     "LogConfig",
+    "PositiveDuration",
+    "PositiveSize",
     "Problem",
     "ServerConfig",
     "SinkConfig",
+    "Size",
     "TlsConfig",
     "load",
     "parse_duration",
@@ -476,7 +485,7 @@ def _options_model(spec: Any) -> type[BaseModel] | None:
 
 
 def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str], *,
-         sink_option_models: Mapping[str, type[BaseModel] | None] | None = None) -> Config:
+         sink_option_models: Mapping[str, Any] | None = None) -> Config:
     """Read, override, validate; return the Config or raise ConfigError with every problem.
 
     ``path`` None means no file: the configuration is built from ``AMID_*`` environment

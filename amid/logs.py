@@ -25,7 +25,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
 # The one rate-limited log of amid lives in amid.ami; re-exported here.
@@ -92,7 +92,7 @@ class SecretRedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:  # noqa: BLE001 - bad format args: leave the record to the handler's error reporting
+        except Exception:
             return True
         redacted = redact_secrets(message)
         if redacted != message:
@@ -111,7 +111,7 @@ class SecretRedactingFilter(logging.Filter):
 
 def _iso_timestamp(created: float) -> str:
     """RFC 3339 UTC with milliseconds, e.g. ``2024-05-01T12:00:00.123Z``."""
-    return datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _logfmt_value(value: Any) -> str:
@@ -223,7 +223,7 @@ def build_journal_handler(sender: Callable[..., Any] | None = None) -> logging.H
 
     deliver = journal.send if sender is None else sender
 
-    def send_clean_fields(MESSAGE: str, **fields: Any) -> Any:  # noqa: N803 - journal field name
+    def send_clean_fields(MESSAGE: str, **fields: Any) -> Any:
         return deliver(MESSAGE, **_journal_fields(fields))
 
     handler = journal.JournalHandler(sender_function=send_clean_fields, SYSLOG_IDENTIFIER="amid")
@@ -260,7 +260,7 @@ def _parse_level(level: str | int) -> int:
 
 
 def _build_handler(
-    format: LogFormat,  # noqa: A002
+    format: LogFormat,
     text_stream: TextIO,
     json_stream: TextIO,
     environ: Mapping[str, str],
@@ -295,7 +295,7 @@ def set_log_level(level: str | int) -> None:
 
 
 def setup_logging(
-    format: LogFormat,  # noqa: A002 - the CLI option is --log-format
+    format: LogFormat,
     level: str | int = "info",
     *,
     stream_text: TextIO | None = None,

@@ -294,8 +294,10 @@ class AmidCollector(Collector):
             "amid_sink_truncated_events",
             "Events delivered shortened to the transport's size limit (syslog udp/unix).",
         )
-        failed = counter("amid_sink_failed_attempts", "Delivery attempts that failed (each retry that fails counts again).")
-        retried = counter("amid_sink_retried_attempts", "Delivery attempts that were retries of an earlier failed attempt.")
+        failed = counter("amid_sink_failed_attempts",
+                         "Delivery attempts that failed (each retry that fails counts again).")
+        retried = counter("amid_sink_retried_attempts",
+                          "Delivery attempts that were retries of an earlier failed attempt.")
         spool_corrupt = counter(
             "amid_sink_spool_corrupt_records",
             "Damaged spool records skipped when the spool was opened (torn or corrupted writes).",

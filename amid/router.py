@@ -116,7 +116,7 @@ class Router:
                 runner.offer_many(records)
             else:
                 accepts = flt.accepts
-                accepted = [record for record, event in zip(records, events) if accepts(event)]
+                accepted = [record for record, event in zip(records, events, strict=False) if accepts(event)]
                 runner.stats.discarded_total += len(records) - len(accepted)
                 runner.offer_many(accepted)
 

@@ -58,7 +58,7 @@ class SinkTypes:
     errors: list[PluginLoadError] = field(default_factory=list)
 
     @classmethod
-    def discover(cls) -> "SinkTypes":
+    def discover(cls) -> SinkTypes:
         types = cls()
         for type_name, module_name in BUILTIN_SINKS.items():
             module = importlib.import_module(module_name)
@@ -138,7 +138,7 @@ class Daemon:
         self.sinks: dict[str, _SinkSlot] = {}
         self._replaced_stats: dict[str, SinkStats] = {}  # see reload: shown while handing over
         self.reload_stats = ReloadStats()  # outcome of the last reload, for the metrics
-        self.http = None
+        self.http: Any = None  # amid.http.HealthServer once started (imported lazily)
         self._install_signal_handlers = install_signals
         self.status_interval = status_interval
         self._stop = asyncio.Event()
@@ -256,10 +256,12 @@ class Daemon:
                            for name, slot in self.sinks.items()],
             config=self.reload_stats, version=__version__)
         registry = build_registry(collector)
+        assert self.config.http.listen is not None  # an address means a listen text
         self.http = HealthServer(self.config.http.listen, registry, live=self.liveness,
                                  ready=self.readiness)
+        http = self.http
         try:
-            await self.http.start()
+            await http.start()
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise OSError(exc.errno, f"http.listen {self.config.http.listen}: {reason}") from exc
@@ -304,7 +306,7 @@ class Daemon:
     def reader_progressing(self) -> bool:
         """True while every session either answers pings or is (re)connecting."""
         now = time.time()
-        for name, client in self.clients.items():
+        for client in self.clients.values():
             if client.state is not ConnectionState.CONNECTED:
                 continue  # the supervisor is retrying; a restart would not help
             last = client.stats.last_pong_time
@@ -384,7 +386,7 @@ class Daemon:
         remaining = max(0.5, deadline - time.monotonic())
         results = await asyncio.gather(*(slot.runner.close(remaining) for slot in self.sinks.values()),
                                        return_exceptions=True)
-        for slot, result in zip(self.sinks.values(), results):
+        for slot, result in zip(self.sinks.values(), results, strict=False):
             if isinstance(result, BaseException):
                 log.error("sink %s did not close cleanly: %s", slot.config.name, result,
                           extra={"sink": slot.config.name})
@@ -558,7 +560,7 @@ class Daemon:
             del self._server_configs[name]
             try:
                 await client.close()
-            except Exception as exc:  # noqa: BLE001 - one server must not stop the reload
+            except Exception as exc:
                 problems.append(f"server {name}: closing the old session failed: {exc}")
             self._retired[name] = (client.epoch, time.time())
             if name not in new_servers:
@@ -567,7 +569,7 @@ class Daemon:
             if name not in self.clients:
                 try:
                     await self._start_client(server).start()
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     problems.append(f"server {name}: {exc}")
         return problems
 
@@ -577,13 +579,13 @@ class Daemon:
         if callable(reopen):
             try:
                 reopen()
-            except Exception as exc:  # noqa: BLE001 - a plugin's reopen may raise anything
+            except Exception as exc:
                 problems.append(f"sink {slot.config.name}: reopen failed: {exc}")
 
     def _try_build_sink(self, cfg: SinkConfig, problems: list[str], outcome: str) -> _SinkSlot | None:
         try:
             return self._build_sink(cfg)
-        except Exception as exc:  # noqa: BLE001 - a plugin's factory may raise anything
+        except Exception as exc:
             problems.append(f"sink {cfg.name}: {exc}; {outcome}")
             return None
 

@@ -43,7 +43,7 @@ def _prebuilt_events() -> list[bytes]:
 class StreamSession(asyncio.Protocol):
     """One client: banner, login answered, then whatever the server streams."""
 
-    def __init__(self, server: "StreamServer") -> None:
+    def __init__(self, server: StreamServer) -> None:
         self.server = server
         self.parser = Parser(expect_banner=False)
         self.transport: asyncio.Transport | None = None

@@ -36,8 +36,16 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import (ROOT, markdown_table, percentile, proc_cpu_seconds, proc_status_kib, proc_written_bytes,
-                               python_for_subprocess, s09a_messages)
+from benchmarks.common import (
+    ROOT,
+    markdown_table,
+    percentile,
+    proc_cpu_seconds,
+    proc_status_kib,
+    proc_written_bytes,
+    python_for_subprocess,
+    s09a_messages,
+)
 
 IN_MODIFY = 0x00000002
 _RECEIVED_AT = b'"received_at":"'

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from amid.ami.protocol import (Event, Message, Parser, ParserState, _message_for,
-                               _parse_fields)
+from amid.ami.protocol import Event, Message, Parser, ParserState, _message_for, _parse_fields
+
 
 class FastFramingParser(Parser):
     """Parser whose ``feed`` frames a pure-CRLF buffer with one C-level ``bytes.split``.

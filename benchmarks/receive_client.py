@@ -71,6 +71,7 @@ async def run_amid(port: int, expect: int, *, touch_field: bool, handler_api: bo
 
 async def run_panoramisk(port: int, expect: int, keep: bool, seen: list) -> tuple:
     import logging
+
     from panoramisk import Manager
     logging.getLogger("panoramisk").setLevel(logging.CRITICAL)
     loop = asyncio.get_running_loop()
@@ -209,10 +210,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.verify is not None:
             expected = _expected(args.verify)
             tail = seen[len(seen) - len(expected):] if len(seen) >= len(expected) else seen
-            intact = sum(1 for e, g in zip(expected, tail) if canonical(g) == e)
+            intact = sum(1 for e, g in zip(expected, tail, strict=False) if canonical(g) == e)
             result.update(checked=len(expected), intact=intact)
             if intact < len(expected):
-                bad = next(i for i, (e, g) in enumerate(zip(expected, tail)) if canonical(g) != e)
+                bad = next(i for i, (e, g) in enumerate(zip(expected, tail, strict=False)) if canonical(g) != e)
                 result["first_difference"] = {"expected": expected[bad], "got": canonical(tail[bad])}
     except Exception as exc:  # reported, not hidden: the table says why a peer has no figure
         result["error"] = f"{type(exc).__name__}: {exc}"

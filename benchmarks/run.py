@@ -18,8 +18,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python benchmarks/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_e2e, bench_parse, bench_receive  # noqa: E402
-from benchmarks.common import RESULTS_DIR, machine_description  # noqa: E402
+from benchmarks import bench_e2e, bench_parse, bench_receive
+from benchmarks.common import RESULTS_DIR, machine_description
 
 ALL = ("parse", "receive", "e2e")
 

@@ -43,8 +43,8 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 
 async def scrape_text(port: int, host: str = "127.0.0.1", *, timeout: float = 5.0) -> str:
     """GET ``/metrics`` and return the body; asserts HTTP 200."""
-    async with asyncio.timeout(timeout), aiohttp.ClientSession() as session:
-        async with session.get(f"http://{host}:{port}/metrics") as response:
+    async with asyncio.timeout(timeout), aiohttp.ClientSession() as session, \
+            session.get(f"http://{host}:{port}/metrics") as response:
             assert response.status == 200, response.status
             return await response.text()
 

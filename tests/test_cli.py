@@ -66,7 +66,7 @@ async def test_check_config_lists_every_problem_with_key_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("servers:\n  - host: pbx\n    port: many\n    username: amid\n    secret: x\n"
                    "sinks:\n  - name: f\n    type: file\n    pathh: /tmp/x\n")
-    code, out, err = await run_amid("check-config", "--config", str(bad))
+    code, _, err = await run_amid("check-config", "--config", str(bad))
     assert code == 78
     text = err.decode()
     assert f"{bad}:3: servers[0].port" in text
@@ -526,7 +526,7 @@ async def test_tail_prints_every_event_of_a_real_asterisk_call_unaltered(capture
     assert code == 0, err.decode()
     records = [json.loads(line) for line in out.splitlines()]
     assert [r["event"] for r in records] == [m.name for m in expected]
-    for record, message in zip(records, expected):
+    for record, message in zip(records, expected, strict=False):
         got: list[tuple[str, bytes]] = []
         raw_values = record.get("fields_b64", {})
         for key, value in record["fields"].items():

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from http_receiver import HttpReceiver
+from promparse import scrape, total
+from rsyslog import RsyslogServer, require_rsyslogd
 
 from amid.config import load
 from amid.service import Daemon, SinkTypes
 from amid.simulator import AMISimulator
-from http_receiver import HttpReceiver
-from promparse import scrape, total
-from rsyslog import RsyslogServer, require_rsyslogd
 
 CALL_EVENTS = 80  # one Local/200 -> 100 call, as captured from Asterisk 22 (s04)
 

@@ -267,7 +267,7 @@ def test_backoff_never_goes_below_min_delay_and_is_always_jittered(rng_value: fl
     assert all(0.5 <= d <= 30.0 for d in delays), delays
     other = make_runner(ScriptedSink(), rng=lambda: (rng_value + 0.5) % 1, retry_min_delay=0.5,
                         retry_max_delay=30.0)
-    assert all(a != b for a, b in zip(delays, [other._backoff(n, None) for n in range(12)])), \
+    assert all(a != b for a, b in zip(delays, [other._backoff(n, None) for n in range(12)], strict=False)), \
         "every delay, the first and the capped ones included, depends on the jitter"
 
 async def test_retry_resends_the_same_batch_with_jittered_backoff_and_retry_after(

@@ -136,7 +136,7 @@ async def test_a_session_that_dies_right_after_login_is_retried_with_growing_jit
             await client.close()
     gaps = peer.gaps()[:5]
     delays = [0.1, 0.398, 0.4, 1.592, 0.8]
-    for gap, delay in zip(gaps, delays):
+    for gap, delay in zip(gaps, delays, strict=False):
         assert delay <= gap <= delay + SLACK, (gaps, delays)
     assert gaps[3] - gaps[4] > 0.792 - SLACK / 2  # same capped band, different draws: jitter
     assert min(gaps[2:]) >= 4 * 0.1               # grown: no longer min_delay each time
@@ -154,7 +154,7 @@ async def test_a_session_that_dies_after_login_backs_off_with_real_randomness():
             await client.close()
     gaps = peer.gaps()[:5]
     lows = [0.05, 0.1, 0.2, 0.4, 0.4]  # the bottom of each band: min_delay is a floor
-    assert all(gap >= low for gap, low in zip(gaps, lows)), gaps
+    assert all(gap >= low for gap, low in zip(gaps, lows, strict=False)), gaps
     assert all(gap <= 0.8 + SLACK for gap in gaps), gaps
 
 

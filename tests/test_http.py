@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, Counter
+from promparse import key, parse
 
 from amid.http import HealthServer, healthcheck, parse_listen
-from promparse import key, parse
 
 TIMEOUT = 5.0
 
@@ -54,9 +54,9 @@ async def server(checks: Checks) -> AsyncIterator[HealthServer]:
 
 
 async def get(port: int, path: str, host: str = "127.0.0.1", **headers: str) -> tuple[int, dict, bytes]:
-    async with asyncio.timeout(TIMEOUT), aiohttp.ClientSession() as session:
-        async with session.get(f"http://{host}:{port}{path}", headers=headers) as response:
-            return response.status, dict(response.headers), await response.read()
+    async with asyncio.timeout(TIMEOUT), aiohttp.ClientSession() as session, \
+            session.get(f"http://{host}:{port}{path}", headers=headers) as response:
+        return response.status, dict(response.headers), await response.read()
 
 
 def closed_port() -> int:

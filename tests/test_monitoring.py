@@ -119,7 +119,7 @@ def test_dashboard_is_current_grafana_schema_with_variables() -> None:
     panels = list(all_panels(dashboard["panels"]))
     assert len({panel["id"] for panel in panels}) == len(panels)
     for panel in panels:
-        assert 0 <= panel["gridPos"]["x"] and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        assert panel["gridPos"]["x"] >= 0 and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
         if panel["type"] == "row":
             continue
         assert panel["description"], panel["title"]
@@ -301,7 +301,8 @@ def test_every_dashboard_expression_returns_data_from_a_real_prometheus(stack: S
 
     # The numbers are amid's: events per second near the simulator's pace, latencies below a minute.
     quantiles = stack.query(as_promql(
-        "histogram_quantile(0.99, sum by (sink, le) (rate(amid_sink_delivery_latency_seconds_bucket[$__rate_interval])))"))
+        "histogram_quantile(0.99, sum by (sink, le) "
+        "(rate(amid_sink_delivery_latency_seconds_bucket[$__rate_interval])))"))
     assert all(0 < float(series["value"][1]) < 60 for series in quantiles), quantiles
 
 

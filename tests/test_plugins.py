@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from sink_contract import SinkContract
 
 from amid.config import ConfigError
 from amid.service import SinkTypes, load_config
 from amid.sinks.base import Sink, SinkError
-from sink_contract import SinkContract
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "amid_prefix_sink"
 

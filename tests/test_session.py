@@ -9,8 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amid.ami.session import (AMIClient, AMIConnectionError, ActionTimeout, ConnectionState,
-                              LoginError, is_error, is_success, parse_host)
+from amid.ami.session import (
+    ActionTimeout,
+    AMIClient,
+    AMIConnectionError,
+    ConnectionState,
+    LoginError,
+    is_error,
+    is_success,
+    parse_host,
+)
 from amid.simulator import AMISimulator
 
 SECRET = "amidsecret"

@@ -352,8 +352,9 @@ async def test_s02_observer_sees_security_events(sim: AMISimulator) -> None:
              "RequestNotAllowed", "SuccessfulAuth"]
     await observer.wait_messages(3 + len(names))
     got = normalise(observer.messages[3:3 + len(names)])
-    want = {name: m for m in normalise(expected) for name in names if m.startswith(b"Event: " + name.encode() + b"\r\n")}
-    for msg, name in zip(got, names):
+    want = {name: m for m in normalise(expected) for name in names
+            if m.startswith(b"Event: " + name.encode() + b"\r\n")}
+    for msg, name in zip(got, names, strict=False):
         assert [line.split(b":")[0] for line in msg.split(b"\r\n")] == \
             [line.split(b":")[0] for line in want[name].split(b"\r\n")]
     assert b"RequestType: Action: Ping" in got[3]
@@ -641,7 +642,7 @@ async def test_a_call_started_late_still_emits_only_what_is_due_at_its_start() -
         def time(self) -> float:
             return real_loop.time() + 100
 
-        def call_at(self, when: float, callback):  # noqa: ANN001
+        def call_at(self, when: float, callback):
             return real_loop.call_at(when, callback)
 
     call._loop = LateLoop()  # type: ignore[assignment]

@@ -278,7 +278,7 @@ async def test_unusable_path_keeps_failing_until_it_is_back(tmp_path, sinks):
     directory.write_text("a regular file where the directory was")
 
     clock.advance(1.0)
-    for attempt in range(2):                        # a retry must not write into the old file
+    for _ in range(2):                              # a retry must not write into the old file
         with pytest.raises(SinkError, match="ENOTDIR"):
             await send(sink, make_records(1, start=1))
     directory.unlink()

@@ -22,14 +22,20 @@ import pydantic
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from rsyslog import RsyslogServer, require_rsyslogd
+from sink_contract import SinkContract
 
 from amid.records import Record
 from amid.sinks import syslog
 from amid.sinks.base import Sink, SinkError
-from amid.sinks.syslog import (Options, format_rfc3164, format_rfc5424, frame_octet_counting,
-                               parse_address, truncate_utf8)
-from rsyslog import RsyslogServer, require_rsyslogd
-from sink_contract import SinkContract
+from amid.sinks.syslog import (
+    Options,
+    format_rfc3164,
+    format_rfc5424,
+    frame_octet_counting,
+    parse_address,
+    truncate_utf8,
+)
 
 WAIT = 10.0  # bound on every wait in this file, in seconds
 T0 = 1_780_000_000.5  # 2026-05-28T20:26:40.500000Z
@@ -428,7 +434,7 @@ async def test_tcp_send_fails_while_peer_is_down_and_recovers_when_it_returns():
     try:
         await send(sink, [rec("a")])
         await peer.stop()
-        with pytest.raises(SinkError, match="tcp://127.0.0.1"):
+        with pytest.raises(SinkError, match=r"tcp://127\.0\.0\.1"):
             for record_id in ("lost-1", "lost-2"):  # one write may still reach the kernel
                 await send(sink, [rec(record_id)])
 

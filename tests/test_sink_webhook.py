@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pydantic
 import pytest
+from http_receiver import HttpReceiver, Reply, verify_signature
+from sink_contract import SinkContract, make_records
 
 from amid.sinks import webhook
 from amid.sinks.base import Sink, SinkDisabled, SinkError, SinkRejected
 from amid.sinks.delivery import RunnerSettings, SinkRunner
-from http_receiver import HttpReceiver, Reply, verify_signature
-from sink_contract import SinkContract, make_records
 
 WAIT = 10.0  # bound on every wait in this file (seconds); never reached when things work
 

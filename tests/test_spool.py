@@ -230,7 +230,7 @@ def test_any_truncation_or_flipped_byte_keeps_every_intact_record(
         if flip is not None and cut:
             flip %= cut
             _flip(segment, flip)
-        intact = [p for p, (lo, hi) in zip(data, bounds)
+        intact = [p for p, (lo, hi) in zip(data, bounds, strict=False)
                   if hi <= cut and (flip is None or not cut or not lo <= flip < hi)]
         reopened = Spool(directory, max_bytes=1 << 20)
         assert read_all(reopened) == intact

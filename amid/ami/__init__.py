@@ -1,7 +1,16 @@
 """amid.ami: the AMI protocol (sans-IO) and the asyncio session built on it."""
-from amid.ami.protocol import (ActionIdGenerator, Event, LocalProtocolError, Message, Parser,
-                               ProtocolError, RemoteProtocolError, Response, encode_action,
-                               recover_bytes)
+from amid.ami.protocol import (
+                               ActionIdGenerator,
+                               Event,
+                               LocalProtocolError,
+                               Message,
+                               Parser,
+                               ProtocolError,
+                               RemoteProtocolError,
+                               Response,
+                               encode_action,
+                               recover_bytes,
+)
 
 __all__ = ["ActionIdGenerator", "Event", "LocalProtocolError", "Message", "Parser", "ProtocolError",
            "RemoteProtocolError", "Response", "encode_action", "recover_bytes"]

@@ -32,8 +32,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Literal, Self
 
-from amid.ami import _accel
-from amid.ami import address
+from amid.ami import _accel, address
 from amid.ami.actions import CannedActions
 from amid.ami.aio import cancel_and_wait, first_of
 from amid.ami.backoff import Backoff

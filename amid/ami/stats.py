@@ -30,18 +30,18 @@ class Histogram:
         self.sum += value * count
         self.count += count
 
-    def add(self, other: "Histogram") -> None:
+    def add(self, other: Histogram) -> None:
         """Add ``other``'s observations (same buckets) to this histogram."""
         if other.buckets != self.buckets:
             raise ValueError("histograms with different buckets")
-        self._counts = [a + b for a, b in zip(self._counts, other._counts)]
+        self._counts = [a + b for a, b in zip(self._counts, other._counts, strict=False)]
         self.sum += other.sum
         self.count += other.count
 
     def cumulative(self) -> list[tuple[float, int]]:
         """[(upper_bound, cumulative_count), ...] ending with (inf, count)."""
         out, running = [], 0
-        for bound, n in zip((*self.buckets, float("inf")), self._counts):
+        for bound, n in zip((*self.buckets, float("inf")), self._counts, strict=False):
             running += n
             out.append((bound, running))
         return out

@@ -108,7 +108,7 @@ class Options(pydantic.BaseModel, extra="forbid"):
             try:
                 return int(value, 8)
             except ValueError:
-                raise ValueError(f"mode must be octal permission bits like 0640, not {value!r}")
+                raise ValueError(f"mode must be octal permission bits like 0640, not {value!r}") from None
         return value
 
     @pydantic.model_validator(mode="after")

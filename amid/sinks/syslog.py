@@ -57,11 +57,11 @@ __all__ = [
     "SD_ID",
     "SEVERITIES",
     "Endpoint",
+    "Formatter",
     "Options",
     "SyslogSink",
     "SyslogStats",
     "create",
-    "Formatter",
     "format_rfc3164",
     "format_rfc5424",
     "frame_octet_counting",
@@ -240,7 +240,7 @@ class Options(pydantic.BaseModel, extra="forbid", frozen=True, validate_default=
         return value
 
     @pydantic.model_validator(mode="after")
-    def _check_transport_keys(self) -> "Options":
+    def _check_transport_keys(self) -> Options:
         transport = parse_address(self.address).transport
         tls_keys = ("tls", "tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name",
                     "tls_verify")
@@ -605,7 +605,7 @@ class SyslogSink:
             self.stats.messages_total += len(payloads)
             self.stats.bytes_total += sum(map(len, payloads))
             # Counted once a batch is sent, not per attempt; framing only ever adds bytes.
-            self.stats.truncated_total += sum(len(p) < len(m) for p, m in zip(payloads, messages))
+            self.stats.truncated_total += sum(len(p) < len(m) for p, m in zip(payloads, messages, strict=False))
 
     async def close(self) -> None:
         """Close the connection (flushing what the kernel holds). Idempotent; safe before start."""
@@ -660,6 +660,7 @@ class SyslogSink:
         loop = asyncio.get_running_loop()
         ep = self._endpoint
         if ep.transport in ("udp", "unix"):
+            address: Any
             if ep.transport == "unix":
                 family, address = socket.AF_UNIX, ep.path
             else:

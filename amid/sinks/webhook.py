@@ -37,7 +37,7 @@ import re
 import ssl
 import time
 from collections.abc import Mapping, Sequence
-from datetime import timezone
+from datetime import UTC
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -233,7 +233,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         except (TypeError, ValueError, IndexError, OverflowError):
             return None
         if when.tzinfo is None:  # an HTTP-date is GMT by definition
-            when = when.replace(tzinfo=timezone.utc)
+            when = when.replace(tzinfo=UTC)
         seconds = when.timestamp() - (time.time() if now is None else now)
     return min(max(seconds, 0.0), RETRY_AFTER_CAP)
 
