@@ -285,8 +285,8 @@ async def test_retry_resends_the_same_batch_with_jittered_backoff_and_retry_afte
     await runner.start()
     assert await runner.drain(5)
     assert sink.attempts == [[0, 1, 2]] * 11, "the same batch, again and again"
-    assert sleep.delays[:5] == [7.0, 3.0, 3.0, 3.0, 3.0], \
-        "Retry-After honoured, then min(4, 1 * 2**(n+1)) * (0.5 + 0.5 * 0.5)"
+    assert sleep.delays[:5] == [7.5, 3.0, 3.0, 3.0, 3.0], \
+        "Retry-After (7) plus jitter up to min_delay, then halfway in [ceiling/2, ceiling], ceiling = min(4, 2**n)"
     assert all(1.0 <= d <= 4.0 for d in sleep.delays[1:])
     stats = runner.stats
     assert (stats.failed_attempts_total, stats.retried_total, stats.sent_total) == (10, 10, 3)

@@ -44,6 +44,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from amid.ami.backoff import backoff_delay
 from amid.ami.stats import Histogram
 from amid.records import Record
 from amid.sinks.base import SendsNowait, Sink, SinkDisabled, SinkError, SinkRejected
@@ -806,14 +807,11 @@ class SinkRunner:
                         extra=self._log_extra)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        """Capped exponential backoff with jitter in [ceiling/2, ceiling], never below
-        ``retry.min_delay``, and at least the peer's Retry-After."""
+        """amid's one backoff (:mod:`amid.ami.backoff`): capped exponential, jittered, never
+        below ``retry.min_delay``, at least the peer's Retry-After (capped)."""
         settings = self.settings
-        ceiling = min(settings.retry_max_delay, settings.retry_min_delay * 2 ** min(attempt + 1, 40))
-        delay = max(settings.retry_min_delay, ceiling * (0.5 + 0.5 * self._rng()))
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, RETRY_AFTER_CAP))
-        return delay
+        return backoff_delay(attempt + 1, settings.retry_min_delay, settings.retry_max_delay,
+                             self._rng(), retry_after, RETRY_AFTER_CAP)
 
     def _disable(self, exc: SinkDisabled) -> None:
         """Stop delivering for good; keep spooling (spool policy) so a restart loses nothing."""
