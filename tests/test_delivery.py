@@ -15,6 +15,7 @@ import pytest
 from amid.records import Record, format_iso
 from amid.sinks.base import Sink, SinkDisabled, SinkError, SinkRejected
 from amid.sinks.delivery import RunnerSettings, SinkRunner, SinkStats
+from amid.sinks.queue import SizedQueue
 from amid.sinks.spool import Spool
 
 BASE_TIME = 1_800_000_000.0
@@ -782,3 +783,30 @@ async def test_spilling_sizes_records_by_their_json_not_the_estimate(tmp_path):
     assert_invariant(stats)
     sink.gate.set()
     await runner.close(1.0)
+
+
+def test_a_queued_record_costs_about_the_size_it_is_counted_at() -> None:
+    """The queue's byte bound is a memory bound: what a read's records hold in memory (their
+    Event, its bytes, the Record) stays within the size they are counted at."""
+    import time
+    import tracemalloc
+
+    from amid.ami.protocol import Parser
+    from amid.simulator.calls import prebuilt_call_events
+    blob = b"".join(prebuilt_call_events(50))
+    parser = Parser(expect_banner=False)
+    queue = SizedQueue(10**9, 1 << 40)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        seq = 0
+        while queue.events < 20_000:
+            events = parser.feed(blob)
+            for event in events:
+                event.server, event.epoch, event.seq, event.received_at = "pbx1", 1, seq, time.time()
+                seq += 1
+            queue.extend(Record.of_events(events, "run"))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held <= queue.bytes * 1.15, (held, queue.bytes)

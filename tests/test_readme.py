@@ -50,3 +50,22 @@ async def test_the_readme_library_example_runs_against_the_simulator():
     assert any(line.startswith(f"{address} 1 ") and "FullyBooted" in line for line in printed)
     assert any("active channels" in line for line in printed)         # the command output
     assert sum(line.startswith("hangup ") for line in printed) >= 1
+
+
+def test_every_delivery_guarantee_names_tests_that_exist():
+    """Each promise of "Delivery guarantees" names the tests that back it (*file: test_name*);
+    a renamed or deleted test must not leave a promise with nothing behind it."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("\n## Delivery guarantees\n"):text.index("\n## Metrics and health\n")]
+    promises = [p for p in re.split(r"\n\* ", section)[1:]]
+    assert len(promises) >= 8
+    tests_dir = Path(__file__).resolve().parent
+    defined = set()
+    for path in [*tests_dir.glob("test_*.py"), *tests_dir.glob("conservation/test_*.py")]:
+        defined.update(re.findall(r"^(?:async )?def (test_\w+)", path.read_text(encoding="utf-8"), re.M))
+        defined.add(path.stem)  # a promise may name a whole test file
+    for promise in promises:
+        named = re.findall(r"\btest_\w+", promise)
+        assert named, f"a promise names no test: {promise[:80]!r}"
+        missing = [name for name in named if name not in defined]
+        assert not missing, f"tests named in the README do not exist: {missing}"
