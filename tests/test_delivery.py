@@ -810,3 +810,22 @@ def test_a_queued_record_costs_about_the_size_it_is_counted_at() -> None:
     finally:
         tracemalloc.stop()
     assert held <= queue.bytes * 1.15, (held, queue.bytes)
+
+
+async def test_the_spool_is_fsynced_within_its_interval_of_an_append(tmp_path: Path) -> None:
+    """What a power cut can take is bounded: records written ahead are fsynced (write segments
+    and rolled ones alike) by the sync task after ``fsync_interval``; nothing waits on the loop."""
+    from amid.sinks.buffer import SpoolBuffer
+    spool = await SpoolBuffer.open(tmp_path, name="s", max_bytes=1 << 20, fsync_interval=0.01)
+    try:
+        for n in range(3):
+            spool.append([make_record(n)])
+            spool.write_now()
+            assert spool._spool.needs_sync and spool._spool.unwritten == 0, "in the kernel, not yet on disk"
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            while spool._spool.needs_sync:
+                assert loop.time() < deadline, "the sync task never fsynced"
+                await asyncio.sleep(0.005)
+    finally:
+        await spool.close()
