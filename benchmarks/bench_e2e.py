@@ -435,6 +435,45 @@ def run_scenario(*, all_sinks: bool, rates: list[int], seconds: float, flat_out:
             "flat_out_rates": [phase.rate for phase in runs], "floor_rates": floors}
 
 
+def run_side_by_side(rate: int, seconds: float, peer: str = "panoramisk") -> dict:
+    """amid run (file sink) and a receive-only ``peer`` client (benchmarks.receive_client: reads
+    each event's name and Uniqueid, nothing else) on the same Asterisk-like stream at the same
+    time; the CPU of each process over the same phase, measured the same way (/proc)."""
+    with tempfile.TemporaryDirectory(prefix="amid-e2e-") as tmp:
+        workdir = Path(tmp)
+        jsonl = workdir / "events.jsonl"
+        source = Source()
+        http_port = _free_port()
+        try:
+            with amid_daemon(workdir, _config(workdir, source.port, http_port, [_file_sink(jsonl)]),
+                             None) as proc:
+                _wait_file(jsonl, proc, 20)
+                source.wait_sessions(1, 20)
+                client = subprocess.Popen(
+                    [*python_for_subprocess(), "-m", "benchmarks.receive_client", peer,
+                     "--port", str(source.port), "--expect", str(10**9)],
+                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    source.wait_sessions(2, 20)
+                    tailer = Tailer(jsonl)
+                    tailer.start()
+                    try:
+                        _run_phase("warm-up", source, tailer, proc.pid, 5000, 2000, 30)
+                        peer_cpu0 = proc_cpu_seconds(client.pid)
+                        phase = _run_phase(f"{rate:,}/s paced", source, tailer, proc.pid, rate,
+                                           int(rate * seconds), 30 + seconds * 3, http_port)
+                        peer_cpu = proc_cpu_seconds(client.pid) - peer_cpu0
+                    finally:
+                        tailer.stop()
+                finally:
+                    client.kill()
+                    client.wait(5)
+        finally:
+            source.close()
+    return {"amid": phase, "peer": peer, "peer_share": peer_cpu / phase.seconds,
+            "peer_us_per_event": peer_cpu / phase.events * 1e6}
+
+
 def run_outage(events: int, max_events: int, max_bytes: int) -> dict:
     """Webhook receiver down (nothing listens) while a file sink keeps working: RSS must stop
     growing once the webhook's queue is at its bounds."""
@@ -550,6 +589,15 @@ def run(quick: bool) -> tuple[str, dict]:
                + markdown_table(HEADER, _phase_rows(durable["phases"]))
                + f"\n\nPeak RSS (VmHWM) {durable['hwm'] / 1024:.0f} MiB. MB/s written counts the "
                  "spool and the file (the spool's bytes are about the file's again).")
+    side = run_side_by_side(1000, seconds * 3)
+    amid_phase = side["amid"]
+    out.append(f"**1,000 events/s, one event per write, side by side**: amid run with a file sink used "
+               f"{amid_phase.core_share * 100:.1f}% of a core ({amid_phase.cpu / amid_phase.events * 1e6:.0f} µs "
+               f"per event, {amid_phase.events_per_read:.1f} events per read, p50 {amid_phase.lat(50):.2f} ms, "
+               f"p99 {amid_phase.lat(99):.2f} ms); {side['peer']} receiving the same stream at the same time "
+               f"(its handler reads a field, writes nothing) {side['peer_share'] * 100:.1f}% "
+               f"({side['peer_us_per_event']:.0f} µs per event): amid / {side['peer']} = "
+               f"{amid_phase.core_share / side['peer_share']:.2f} (target ≤ 1).")
     many = run_scenario(all_sinks=False, rates=[200], seconds=seconds * 2, flat_out=0, sessions=50)
     out.append("**50 AMI sessions** (one amid process, 50 servers on the source, each paced at "
                "200 events/s, one event per write; file sink):\n\n"
@@ -569,7 +617,7 @@ def run(quick: bool) -> tuple[str, dict]:
         f"{outage['queue_events'] or 0:,.0f} events / {(outage['queue_bytes'] or 0) / 1024**2:.1f} MiB, "
         f"dropped (queue_full) {outage['dropped'] or 0:,.0f}.")
     return "\n\n".join(out), {"file": file_only, "pure": pure, "all": every, "outage": outage,
-                              "durable": durable, "sessions": many}
+                              "durable": durable, "sessions": many, "side_by_side": side}
 
 
 if __name__ == "__main__":
