@@ -483,6 +483,7 @@ class SyslogSink:
         # Of the last attempt that failed, by record id: what was confirmed all the same (left
         # out when the runner retries the batch) and what was not (counted as re-sent then).
         self._confirmed_ids: set[str] = set()
+        self._fresh_confirmed_ids: set[str] = set()  # by the very last attempt
         self._unconfirmed_ids: set[str] = set()
         # One batch at a time on the wire: frames of two batches must never interleave.
         self._lock = asyncio.Lock()
@@ -537,6 +538,7 @@ class SyslogSink:
                 self._drop_channel()
                 raise
             self._count_delivered(messages, payloads, range(len(payloads)))
+            self._confirmed_ids = set()
 
     async def close(self) -> None:
         """Close the connection (a RELP session with ``close``). Idempotent; safe before start."""
@@ -560,11 +562,17 @@ class SyslogSink:
             raise SinkError(f"syslog sink {self.name!r} is closed")
 
     def _not_yet_confirmed(self, batch: Sequence[Record]) -> list[Record]:
-        """``batch`` without the records a failed attempt had delivered all the same."""
+        """``batch`` without the records earlier failed attempts delivered all the same."""
         confirmed, self._confirmed_ids = self._confirmed_ids, set()
+        fresh, self._fresh_confirmed_ids = self._fresh_confirmed_ids, set()
         unconfirmed, self._unconfirmed_ids = self._unconfirmed_ids, set()
-        records = [r for r in batch if r.id not in confirmed] if confirmed else list(batch)
-        self.stats.confirmed_not_resent_total += len(batch) - len(records)
+        if not confirmed:
+            records = list(batch)
+        else:
+            records = [r for r in batch if r.id not in confirmed]
+            # Carried over while the same records keep coming back (the runner's retries).
+            self._confirmed_ids = {r.id for r in batch if r.id in confirmed}
+            self.stats.confirmed_not_resent_total += sum(1 for r in batch if r.id in fresh)
         if unconfirmed:
             self.stats.resent_total += sum(1 for r in records if r.id in unconfirmed)
         return records
@@ -572,7 +580,8 @@ class SyslogSink:
     def _note_failed_attempt(self, records: Sequence[Record], messages: Sequence[bytes],
                              payloads: Sequence[bytes], confirmed: frozenset[int],
                              exc: BaseException | None) -> None:
-        self._confirmed_ids = {records[i].id for i in confirmed}
+        self._fresh_confirmed_ids = {records[i].id for i in confirmed}
+        self._confirmed_ids |= self._fresh_confirmed_ids
         self._unconfirmed_ids = {r.id for i, r in enumerate(records) if i not in confirmed}
         self._count_delivered(messages, payloads, confirmed)
         if isinstance(exc, ReceiverRefused):
