@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The README's test command: install what the tests use as real peers, set up ./.venv with the
 # test extras, run every test. As root on Debian it installs the missing packages itself:
-# rsyslogd (syslog sink), logrotate (file sink), promtool (metrics), systemd-analyze (unit file),
-# openssl (TLS certificates), unshare (journald test), and what building systemd-python and amid's
-# C accelerator needs.
+# rsyslogd and its imrelp module (syslog sink), logrotate (file sink), promtool (metrics),
+# systemd-analyze (unit file), openssl (TLS certificates), unshare (journald test), and what
+# building systemd-python and amid's C accelerator needs.
 # Without them (not root), the tests that need one are skipped; as root, or with CI set, they fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(rsyslog logrotate prometheus systemd openssl util-linux libsystemd-dev pkg-config gcc)
+packages=(rsyslog rsyslog-relp logrotate prometheus systemd openssl util-linux libsystemd-dev pkg-config gcc)
 # gcc also builds amid's C accelerator (tests/test_speedups.py), which needs Python's headers.
 if ! python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
     packages+=(python3-dev)
