@@ -16,7 +16,8 @@ rsyslog's reading of our bytes, not on the bytes themselves.
 ``rsyslog-relp``) on ``relp_port`` and handles each message synchronously (a "Direct" main queue):
 the file write happens before imrelp answers ``200 OK``, so what rsyslogd acknowledged survives
 :meth:`RsyslogServer.kill` (SIGKILL). :meth:`RsyslogServer.restart` starts it again on the same
-ports.
+ports. With ``relp_tls=(ca_file, cert_file, key_file)`` a second imrelp input speaks RELP inside
+TLS (``tls="on"``, server authentication only) on ``relp_tls_port``.
 
 Without rsyslogd installed :func:`require_rsyslogd` skips the test, except in CI (``CI`` set),
 where a missing rsyslogd is a failure: CI must not pass by testing nothing.
@@ -70,9 +71,14 @@ action(type="omfile" file="{output}" template="parsed")
 
 # With RELP: no in-memory main queue, so an acknowledged message is already in the file.
 _RELP_CONFIG = """\
-module(load="imrelp")
+module(load="imrelp" tls.tlslib="openssl")
 input(type="imrelp" address="127.0.0.1" port="{relp_port}")
 main_queue(queue.type="Direct")
+"""
+# The client is not asked for a certificate (no tls.authMode): the server proves who it is.
+_RELP_TLS_CONFIG = """\
+input(type="imrelp" address="127.0.0.1" port="{relp_tls_port}" tls="on" tls.cacert="{ca}"
+      tls.mycert="{cert}" tls.myprivkey="{key}")
 """
 
 _POLL_INTERVAL = 0.02
@@ -111,16 +117,19 @@ def _free_port(kind: int) -> int:
 class RsyslogServer:
     """One rsyslogd subprocess with its config, output file and ports, all under ``directory``."""
 
-    def __init__(self, directory: Path, binary: str | None = None, *, relp: bool = False) -> None:
+    def __init__(self, directory: Path, binary: str | None = None, *, relp: bool = False,
+                 relp_tls: tuple[Path, Path, Path] | None = None) -> None:
         self.directory = directory
         self.binary = binary or require_rsyslogd()
         if relp:
             require_imrelp()
-        self.relp = relp
+        self.relp = relp or relp_tls is not None
+        self.relp_tls = relp_tls
         self.output = directory / "parsed.jsonl"
         self.udp_port = 0
         self.tcp_port = 0
         self.relp_port = 0
+        self.relp_tls_port = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._lines: list[dict[str, Any]] = []
         self._read_offset = 0
@@ -181,6 +190,7 @@ class RsyslogServer:
             self.udp_port = _free_port(socket.SOCK_DGRAM)
             self.tcp_port = _free_port(socket.SOCK_STREAM)
             self.relp_port = _free_port(socket.SOCK_STREAM) if self.relp else 0
+            self.relp_tls_port = _free_port(socket.SOCK_STREAM) if self.relp_tls else 0
         properties = "\n".join(f'  property(outname="{out}" name="{name}" format="jsonf")'
                                for out, name in _PROPERTIES.items())
         config = self.directory / "rsyslog.conf"
@@ -188,6 +198,10 @@ class RsyslogServer:
                               properties=properties, output=self.output)
         if self.relp:
             text += _RELP_CONFIG.format(relp_port=self.relp_port)
+        if self.relp_tls:
+            ca, cert, key = self.relp_tls
+            text += _RELP_TLS_CONFIG.format(relp_tls_port=self.relp_tls_port, ca=ca, cert=cert,
+                                            key=key)
         config.write_text(text)
         self._log = open(self.directory / "rsyslogd.stderr", "ab")  # noqa: SIM115 (closed by stop)
         self._process = subprocess.Popen(
@@ -217,11 +231,14 @@ class RsyslogServer:
                            f"probes within {timeout}s (udp seen: {udp_seen}, tcp seen: {tcp_seen})")
 
     def _relp_listening(self) -> bool:
+        ports = [self.relp_port] + ([self.relp_tls_port] if self.relp_tls else [])
         try:
-            with socket.create_connection(("127.0.0.1", self.relp_port), timeout=1):
-                return True
+            for port in ports:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    pass
         except OSError:
             return False
+        return True
 
     def _send_udp(self, message: bytes) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:

@@ -490,3 +490,29 @@ async def test_rsyslog_killed_and_restarted_mid_stream_loses_nothing(rsyslogd_re
     assert runner.stats.sent_total == total
     assert sink.stats.reconnects_total >= 3
 
+
+
+@pytest.mark.rsyslog
+async def test_rsyslog_imrelp_over_tls_verifies_the_server_and_takes_every_message(tmp_path, certs):
+    server = RsyslogServer(tmp_path, require_rsyslogd(),
+                           relp_tls=(certs.ca_file, certs.cert_file, certs.key_file))
+    server.start()
+    try:
+        address = f"relp+tls://localhost:{server.relp_tls_port}"
+        untrusted = syslog.create("relp", Options(address=address, connect_timeout=2))
+        with pytest.raises(SinkError, match="CERTIFICATE_VERIFY_FAILED"):
+            await waited(untrusted.start())
+        await untrusted.close()
+
+        sink = syslog.create("relp", Options(address=address, tls_ca_file=str(certs.ca_file),
+                                             app_name="relptls", relp_window=16))
+        sent = [rec(f"t{n}", seq=n) for n in range(300)]
+        try:
+            await waited(sink.send(sent[:1]))
+            await waited(sink.send(sent[1:]))
+        finally:
+            await waited(sink.close())
+        assert msg_ids(server.lines, "relptls") == [r.id for r in sent]
+        assert sink.stats.messages_total == 300
+    finally:
+        server.stop()

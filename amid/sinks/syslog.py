@@ -21,8 +21,9 @@ once every message of the batch is delivered, else it raises SinkError and the r
   the receiver's kernel acknowledged but the receiver process never handled (it crashed with
   the bytes in its socket buffer or its memory) cannot be seen from here: plain syslog has no
   acknowledgement above TCP.
-* ``relp://host:port``: RELP, rsyslog's ``imrelp``. Delivered = the receiver answered ``200 OK``
-  to the message's own ``syslog`` command (end to end). Unanswered messages are sent again on
+* ``relp://host:port`` and ``relp+tls://host:port`` (RELP in TLS from the first byte, as rsyslog's
+  ``imrelp`` with ``tls="on"``): delivered = the receiver answered ``200 OK`` to the message's
+  own ``syslog`` command (end to end). Unanswered messages are sent again on
   a new session; a message the receiver took whose answer was lost can arrive twice.
 
 Like every sink, this one never queues (the SinkRunner does). A broken connection is dropped and
@@ -100,6 +101,8 @@ TAG_MAX = 32
 NILVALUE = "-"
 
 DEFAULT_PORTS = {"udp": 514, "tcp": 514, "tls": 6514}
+RELP_TRANSPORTS = frozenset({"relp", "relp+tls"})
+TLS_TRANSPORTS = frozenset({"tls", "relp+tls"})
 # Largest UDP payload over IPv4 (65535 - 8 byte UDP header - 20 byte IP header).
 UDP_PAYLOAD_MAX = 65507
 # RFC 3164's month abbreviations: English whatever the process locale is (strftime's %b is not).
@@ -113,7 +116,7 @@ _MSGID_FIELDS = frozenset({"event", "server"})
 class Endpoint:
     """Where messages go: ``transport`` is udp, tcp, tls, relp or unix; ``path`` is for unix only."""
 
-    transport: Literal["udp", "tcp", "tls", "relp", "unix"]
+    transport: Literal["udp", "tcp", "tls", "relp", "relp+tls", "unix"]
     host: str = ""
     port: int = 0
     path: str = ""
@@ -125,7 +128,7 @@ class Endpoint:
 
 
 def parse_address(address: str) -> Endpoint:
-    """Parse ``udp://host:port``, ``tcp://…``, ``tls://…``, ``relp://…`` or ``unix:///path``.
+    """Parse ``udp://host:port``, ``tcp://…``, ``tls://…``, ``relp://…``, ``relp+tls://…``, ``unix:///…``.
 
     The port may be left out (514 for udp and tcp, 6514 for tls) except for relp, which has no
     well-known port; IPv6 hosts go in brackets. Raises ValueError.
@@ -137,9 +140,9 @@ def parse_address(address: str) -> Endpoint:
             raise ValueError(f"unix address needs an absolute path, e.g. unix:///dev/log, "
                              f"got {address!r}")
         return Endpoint("unix", path=parts.path)
-    if scheme not in DEFAULT_PORTS and scheme != "relp":
-        raise ValueError(f"address must start with udp://, tcp://, tls://, relp:// or unix://, "
-                         f"got {address!r}")
+    if scheme not in DEFAULT_PORTS and scheme not in RELP_TRANSPORTS:
+        raise ValueError(f"address must start with udp://, tcp://, tls://, relp://, relp+tls:// "
+                         f"or unix://, got {address!r}")
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
         raise ValueError(f"address must be {scheme}://host:port with nothing else, "
                          f"got {address!r}")
@@ -149,7 +152,7 @@ def parse_address(address: str) -> Endpoint:
         raise ValueError(f"address has an invalid port: {address!r}") from None
     if not parts.hostname:
         raise ValueError(f"address has no host: {address!r}")
-    if not port and scheme == "relp":
+    if not port and scheme in RELP_TRANSPORTS:
         raise ValueError(f"relp address needs a port (RELP has no well-known one, rsyslog's "
                          f"examples use 2514 or 20514), got {address!r}")
     return Endpoint(scheme, host=parts.hostname, port=port or DEFAULT_PORTS[scheme])  # type: ignore[arg-type]
@@ -253,14 +256,15 @@ class Options(pydantic.BaseModel, extra="forbid", frozen=True, validate_default=
         transport = parse_address(self.address).transport
         tls_keys = ("tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name",
                     "tls_verify")
-        if transport != "tls":
+        if transport not in TLS_TRANSPORTS:
             misplaced = [key for key in tls_keys if key in self.model_fields_set]
             if misplaced:
-                raise ValueError(f"{', '.join(misplaced)} only apply to a tls:// address")
+                raise ValueError(f"{', '.join(misplaced)} only apply to a tls:// or relp+tls:// "
+                                 f"address")
         if transport not in ("tcp", "tls") and "tcp_framing" in self.model_fields_set:
             raise ValueError("tcp_framing only applies to a tcp:// or tls:// address")
-        if transport != "relp" and "relp_window" in self.model_fields_set:
-            raise ValueError("relp_window only applies to a relp:// address")
+        if transport not in RELP_TRANSPORTS and "relp_window" in self.model_fields_set:
+            raise ValueError("relp_window only applies to a relp:// or relp+tls:// address")
         if self.tls_key_file and not self.tls_cert_file:
             raise ValueError("tls_key_file needs tls_cert_file")
         if self.udp_max_bytes is None:
@@ -476,7 +480,8 @@ class SyslogSink:
         self._hostname = hostname or options.hostname or socket.gethostname()
         self._procid = os.getpid() if procid is None else procid
         self._format = Formatter(options, hostname=self._hostname, procid=self._procid).format
-        self._ssl = _client_ssl_context(options) if self._endpoint.transport == "tls" else None
+        self._ssl = (_client_ssl_context(options) if self._endpoint.transport in TLS_TRANSPORTS
+                     else None)
         self._channel: Channel | None = None
         self._connected_once = False
         self._closed = False
@@ -603,7 +608,7 @@ class SyslogSink:
         if transport in ("udp", "unix"):
             # udp_max_bytes is never None once Options validated (its format sets the default)
             return truncate_utf8(message, self.options.udp_max_bytes)  # type: ignore[arg-type]
-        if transport == "relp":
+        if transport in RELP_TRANSPORTS:
             return message  # RELP frames count their own bytes
         if self.options.tcp_framing == "lf":
             return frame_lf(message)
@@ -650,7 +655,7 @@ class SyslogSink:
             return DatagramChannel(sock)
         wire = await Wire.connect(ep.host, ep.port, ssl_context=self._ssl,
                                   server_hostname=self.options.tls_server_name or ep.host)
-        if ep.transport != "relp":
+        if ep.transport not in RELP_TRANSPORTS:
             return StreamChannel(wire)
         try:
             return await RelpChannel.open(wire, window=self.options.relp_window)

@@ -183,8 +183,14 @@ class Wire:
             chunks.append(chunk)
         return b"".join(chunks), ends
 
+    async def write(self, data: bytes) -> None:
+        """Send application data (encrypted with TLS), waiting for room in the kernel."""
+        wire_bytes, _ = self.encode([data])
+        await self.send_all(wire_bytes)
+
     async def send_all(self, data: bytes) -> None:
-        """Hand ``data`` to the kernel, waiting for room; ``written`` grows as it goes."""
+        """Hand ``data`` (bytes for the wire, as they are) to the kernel, waiting for room;
+        ``written`` grows as it goes."""
         view = memoryview(data)
         while view:
             try:
@@ -423,7 +429,7 @@ class RelpChannel:
     async def open(cls, wire: Wire, *, window: int) -> RelpChannel:
         """Send ``open`` on a connected wire and wait for the receiver's accepting answer."""
         channel = cls(wire, relp.RelpClient(window=window))
-        await wire.send_all(channel.client.open())
+        await wire.write(channel.client.open())
         while channel.client.state is relp.State.OPENING:
             for event in channel._events(await wire.read()):
                 if isinstance(event, relp.Refused):
@@ -454,7 +460,7 @@ class RelpChannel:
                         waiting[txnr] = position
                         commands.append(command)
                         position += 1
-                    await self.wire.send_all(b"".join(commands))
+                    await self.wire.write(b"".join(commands))
                     data = self.wire.read_ready()
                 else:
                     data = await self.wire.read()
@@ -483,7 +489,7 @@ class RelpChannel:
         """End the session politely (``close``, its answer), then the connection."""
         try:
             if self.client.state is relp.State.OPEN and not self.client.outstanding:
-                await self.wire.send_all(self.client.close())
+                await self.wire.write(self.client.close())
                 while self.client.state is relp.State.CLOSING:
                     data = await self.wire.read()
                     self._events(data)
