@@ -488,7 +488,18 @@ def octet_counted_ids(data: bytes) -> list[str]:
     return ids
 
 
-async def read_to_the_end(sock: socket.socket) -> bytes:
+async def read_to_the_end(sock: socket.socket | ssl.SSLSocket) -> bytes:
+    """Everything the peer sends until it closes (a TLS socket is read in a thread)."""
+    if isinstance(sock, ssl.SSLSocket):
+        def read_blocking() -> bytes:
+            sock.settimeout(WAIT)
+            data = bytearray()
+            # An abandoned TLS connection ends without close_notify, maybe inside a record.
+            with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+                while chunk := sock.recv(1 << 20):
+                    data += chunk
+            return bytes(data)
+        return await asyncio.to_thread(read_blocking)
     loop = asyncio.get_running_loop()
     data = bytearray()
     with contextlib.suppress(ConnectionResetError):
@@ -497,23 +508,39 @@ async def read_to_the_end(sock: socket.socket) -> bytes:
     return bytes(data)
 
 
-async def test_tcp_send_returns_only_once_the_peer_acknowledged_and_a_retry_skips_what_it_did():
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+async def test_stream_send_returns_only_once_the_peer_acknowledged_and_a_retry_skips_what_it_did(
+        transport, certs):
     # A receiver that takes the connection but does not read: its TCP acknowledges what fits in
     # its receive buffer and no more. send() must not report the batch delivered (the kernel
     # took it, the peer did not acknowledge it), and the retry sends exactly what the peer had
-    # not acknowledged.
+    # not acknowledged. With TLS the acknowledged count is of ciphertext: one record per message
+    # makes it map onto whole messages all the same.
     loop = asyncio.get_running_loop()
     batch = [rec(f"r{n}", fields={"Blob": "x" * 4000}) for n in range(300)]  # ~1.2 MB
+    server_context = certs.server_context() if transport == "tls" else None
+
+    async def accept(listener: socket.socket) -> socket.socket:
+        conn, _ = await waited(loop.sock_accept(listener))
+        if server_context is None:
+            return conn
+        conn.setblocking(True)
+        conn.settimeout(WAIT)
+        return await waited(asyncio.to_thread(server_context.wrap_socket, conn, server_side=True))
+
     with socket.socket() as listener:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # accepted ones inherit
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         listener.setblocking(False)
         port = listener.getsockname()[1]
-        sink = syslog.create("s", Options(address=f"tcp://127.0.0.1:{port}", send_timeout=0.5))
+        sink = syslog.create("s", Options(address=f"{transport}://localhost:{port}",
+                                          send_timeout=0.5, **({"tls_ca_file": str(certs.ca_file)}
+                                                               if server_context else {})))
         try:
+            accepting = asyncio.create_task(accept(listener))
             await waited(sink.start())
-            first, _ = await waited(loop.sock_accept(listener))
+            first = await waited(accepting)
             with first:
                 with pytest.raises(SinkError, match="timed out"):
                     await send(sink, batch)
@@ -521,7 +548,7 @@ async def test_tcp_send_returns_only_once_the_peer_acknowledged_and_a_retry_skip
                 assert 0 < acknowledged < len(batch)
 
                 retry = asyncio.create_task(sink.send(batch))
-                second, _ = await waited(loop.sock_accept(listener))
+                second = await accept(listener)
                 with second:
                     reading = asyncio.create_task(read_to_the_end(second))
                     await waited(retry)
@@ -533,10 +560,18 @@ async def test_tcp_send_returns_only_once_the_peer_acknowledged_and_a_retry_skip
             await waited(sink.close())
     ids = [r.id for r in batch]
     assert got_second == ids[acknowledged:]
-    assert got_first == ids
+    assert got_first == ids[:len(got_first)] and len(got_first) >= acknowledged
     assert sink.stats.messages_total == len(batch)
     assert sink.stats.confirmed_not_resent_total == acknowledged
     assert sink.stats.resent_total == len(batch) - acknowledged
+
+
+def test_stream_acknowledgement_under_uvloop(certs):
+    # `amid run` uses uvloop when installed: the socket is written and polled the same way there.
+    import uvloop
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(test_stream_send_returns_only_once_the_peer_acknowledged_and_a_retry_skips_what_it_did(
+            "tcp", certs))
 
 
 class AbruptReceiver:
