@@ -1,4 +1,4 @@
-"""A private, real rsyslogd for tests: it receives on loopback UDP, TCP (and RELP) and writes what it parsed.
+"""A private, real rsyslogd for tests: it takes loopback UDP, TCP (and RELP), writes what it parsed.
 
 Nothing of the system's rsyslog is used: the daemon runs from a generated config in a temporary
 directory, without imuxsock/imklog, listening on free ports of 127.0.0.1. Every message it

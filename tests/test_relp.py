@@ -1,4 +1,4 @@
-"""RELP: the sans-IO client with plain bytes, the sink against our own RELP peer and a real rsyslogd.
+"""RELP: the sans-IO client with plain bytes, the sink against our own RELP peer and real rsyslogd.
 
 Our peer (``RelpPeer``, asyncio on 127.0.0.1) can answer 500 or say ``serverclose`` on cue, which
 rsyslog cannot be made to do; rsyslogd's ``imrelp`` (tests/rsyslog.py) is the real receiver,

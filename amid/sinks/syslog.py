@@ -52,8 +52,17 @@ from amid._encode import format_iso_cached
 from amid.ami.address import format_host
 from amid.records import Record
 from amid.sinks.base import SinkError
-from amid.sinks.syslog_transport import (IO_ERRORS, Channel, DatagramChannel, ReceiverRefused,
-                                         RelpChannel, ServerClosed, StreamChannel, Wire, describe)
+from amid.sinks.syslog_transport import (
+    IO_ERRORS,
+    Channel,
+    DatagramChannel,
+    ReceiverRefused,
+    RelpChannel,
+    ServerClosed,
+    StreamChannel,
+    Wire,
+    describe,
+)
 from amid.units import PositiveDuration, Size
 
 __all__ = [
@@ -114,7 +123,7 @@ _MSGID_FIELDS = frozenset({"event", "server"})
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """Where messages go: ``transport`` is udp, tcp, tls, relp or unix; ``path`` is for unix only."""
+    """Where messages go: ``transport`` is an address scheme; ``path`` is for unix only."""
 
     transport: Literal["udp", "tcp", "tls", "relp", "relp+tls", "unix"]
     host: str = ""
@@ -128,7 +137,7 @@ class Endpoint:
 
 
 def parse_address(address: str) -> Endpoint:
-    """Parse ``udp://host:port``, ``tcp://…``, ``tls://…``, ``relp://…``, ``relp+tls://…``, ``unix:///…``.
+    """Parse ``udp://host:port``, ``tcp://…``, ``tls://…``, ``relp://…``, ``relp+tls://…``, ``unix://…``.
 
     The port may be left out (514 for udp and tcp, 6514 for tls) except for relp, which has no
     well-known port; IPv6 hosts go in brackets. Raises ValueError.

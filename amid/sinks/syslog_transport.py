@@ -21,6 +21,7 @@ from __future__ import annotations
 import array
 import asyncio
 import bisect
+import contextlib
 import fcntl
 import select
 import socket
@@ -152,7 +153,8 @@ class Wire:
                 await self._flush_tls()
                 data = await asyncio.get_running_loop().sock_recv(self.sock, _READ_SIZE)
                 if not data:
-                    raise ConnectionResetError("connection closed during the TLS handshake")
+                    raise ConnectionResetError("connection closed during the TLS handshake") \
+                        from None
                 self._incoming.write(data)
         await self._flush_tls()
 
@@ -292,19 +294,14 @@ class Wire:
         if self.sock.fileno() == -1:
             return
         # Unread data would make the kernel answer our close with a reset.
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self.read_ready()
-        except (OSError, ValueError):
-            pass
         if self._tls is not None and self._outgoing is not None:
-            try:
+            # SSLWantReadError: our close_notify is written, the peer's never comes; fine.
+            with contextlib.suppress(ssl.SSLError, ValueError):
                 self._tls.unwrap()
-            except (ssl.SSLError, ValueError):  # SSLWantReadError: the peer's half never comes
-                pass
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.send(self._outgoing.read())
-            except OSError:
-                pass
         self.sock.close()
 
 
