@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -451,33 +452,39 @@ async def test_rsyslog_imrelp_parses_what_we_send(rsyslogd_relp):
 
 @pytest.mark.rsyslog
 async def test_rsyslog_killed_and_restarted_mid_stream_loses_nothing(rsyslogd_relp):
-    # rsyslogd is SIGKILLed three times while a runner streams records to it over RELP, and
+    # rsyslogd is SIGKILLed three times while a runner streams records to it over RELP (fast
+    # enough that messages are in flight when it dies: stats.resent_total is in the hundreds), and
     # started again on the same port. Every record must be in its output; a record can be there
     # twice only if the sink sent it again for want of an answer (stats.resent_total).
     server = rsyslogd_relp
-    total = 3000
+    total = 6000
     sink = syslog.create("relp", Options(address=f"relp://127.0.0.1:{server.relp_port}",
                                          app_name="relpkill", connect_timeout=2, send_timeout=5))
-    runner = syslog_runner(sink, batch_max_events=100)
+    runner = syslog_runner(sink, batch_max_events=500)
     records = [rec(f"k{n}", seq=n) for n in range(total)]
 
     def delivered() -> int:
         return len([line for line in server.lines if line["app_name"] == "relpkill"])
 
-    async def kill_and_restart() -> None:
-        for at in (500, 1300, 2100):
+    def kill_and_restart() -> None:
+        # In a thread of its own, so a kill lands at any moment of the sink's work, not only
+        # while the event loop is between two of its steps (when every answer may be in).
+        deadline = time.monotonic() + 60
+        for at in (1000, 2500, 4000):
             while delivered() < at:
-                await asyncio.sleep(0.005)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"rsyslogd never got {at} messages")
+                time.sleep(0.001)
             server.kill()
-            await asyncio.to_thread(server.restart)
+            server.restart()
 
     try:
         await waited(runner.start())
-        chaos = asyncio.create_task(kill_and_restart())
-        for start in range(0, total, 50):
-            for record in records[start:start + 50]:
+        chaos = asyncio.create_task(asyncio.to_thread(kill_and_restart))
+        for start in range(0, total, 200):
+            for record in records[start:start + 200]:
                 runner.offer(record)
-            await asyncio.sleep(0.002)  # a stream, not one burst: the kills land mid-stream
+            await asyncio.sleep(0.001)  # a stream, not one burst: the kills land mid-stream
         async with asyncio.timeout(60):
             await chaos
             assert await runner.drain(30)
