@@ -132,6 +132,7 @@ class RsyslogServer:
         self.relp_tls_port = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._lines: list[dict[str, Any]] = []
+        self.torn_lines: list[bytes] = []
         self._read_offset = 0
         self._log: BinaryIO | None = None
 
@@ -265,7 +266,11 @@ class RsyslogServer:
         complete = chunk[: chunk.rfind(b"\n") + 1]
         self._read_offset += len(complete)
         for raw in complete.splitlines():
-            self._lines.append(json.loads(raw))
+            try:
+                self._lines.append(json.loads(raw))
+            except ValueError:
+                # A line rsyslogd was writing when it was killed, glued to the next one.
+                self.torn_lines.append(raw)
 
     @property
     def lines(self) -> list[dict[str, Any]]:
