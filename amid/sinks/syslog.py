@@ -527,7 +527,8 @@ class SyslogSink:
         async with self._lock:
             self._check_open()
             records = self._not_yet_confirmed(batch)
-            if not records:
+            if not records:  # a failed attempt had delivered all of them after all
+                self._confirmed_ids = set()
                 return
             messages = [self._format(record) for record in records]
             payloads = [self._frame(message) for message in messages]
@@ -551,8 +552,12 @@ class SyslogSink:
                 self._note_failed_attempt(records, messages, payloads, channel.confirmed, None)
                 self._drop_channel()
                 raise
-            self._count_delivered(messages, payloads, range(len(payloads)))
             self._confirmed_ids = set()
+            stats = self.stats
+            stats.messages_total += len(payloads)
+            stats.bytes_total += sum(map(len, payloads))
+            # Counted once a message is delivered, not per attempt; framing only ever adds bytes.
+            stats.truncated_total += sum(len(p) < len(m) for p, m in zip(payloads, messages))
 
     async def close(self) -> None:
         """Close the connection (a RELP session with ``close``). Idempotent; safe before start."""
@@ -609,7 +614,6 @@ class SyslogSink:
         for i in indices:
             stats.messages_total += 1
             stats.bytes_total += len(payloads[i])
-            # framing only ever adds bytes: a shorter payload was cut to fit a datagram
             stats.truncated_total += len(payloads[i]) < len(messages[i])
 
     def _frame(self, message: bytes) -> bytes:
