@@ -1,45 +1,48 @@
-"""Syslog sink: RFC 5424 (default) or RFC 3164 messages over udp, tcp, tls or a unix datagram socket.
+"""Syslog sink: RFC 5424 (default) or RFC 3164 messages over udp, tcp, tls, relp or unix datagrams.
 
 Every record becomes one syslog message whose MSG part is the record's JSON. The framing is
-written by hand (no library gets RFC 5424 right), the socket I/O is plain asyncio.
+written by hand (no library gets RFC 5424 right); the transports are in
+:mod:`amid.sinks.syslog_transport`, RELP's protocol in :mod:`amid.sinks.relp`.
 
-Transports, chosen by ``address``:
+Transports, chosen by ``address``, and what each one's "delivered" means (``send`` returns only
+once every message of the batch is delivered, else it raises SinkError and the runner retries):
 
-* ``udp://host:port`` (default port 514): one datagram per record. A message longer than
-  ``udp_max_bytes`` is cut on a UTF-8 character boundary and counted in ``stats.truncated_total``.
+* ``udp://host:port`` (default port 514): one datagram per record; delivered = the kernel took
+  it (best effort: nothing acknowledges a datagram). A message longer than ``udp_max_bytes`` is
+  cut on a UTF-8 character boundary and counted in ``stats.truncated_total``. An ICMP "port
+  unreachable" for an earlier datagram fails the next ``send``.
+* ``unix:///dev/log``: a unix datagram socket, like syslog(3). Same size limit as udp; a
+  receiver that went away fails at once.
 * ``tcp://host:port`` (514) and ``tls://host:port`` (6514): a stream with RFC 6587 octet-counting
-  framing (``LEN SP MSG``) or, optionally, LF-terminated frames. TLS verifies the server by default.
-* ``unix:///dev/log``: a unix datagram socket, like syslog(3). Same size limit as udp.
+  framing (``LEN SP MSG``) or, optionally, LF-terminated frames. TLS verifies the server by
+  default. Delivered = the peer's TCP acknowledged every byte of the batch (Linux SIOCOUTQ; with
+  TLS, the ciphertext of every message). If the connection breaks first, the messages the peer
+  had acknowledged are known and are not sent again; the others are, on a new connection. What
+  the receiver's kernel acknowledged but the receiver process never handled (it crashed with
+  the bytes in its socket buffer or its memory) cannot be seen from here: plain syslog has no
+  acknowledgement above TCP.
+* ``relp://host:port`` and ``relp+tls://host:port`` (RELP in TLS from the first byte, as rsyslog's
+  ``imrelp`` with ``tls="on"``): delivered = the receiver answered ``200 OK`` to the message's
+  own ``syslog`` command (end to end). Unanswered messages are sent again on
+  a new session; a message the receiver took whose answer was lost can arrive twice.
 
-UDP has no delivery guarantee. What the sink can see, it reports: an ICMP "port unreachable"
-for an earlier datagram fails the next ``send`` with SinkError (so a receiver that is down shows
-in the runner's failure counters), and a unix socket whose receiver went away fails at once.
-
-Like every sink, this one never retries and never queues (the SinkRunner does): ``send`` delivers
-the whole batch or raises :class:`~amid.sinks.base.SinkError`. A broken connection is dropped and
+Like every sink, this one never queues (the SinkRunner does). A broken connection is dropped and
 the next ``send`` opens a new one. A stream the peer has already closed (its FIN or RST is waiting
 in the kernel) is noticed before anything is written to it and replaced at once, so an idle
 connection that a server or firewall closed costs no failed batch.
-
-Plain TCP syslog has no acknowledgements: bytes the kernel accepted just before the peer died can
-be lost without any error. The sink checks the socket again after each batch to shrink that window
-(raising SinkError, so the runner re-sends: duplicates are possible, losses are not from that
-check), but cannot close it entirely; that is the protocol, not this code.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import os
-import select
 import socket
 import ssl
 import string
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -50,6 +53,17 @@ from amid.ami.address import format_host
 from amid.ami.tls import TlsSettings, client_context
 from amid.records import Record
 from amid.sinks.base import SinkError
+from amid.sinks.syslog_transport import (
+    IO_ERRORS,
+    Channel,
+    DatagramChannel,
+    ReceiverRefused,
+    RelpChannel,
+    ServerClosed,
+    StreamChannel,
+    Wire,
+    describe,
+)
 from amid.units import PositiveDuration, Size, TlsSetting
 
 __all__ = [
@@ -97,6 +111,8 @@ TAG_MAX = 32
 NILVALUE = "-"
 
 DEFAULT_PORTS = {"udp": 514, "tcp": 514, "tls": 6514}
+RELP_TRANSPORTS = frozenset({"relp", "relp+tls"})
+TLS_TRANSPORTS = frozenset({"tls", "relp+tls"})
 # Largest UDP payload over IPv4 (65535 - 8 byte UDP header - 20 byte IP header).
 UDP_PAYLOAD_MAX = 65507
 # RFC 3164's month abbreviations: English whatever the process locale is (strftime's %b is not).
@@ -108,9 +124,9 @@ _MSGID_FIELDS = frozenset({"event", "server"})
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """Where messages go: ``transport`` is udp, tcp, tls or unix; ``path`` is set for unix only."""
+    """Where messages go: ``transport`` is an address scheme; ``path`` is for unix only."""
 
-    transport: Literal["udp", "tcp", "tls", "unix"]
+    transport: Literal["udp", "tcp", "tls", "relp", "relp+tls", "unix"]
     host: str = ""
     port: int = 0
     path: str = ""
@@ -122,9 +138,10 @@ class Endpoint:
 
 
 def parse_address(address: str) -> Endpoint:
-    """Parse ``udp://host:port``, ``tcp://…``, ``tls://…`` or ``unix:///path``; raise ValueError.
+    """Parse ``udp://host:port``, ``tcp://…``, ``tls://…``, ``relp://…``, ``relp+tls://…``, ``unix://…``.
 
-    The port may be left out (514 for udp and tcp, 6514 for tls); IPv6 hosts go in brackets.
+    The port may be left out (514 for udp and tcp, 6514 for tls) except for relp, which has no
+    well-known port; IPv6 hosts go in brackets. Raises ValueError.
     """
     parts = urllib.parse.urlsplit(address)
     scheme = parts.scheme.lower()
@@ -133,9 +150,9 @@ def parse_address(address: str) -> Endpoint:
             raise ValueError(f"unix address needs an absolute path, e.g. unix:///dev/log, "
                              f"got {address!r}")
         return Endpoint("unix", path=parts.path)
-    if scheme not in DEFAULT_PORTS:
-        raise ValueError(f"address must start with udp://, tcp://, tls:// or unix://, "
-                         f"got {address!r}")
+    if scheme not in DEFAULT_PORTS and scheme not in RELP_TRANSPORTS:
+        raise ValueError(f"address must start with udp://, tcp://, tls://, relp://, relp+tls:// "
+                         f"or unix://, got {address!r}")
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
         raise ValueError(f"address must be {scheme}://host:port with nothing else, "
                          f"got {address!r}")
@@ -145,6 +162,9 @@ def parse_address(address: str) -> Endpoint:
         raise ValueError(f"address has an invalid port: {address!r}") from None
     if not parts.hostname:
         raise ValueError(f"address has no host: {address!r}")
+    if not port and scheme in RELP_TRANSPORTS:
+        raise ValueError(f"relp address needs a port (RELP has no well-known one, rsyslog's "
+                         f"examples use 2514 or 20514), got {address!r}")
     return Endpoint(scheme, host=parts.hostname, port=port or DEFAULT_PORTS[scheme])  # type: ignore[arg-type]
 
 
@@ -202,7 +222,11 @@ class Options(pydantic.BaseModel, extra="forbid", frozen=True, validate_default=
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_server_name: str | None = None
+    # RELP: messages sent and not yet answered, at most (librelp's default window is 128).
+    relp_window: Annotated[int, pydantic.Field(ge=1, le=10_000)] = 128
     connect_timeout: PositiveDuration = 5.0
+    # Bounds one send: writing the batch and waiting for its confirmation (tcp/tls: the peer's
+    # TCP acknowledgement; relp: the receiver's answers).
     send_timeout: PositiveDuration = 10.0
 
     @pydantic.field_validator("address")
@@ -247,12 +271,15 @@ class Options(pydantic.BaseModel, extra="forbid", frozen=True, validate_default=
         flat = [key for key in tls_keys[1:] if key in self.model_fields_set]
         if self.tls is not None and flat:
             raise ValueError(f"give TLS settings once: tls: {{…}} or {', '.join(flat)}")
-        if transport != "tls":
+        if transport not in TLS_TRANSPORTS:
             misplaced = [key for key in tls_keys if key in self.model_fields_set]
             if misplaced:
-                raise ValueError(f"{', '.join(misplaced)} only apply to a tls:// address")
+                raise ValueError(f"{', '.join(misplaced)} only apply to a tls:// or relp+tls:// "
+                                 f"address")
         if transport not in ("tcp", "tls") and "tcp_framing" in self.model_fields_set:
             raise ValueError("tcp_framing only applies to a tcp:// or tls:// address")
+        if transport not in RELP_TRANSPORTS and "relp_window" in self.model_fields_set:
+            raise ValueError("relp_window only applies to a relp:// or relp+tls:// address")
         if self.tls_key_file and not self.tls_cert_file:
             raise ValueError("tls_key_file needs tls_cert_file")
         if self.udp_max_bytes is None:
@@ -439,10 +466,23 @@ def frame_lf(message: bytes) -> bytes:
 
 @dataclass(slots=True)
 class SyslogStats:
-    """Plain counters read by the metrics collector.
+    """Plain counters of one syslog sink.
 
-    ``reconnects_total`` counts connections opened after the first one; ``truncated_total`` the
-    datagrams cut to ``udp_max_bytes``.
+    * ``messages_total`` / ``bytes_total``: messages delivered (in the transport's sense, see the
+      module docstring), each counted once, including those confirmed by an attempt that failed
+      later on.
+    * ``truncated_total``: datagrams cut to ``udp_max_bytes``.
+    * ``reconnects_total``: connections opened after the first one; ``connect_failures_total``:
+      connection attempts that failed.
+    * ``resent_total``: records sent again because the attempt that carried them failed before
+      they were confirmed (tcp/tls: the peer's TCP had not acknowledged them; relp: no ``200``).
+      Only these can arrive twice, and only if the receiver got them without the confirmation
+      reaching us.
+    * ``confirmed_not_resent_total``: records of a failed attempt that had been confirmed all the
+      same (tcp/tls: acknowledged before the reset; relp: answered 200), and so were left out
+      when the batch was retried.
+    * ``refused_total``: RELP commands the receiver answered with an error code (e.g. 500);
+      ``server_closes_total``: RELP sessions the receiver ended while a batch was in flight.
     """
 
     messages_total: int = 0
@@ -450,99 +490,10 @@ class SyslogStats:
     truncated_total: int = 0
     reconnects_total: int = 0
     connect_failures_total: int = 0
-
-
-# -- transports -----------------------------------------------------------------------------------
-
-# Errors a socket operation can end with; all of them mean "this connection is no use now".
-# (TimeoutError, ssl.SSLError and socket.gaierror are OSErrors; IncompleteReadError is an EOFError.)
-_IO_ERRORS = (OSError, EOFError)
-
-
-class _DatagramChannel:
-    """A connected udp or unix datagram socket, written without an asyncio transport.
-
-    Each datagram goes to the kernel whole or waits for room (``sock_sendall``), so nothing of a
-    batch ever sits in the process: ``send`` returning means the kernel took every message, and
-    a cancelled send or a close leaves nothing behind to go out later (a transport would keep
-    its buffer, and uvloop logs an error for each buffered datagram it drops on abort). Errors
-    the kernel reports for earlier datagrams (ICMP port unreachable, a unix receiver gone)
-    surface from the next ``send`` call as OSError.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-
-    def is_stale(self) -> bool:
-        return self._sock.fileno() == -1
-
-    async def send(self, datagrams: Sequence[bytes]) -> None:
-        sock = self._sock
-        if sock.fileno() == -1:
-            raise ConnectionResetError("datagram socket closed")
-        loop = asyncio.get_running_loop()
-        for datagram in datagrams:
-            try:
-                sock.send(datagram)  # a datagram is taken whole or not at all
-            except BlockingIOError:  # the kernel's queue is full: wait for room
-                await loop.sock_sendall(sock, datagram)
-
-    async def close(self) -> None:
-        self._sock.close()
-
-    def abort(self) -> None:
-        self._sock.close()
-
-
-class _StreamChannel:
-    """A tcp or tls connection carrying framed messages; syslog servers never send us data."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-
-    def is_stale(self) -> bool:
-        """True if the peer closed or reset the connection, even if asyncio has not seen it yet."""
-        if self._writer.transport.is_closing() or self._reader.at_eof():
-            return True
-        return _peer_hung_up(self._writer.get_extra_info("socket"))
-
-    async def send(self, frames: Sequence[bytes]) -> None:
-        if self.is_stale():
-            raise ConnectionResetError("connection closed by peer")
-        self._writer.writelines(frames)
-        await self._writer.drain()
-        # A peer that was gone before the bytes arrived answers with RST; on a short path that
-        # is already here. Reporting it makes the runner re-send rather than lose the batch.
-        if self.is_stale():
-            raise ConnectionResetError("connection closed by peer during send")
-
-    async def close(self) -> None:
-        self._writer.close()
-        with contextlib.suppress(*_IO_ERRORS):
-            await self._writer.wait_closed()
-
-    def abort(self) -> None:
-        # No linger-0 reset here: the kernel's send queue still holds earlier, confirmed
-        # batches the peer has not acknowledged yet, and a reset would throw them away.
-        self._writer.transport.abort()
-
-
-# Linux reports a peer's FIN as POLLRDHUP; elsewhere only a reset (POLLHUP/POLLERR) is seen here.
-_HANGUP_EVENTS = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
-
-
-def _peer_hung_up(sock: Any) -> bool:
-    """Ask the kernel, without reading or blocking, whether the peer's FIN or RST has arrived.
-
-    asyncio learns of it only when the loop next polls the socket, which may be after our next
-    write: bytes written to a connection the peer has closed are silently lost.
-    """
-    if sock is None:
-        return True
-    poller = select.poll()
-    poller.register(sock.fileno(), _HANGUP_EVENTS)
-    return bool(poller.poll(0))
+    resent_total: int = 0
+    confirmed_not_resent_total: int = 0
+    refused_total: int = 0
+    server_closes_total: int = 0
 
 
 # -- the sink -------------------------------------------------------------------------------------
@@ -559,10 +510,16 @@ class SyslogSink:
         self._hostname = hostname or options.hostname or socket.gethostname()
         self._procid = os.getpid() if procid is None else procid
         self._format = Formatter(options, hostname=self._hostname, procid=self._procid).format
-        self._ssl = _client_ssl_context(options) if self._endpoint.transport == "tls" else None
-        self._channel: _DatagramChannel | _StreamChannel | None = None
+        self._ssl = (_client_ssl_context(options) if self._endpoint.transport in TLS_TRANSPORTS
+                     else None)
+        self._channel: Channel | None = None
         self._connected_once = False
         self._closed = False
+        # Of the last attempt that failed, by record id: what was confirmed all the same (left
+        # out when the runner retries the batch) and what was not (counted as re-sent then).
+        self._confirmed_ids: set[str] = set()
+        self._fresh_confirmed_ids: set[str] = set()  # by the very last attempt
+        self._unconfirmed_ids: set[str] = set()
         # One batch at a time on the wire: frames of two batches must never interleave.
         self._lock = asyncio.Lock()
 
@@ -576,39 +533,55 @@ class SyslogSink:
             await self._ensure_channel()
 
     async def send(self, batch: Sequence[Record]) -> None:
-        """Send one message per record, in order; return once the kernel has taken them all.
+        """Send one message per record, in order; return once all of them are delivered.
 
-        Raises SinkError if the connection cannot be opened or breaks; the connection is then
-        dropped and the next call opens a new one.
+        Delivered means, by transport: udp/unix, the kernel took the datagram; tcp/tls, the
+        peer's TCP acknowledged every byte (Linux; elsewhere, the kernel took them); relp, the
+        receiver answered 200 to every message. Raises SinkError if the connection cannot be
+        opened, breaks, or the confirmation does not come within ``send_timeout``; the
+        connection is then dropped and the next call opens a new one. Records of a failed
+        attempt that were confirmed all the same are not sent again when the same records
+        come back (the runner's retry).
         """
         if not batch:
             return
         async with self._lock:
             self._check_open()
-            messages = [self._format(record) for record in batch]
+            records = self._not_yet_confirmed(batch)
+            if not records:  # a failed attempt had delivered all of them after all
+                self._confirmed_ids = set()
+                return
+            messages = [self._format(record) for record in records]
             payloads = [self._frame(message) for message in messages]
             channel = await self._ensure_channel()
             try:
                 async with asyncio.timeout(self.options.send_timeout):
                     await channel.send(payloads)
-            except _IO_ERRORS as exc:
+            except IO_ERRORS as exc:
                 # A partly written frame would corrupt the stream: this connection is finished.
+                self._note_failed_attempt(records, messages, payloads, channel.confirmed, exc)
                 self._drop_channel()
-                what = "timed out" if isinstance(exc, TimeoutError) else _describe(exc)
-                raise SinkError(f"syslog sink {self.name!r}: sending to {self._endpoint} "
-                                f"failed: {what}") from exc
+                what = "timed out" if isinstance(exc, TimeoutError) else describe(exc)
+                confirmed = len(channel.confirmed)
+                raise SinkError(
+                    f"syslog sink {self.name!r}: sending to {self._endpoint} failed: {what} "
+                    f"({confirmed} of {len(records)} messages confirmed; the rest will be sent "
+                    f"again)") from exc
             except asyncio.CancelledError:
                 # Abandoned (the runner's attempt_timeout, shutdown): the runner sends the batch
                 # again, on a new connection; the rest of it must not follow on this one.
+                self._note_failed_attempt(records, messages, payloads, channel.confirmed, None)
                 self._drop_channel()
                 raise
-            self.stats.messages_total += len(payloads)
-            self.stats.bytes_total += sum(map(len, payloads))
-            # Counted once a batch is sent, not per attempt; framing only ever adds bytes.
-            self.stats.truncated_total += sum(len(p) < len(m) for p, m in zip(payloads, messages, strict=False))
+            self._confirmed_ids = set()
+            stats = self.stats
+            stats.messages_total += len(payloads)
+            stats.bytes_total += sum(map(len, payloads))
+            # Counted once a message is delivered, not per attempt; framing only ever adds bytes.
+            stats.truncated_total += sum(len(p) < len(m) for p, m in zip(payloads, messages, strict=False))
 
     async def close(self) -> None:
-        """Close the connection (flushing what the kernel holds). Idempotent; safe before start."""
+        """Close the connection (a RELP session with ``close``). Idempotent; safe before start."""
         self._closed = True
         channel, self._channel = self._channel, None
         if channel is None:
@@ -616,7 +589,7 @@ class SyslogSink:
         try:
             async with asyncio.timeout(self.options.send_timeout):
                 await channel.close()
-        except TimeoutError:
+        except IO_ERRORS:
             channel.abort()
         except BaseException:  # cancelled by the caller's tighter bound (a reload): abort anyway
             channel.abort()
@@ -628,15 +601,54 @@ class SyslogSink:
         if self._closed:
             raise SinkError(f"syslog sink {self.name!r} is closed")
 
+    def _not_yet_confirmed(self, batch: Sequence[Record]) -> list[Record]:
+        """``batch`` without the records earlier failed attempts delivered all the same."""
+        confirmed, self._confirmed_ids = self._confirmed_ids, set()
+        fresh, self._fresh_confirmed_ids = self._fresh_confirmed_ids, set()
+        unconfirmed, self._unconfirmed_ids = self._unconfirmed_ids, set()
+        if not confirmed:
+            records = list(batch)
+        else:
+            records = [r for r in batch if r.id not in confirmed]
+            # Carried over while the same records keep coming back (the runner's retries).
+            self._confirmed_ids = {r.id for r in batch if r.id in confirmed}
+            self.stats.confirmed_not_resent_total += sum(1 for r in batch if r.id in fresh)
+        if unconfirmed:
+            self.stats.resent_total += sum(1 for r in records if r.id in unconfirmed)
+        return records
+
+    def _note_failed_attempt(self, records: Sequence[Record], messages: Sequence[bytes],
+                             payloads: Sequence[bytes], confirmed: frozenset[int],
+                             exc: BaseException | None) -> None:
+        self._fresh_confirmed_ids = {records[i].id for i in confirmed}
+        self._confirmed_ids |= self._fresh_confirmed_ids
+        self._unconfirmed_ids = {r.id for i, r in enumerate(records) if i not in confirmed}
+        self._count_delivered(messages, payloads, confirmed)
+        if isinstance(exc, ReceiverRefused):
+            self.stats.refused_total += 1
+        elif isinstance(exc, ServerClosed):
+            self.stats.server_closes_total += 1
+
+    def _count_delivered(self, messages: Sequence[bytes], payloads: Sequence[bytes],
+                         indices: Iterable[int]) -> None:
+        stats = self.stats
+        for i in indices:
+            stats.messages_total += 1
+            stats.bytes_total += len(payloads[i])
+            stats.truncated_total += len(payloads[i]) < len(messages[i])
+
     def _frame(self, message: bytes) -> bytes:
-        if self._endpoint.transport in ("udp", "unix"):
+        transport = self._endpoint.transport
+        if transport in ("udp", "unix"):
             # udp_max_bytes is never None once Options validated (its format sets the default)
             return truncate_utf8(message, self.options.udp_max_bytes)  # type: ignore[arg-type]
+        if transport in RELP_TRANSPORTS:
+            return message  # RELP frames count their own bytes
         if self.options.tcp_framing == "lf":
             return frame_lf(message)
         return frame_octet_counting(message)
 
-    async def _ensure_channel(self) -> _DatagramChannel | _StreamChannel:
+    async def _ensure_channel(self) -> Channel:
         channel = self._channel
         if channel is not None and not channel.is_stale():
             return channel
@@ -645,9 +657,9 @@ class SyslogSink:
         try:
             async with asyncio.timeout(self.options.connect_timeout):
                 channel = await self._connect()
-        except _IO_ERRORS as exc:
+        except IO_ERRORS as exc:
             self.stats.connect_failures_total += 1
-            what = "timed out" if isinstance(exc, TimeoutError) else _describe(exc)
+            what = "timed out" if isinstance(exc, TimeoutError) else describe(exc)
             raise SinkError(f"syslog sink {self.name!r}: cannot connect to {self._endpoint}: "
                             f"{what}") from exc
         if self._connected_once:
@@ -656,7 +668,7 @@ class SyslogSink:
         self._channel = channel
         return channel
 
-    async def _connect(self) -> _DatagramChannel | _StreamChannel:
+    async def _connect(self) -> Channel:
         loop = asyncio.get_running_loop()
         ep = self._endpoint
         if ep.transport in ("udp", "unix"):
@@ -674,30 +686,21 @@ class SyslogSink:
             except BaseException:
                 sock.close()
                 raise
-            return _DatagramChannel(sock)
-        if ep.transport == "tls":
-            reader, writer = await asyncio.open_connection(
-                ep.host, ep.port, ssl=self._ssl,
-                server_hostname=self.options.tls_settings.server_hostname or ep.host,
-                ssl_handshake_timeout=self.options.connect_timeout)
-        else:
-            reader, writer = await asyncio.open_connection(ep.host, ep.port)
-        # drain() then returns only once the kernel took every byte: a confirmed batch has
-        # nothing left in this process that an abort could lose. (asyncio's TLS transport
-        # pauses at size >= high, the plain one at size > high: 1 and 0 mean "any byte". With
-        # TLS this covers the TLS layer's buffer; the TCP transport beneath it may still hold
-        # up to its own 64 KiB of ciphertext, which asyncio gives no public handle on.)
-        writer.transport.set_write_buffer_limits(high=1 if ep.transport == "tls" else 0, low=0)
-        return _StreamChannel(reader, writer)
+            return DatagramChannel(sock)
+        wire = await Wire.connect(ep.host, ep.port, ssl_context=self._ssl,
+                                  server_hostname=self.options.tls_settings.server_hostname or ep.host)
+        if ep.transport not in RELP_TRANSPORTS:
+            return StreamChannel(wire)
+        try:
+            return await RelpChannel.open(wire, window=self.options.relp_window)
+        except BaseException:
+            wire.close()
+            raise
 
     def _drop_channel(self) -> None:
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.abort()
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _client_ssl_context(options: Options) -> ssl.SSLContext:
