@@ -17,15 +17,24 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from amid.sinks import syslog
-from amid.sinks.base import Sink, SinkError
-from amid.sinks.relp import (Accepted, Closed, LocalProtocolError, Opened, Refused, RelpClient,
-                             RemoteProtocolError, ServerClose, State)
-from amid.sinks.syslog import Options
 from rsyslog import RsyslogServer, require_rsyslogd
 from sink_contract import SinkContract
 from test_sink_syslog import json_part, rec, syslog_runner, waited
+
+from amid.sinks import syslog
+from amid.sinks.base import Sink, SinkError
+from amid.sinks.relp import (
+    Accepted,
+    Closed,
+    LocalProtocolError,
+    Opened,
+    Refused,
+    RelpClient,
+    RemoteProtocolError,
+    ServerClose,
+    State,
+)
+from amid.sinks.syslog import Options
 
 WAIT = 10.0
 

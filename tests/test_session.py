@@ -461,7 +461,7 @@ def test_syslog_tls_is_spelled_as_a_server_s_and_the_old_name_is_a_warning(tmp_p
     with pytest.raises(ConfigError, match="give TLS settings once"):
         _config(tmp_path, _SERVER + "sinks:\n  - {name: s, type: syslog, address: 'tls://logs:6514',\n"
                                     "     tls: {verify: false}, tls_server_name: x}\n")
-    with pytest.raises(ConfigError, match="only apply to a tls:// address"):
+    with pytest.raises(ConfigError, match=r"only apply to a tls:// or relp\+tls:// address"):
         _config(tmp_path, _SERVER + "sinks:\n  - {name: s, type: syslog, address: 'udp://logs:514',\n"
                                     "     tls: {verify: false}}\n")
 

@@ -1,7 +1,7 @@
 """Faults against a real ``amid run`` process; after each, the oracle accounts for every event.
 
 Each test is bounded (a few seconds of streaming at a few thousand events/s). Tests that need
-work not on this branch yet are marked ``xfail(strict=False)`` with what they need.
+work not yet merged were marked ``xfail``; none is now.
 """
 
 from __future__ import annotations
@@ -120,8 +120,6 @@ async def test_webhook_faults_lose_nothing(tmp_path: Path, fault: str) -> None:
         h.check(max_duplicates=sum(len(r.records) for r in held))
 
 
-@pytest.mark.xfail(reason="needs syslog TCP to send again what the peer never acknowledged "
-                          "(issue 13 point 3)", strict=False)
 async def test_syslog_tcp_receiver_reset_loses_nothing(tmp_path: Path) -> None:
     async with Harness(tmp_path, stream_rate=RATE) as h:
         await h.start_amid()
