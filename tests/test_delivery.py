@@ -264,11 +264,11 @@ async def test_drop_warnings_are_rate_limited(caplog: pytest.LogCaptureFixture) 
 def test_backoff_never_goes_below_min_delay_and_is_always_jittered(rng_value: float) -> None:
     runner = make_runner(ScriptedSink(), rng=lambda: rng_value, retry_min_delay=0.5,
                          retry_max_delay=30.0)
-    delays = [runner._backoff(attempt, None) for attempt in range(12)]
+    delays = [runner._attempts.backoff(attempt, None) for attempt in range(12)]
     assert all(0.5 <= d <= 30.0 for d in delays), delays
     other = make_runner(ScriptedSink(), rng=lambda: (rng_value + 0.5) % 1, retry_min_delay=0.5,
                         retry_max_delay=30.0)
-    assert all(a != b for a, b in zip(delays, [other._backoff(n, None) for n in range(12)], strict=False)), \
+    assert all(a != b for a, b in zip(delays, [other._attempts.backoff(n, None) for n in range(12)], strict=False)), \
         "every delay, the first and the capped ones included, depends on the jitter"
 
 async def test_retry_resends_the_same_batch_with_jittered_backoff_and_retry_after(

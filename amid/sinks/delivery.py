@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import time
 from collections import Counter
@@ -44,10 +43,10 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from amid.ami.backoff import backoff_delay
 from amid.ami.stats import Histogram
 from amid.records import Record
-from amid.sinks.base import SendsNowait, Sink, SinkDisabled, SinkError, SinkRejected
+from amid.sinks.attempts import Attempts, DropReport, write_dead_letters
+from amid.sinks.base import SendsNowait, Sink, SinkDisabled
 from amid.sinks.buffer import SpoolBuffer
 from amid.sinks.lifecycle import RunnerState, check_move
 from amid.sinks.queue import SizedQueue
@@ -68,9 +67,6 @@ DELIVERY_LATENCY_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005
 # "spool_corrupt" only happens if spool files are damaged while the daemon runs; "spool_io"
 # if the spool's last write at shutdown fails (disk full, I/O error).
 DROP_REASONS = ("queue_full", "spool_full", "disabled", "shutdown", "spool_corrupt", "spool_io")
-DROP_WARNING_INTERVAL = 10.0
-# A peer's Retry-After is honoured, but an absurd value must not park a sink for days.
-RETRY_AFTER_CAP = 3600.0
 HOPELESS_START_FAILURES = 3  # failed opens in a row after which shutdown stops waiting for a sink
 
 
@@ -192,6 +188,13 @@ class SinkRunner:
 
     ``clock`` (monotonic seconds) paces the drop warnings; ``rng`` gives the jitter in [0, 1);
     ``sleep`` waits between retries; ``wall_clock`` (unix seconds) times delivery latency.
+
+    Why this class is about 500 lines: what is its own (the head of the line, memory or spool;
+    the lifecycle; the worker loop and the hot path that stands in for it; shutdown and
+    hand-over) shares the same few pieces of state on every record, and each split tried passed
+    them all back and forth. What stands alone lives apart: the queue (:mod:`.queue`), the
+    spool's head of line (:mod:`.buffer`), the state table (:mod:`.lifecycle`), the attempts,
+    retries, drop reports and dead letters (:mod:`.attempts`).
     """
 
     def __init__(self, sink: Sink, settings: RunnerSettings, *,
@@ -216,7 +219,6 @@ class SinkRunner:
         self._in_flight: _Batch | None = None
         self._handoff: _Handoff | None = None
         self.sink_opened = False  # sink.start() has succeeded (readiness: a sink that never opened is not)
-        self._start_failures = 0  # failed start attempts so far, while it has never opened
         self._start_settled = asyncio.Event()  # the sink opened, or the worker gave up
         self._draining = False    # someone waits for the queue to empty: no batch waits to fill
         self._closed_event = asyncio.Event()
@@ -226,9 +228,11 @@ class SinkRunner:
         self._wakeup = asyncio.Event()      # the worker has something to do
         self._progress = asyncio.Event()    # set by the worker after each batch or when idle
         self._worker: asyncio.Task[None] | None = None
-        self._unreported_drops: Counter[str] = Counter()
-        self._last_drop_warning: float | None = None
-        self._logged_exception_types: set[type] = set()
+        self._drops = DropReport(self.name, self.stats.dropped_total, clock)
+        self._drop = self._drops.drop
+        self._attempts = Attempts(sink, settings, self.stats, name=self.name,
+                                  on_failure=lambda: self._health(RunnerState.RETRYING),
+                                  sleep=sleep, rng=rng)
         self._log_extra = {"sink": self.name}
 
     # -- state -----------------------------------------------------------------------------
@@ -369,24 +373,6 @@ class SinkRunner:
             self._kick()  # more than one batch's worth arrived: the next turn takes the rest
         self._progress.set()
 
-    # -- drops -----------------------------------------------------------------------------
-
-    def _drop(self, count: int, reason: str) -> None:
-        self.stats.dropped_total[reason] += count
-        self._unreported_drops[reason] += count
-        now = self._clock()
-        if self._last_drop_warning is None or now - self._last_drop_warning >= DROP_WARNING_INTERVAL:
-            self._report_drops(now)
-
-    def _report_drops(self, now: float) -> None:
-        if not self._unreported_drops:
-            return
-        detail = ", ".join(f"{n} ({reason})" for reason, n in sorted(self._unreported_drops.items()))
-        log.warning("sink %s dropped events since the last warning: %s", self.name, detail,
-                    extra=self._log_extra)
-        self._unreported_drops.clear()
-        self._last_drop_warning = now
-
     # -- lifecycle -------------------------------------------------------------------------
 
     @property
@@ -502,7 +488,7 @@ class SinkRunner:
         # A sink that has failed to open again and again since it started will not deliver
         # within the drain window either: it does not hold the shutdown up. (One failure alone
         # is not enough: the next attempt may be about to succeed.)
-        hopeless = not self.sink_opened and self._start_failures >= HOPELESS_START_FAILURES
+        hopeless = not self.sink_opened and self._attempts.start_failures >= HOPELESS_START_FAILURES
         drain = (self._state.delivering and self._worker is not None and not self._worker.done()
                  and not hopeless)
         self._move(RunnerState.CLOSING)
@@ -537,7 +523,7 @@ class SinkRunner:
             except Exception as exc:  # a plugin's close must not break shutdown
                 log.error("sink %s: close failed: %s: %s", self.name, type(exc).__name__, exc,
                           extra=self._log_extra)
-            self._report_drops(self._clock())
+            self._drops.report()
         finally:
             self._closed_event.set()
         return leftovers
@@ -556,7 +542,9 @@ class SinkRunner:
 
     async def _run(self) -> None:
         try:
-            if not await self._start_sink():
+            disabled = await self._attempts.start()
+            if disabled is not None:
+                self._disable(disabled)
                 return
             self.sink_opened = True
             self._start_settled.set()
@@ -580,12 +568,14 @@ class SinkRunner:
 
     async def _deliver(self, batch: _Batch, handoff: _Handoff | None) -> bool:
         """Send one batch until settled; False once the sink is disabled."""
-        outcome = await self._send_with_retry(batch.records, handoff)
-        if outcome == "disabled":
+        outcome = await self._attempts.send(batch.records, handoff.error if handoff else None)
+        if isinstance(outcome, SinkDisabled):
+            self._disable(outcome)
             return False
         if outcome == "rejected":
             self.stats.dead_lettered_total += len(batch.records)
-            await self._write_dead_letters([r.json for r in batch.records])
+            await write_dead_letters(self.name, self.settings.dead_letter_path,
+                                     [r.json for r in batch.records])
         if batch.spool_end is not None:
             await self._ack_spool(batch.spool_end)
         self._settle(batch, sent=outcome == "sent")
@@ -611,25 +601,6 @@ class SinkRunner:
         except TimeoutError:
             pass
         return self.sink_opened
-
-    async def _start_sink(self) -> bool:
-        attempt = 0
-        while True:
-            try:
-                await self._bounded(self._sink.start())
-                return True
-            except SinkDisabled as exc:
-                self._disable(exc)
-                return False
-            except SinkError as exc:
-                self._note_failure(exc, attempt, "start")
-                retry_after = exc.retry_after
-            except Exception as exc:  # a buggy plugin must not kill the worker
-                self._note_failure(exc, attempt, "start", unexpected=True)
-                retry_after = None
-            self._start_failures += 1
-            await self._sleep(self._backoff(attempt, retry_after))
-            attempt += 1
 
     async def _next_batch(self) -> tuple[_Batch, _Handoff | None]:
         """Wait for records, then take the next batch from the head of the line."""
@@ -694,7 +665,7 @@ class SinkRunner:
         """Read the next batch from the spool head (None: nothing deliverable was there)."""
         spool = self._spool
         assert spool is not None
-        read = await self._spool_io(spool.read, self.settings.batch_max_events,
+        read = await self._attempts.io(spool.read, self.settings.batch_max_events,
                                     self.settings.batch_max_bytes)
         if read is None:
             if spool.waiting:
@@ -708,7 +679,7 @@ class SinkRunner:
             log.error("sink %s: %d spooled payloads are not records; dead-lettered",
                       self.name, len(read.undecodable), extra=self._log_extra)
             self.stats.dead_lettered_total += len(read.undecodable)
-            await self._write_dead_letters(read.undecodable)
+            await write_dead_letters(self.name, self.settings.dead_letter_path, read.undecodable)
         if not read.records:
             await self._ack_spool(read.end)
             return None
@@ -718,72 +689,8 @@ class SinkRunner:
 
     async def _ack_spool(self, end: SpoolPosition) -> None:
         assert self._spool is not None
-        await self._spool_io(self._spool.ack, end)
+        await self._attempts.io(self._spool.ack, end)
         self._spill()
-
-    async def _spool_io(self, func: Callable[..., Awaitable[_T]], *args: Any) -> _T:
-        """Await a spool call, retrying I/O errors with backoff."""
-        attempt = 0
-        while True:
-            try:
-                return await func(*args)
-            except OSError as exc:
-                self._note_failure(exc, attempt, "spool")
-                await self._sleep(self._backoff(attempt, None))
-                attempt += 1
-
-    async def _send_with_retry(self, records: Sequence[Record], handoff: _Handoff | None
-                               ) -> Literal["sent", "rejected", "disabled"]:
-        """Send one batch until it is confirmed, rejected, or the sink is disabled. A batch
-        handed over by the hot path goes on from its outcome there (an error counts as the
-        first failed attempt)."""
-        attempt = 0
-        first_error = handoff.error if handoff is not None else None
-        while True:
-            try:
-                if first_error is not None:
-                    error, first_error = first_error, None
-                    raise error
-                await self._bounded(self._sink.send(records))
-                if attempt:
-                    log.info("sink %s: delivered after %d failed attempts", self.name, attempt,
-                             extra=self._log_extra)
-                return "sent"
-            except SinkDisabled as exc:
-                self._disable(exc)
-                return "disabled"
-            except SinkRejected as exc:
-                self.stats.last_error = f"rejected: {exc}"
-                log.error("sink %s: batch of %d events rejected (%s); writing it to the dead-letter file %s",
-                          self.name, len(records), exc, self.settings.dead_letter_path,
-                          extra=self._log_extra)
-                return "rejected"
-            except SinkError as exc:
-                retry_after = exc.retry_after
-                self._note_failure(exc, attempt, "send")
-            except Exception as exc:  # a buggy plugin must not kill the worker: retry
-                retry_after = None
-                self._note_failure(exc, attempt, "send", unexpected=True)
-            self.stats.failed_attempts_total += 1
-            await self._sleep(self._backoff(attempt, retry_after))
-            attempt += 1
-            self.stats.retried_total += 1
-
-    async def _bounded(self, attempt: Awaitable[None]) -> None:
-        """Await one start or send attempt, giving up after ``attempt_timeout``.
-
-        Built-in sinks bound their own network waits; this guards against one (a plugin, a file
-        on a hung NFS mount) that never returns, which would otherwise wedge the worker silently.
-        """
-        deadline = asyncio.timeout(self.settings.attempt_timeout)
-        try:
-            async with deadline:
-                await attempt
-        except TimeoutError:
-            if deadline.expired():
-                raise SinkError(f"no answer within attempt_timeout "
-                                f"({self.settings.attempt_timeout:g}s)") from None
-            raise
 
     def _note_truncated(self) -> None:
         # A sink that shortens messages to fit its transport (syslog over udp or unix) counts
@@ -792,26 +699,6 @@ class SinkRunner:
         if type(total) is int and total > self._sink_truncated_seen:
             self.stats.truncated_total += total - self._sink_truncated_seen
             self._sink_truncated_seen = total
-
-    def _note_failure(self, exc: BaseException, attempt: int, what: str, *,
-                      unexpected: bool = False) -> None:
-        self._health(RunnerState.RETRYING)
-        self.stats.last_error = f"{what}: {type(exc).__name__}: {exc}"
-        if unexpected and type(exc) not in self._logged_exception_types:
-            # Once per exception type, with the traceback: a bug in a sink deserves one.
-            self._logged_exception_types.add(type(exc))
-            log.error("sink %s: unexpected error in %s (retrying)", self.name, what,
-                      exc_info=exc, extra=self._log_extra)
-        elif attempt == 0:
-            log.warning("sink %s: %s failed, retrying: %s", self.name, what, self.stats.last_error,
-                        extra=self._log_extra)
-
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        """amid's one backoff (:mod:`amid.ami.backoff`): capped exponential, jittered, never
-        below ``retry.min_delay``, at least the peer's Retry-After (capped)."""
-        settings = self.settings
-        return backoff_delay(attempt + 1, settings.retry_min_delay, settings.retry_max_delay,
-                             self._rng(), retry_after, RETRY_AFTER_CAP)
 
     def _disable(self, exc: SinkDisabled) -> None:
         """Stop delivering for good; keep spooling (spool policy) so a restart loses nothing."""
@@ -831,19 +718,6 @@ class SinkRunner:
         log.error("SINK %s DISABLED by its peer: %s; %s", self.name, exc, what,
                   extra=self._log_extra)
         self._progress.set()
-
-    async def _write_dead_letters(self, lines: list[bytes]) -> None:
-        path = self.settings.dead_letter_path
-        if path is None:
-            log.error("sink %s: %d events rejected and no dead_letter_path is set; "
-                      "they are only counted", self.name, len(lines), extra=self._log_extra)
-            return
-        try:
-            await asyncio.to_thread(_append_lines, path, lines)
-        except OSError as exc:
-            log.error("sink %s: writing %d events to the dead-letter file %s failed: %s",
-                      self.name, len(lines), path, exc, extra=self._log_extra)
-
 
 _size_of = attrgetter("size")
 
@@ -871,17 +745,3 @@ def _observe_latencies(histogram: Histogram, now: float, records: Sequence[Recor
         last, run = received, 1
     if run and last is not None:
         histogram.observe(max(0.0, now - last), run)
-
-
-def _append_lines(path: Path, lines: list[bytes]) -> None:
-    """Append one line per payload and fsync (runs in a thread)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        data = b"".join(line + b"\n" for line in lines)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
