@@ -745,7 +745,10 @@ class AMIClient(CannedActions):
             # The daemon's read path: only events, only batch listeners. The C accelerator
             # stamped them all as the loop below would; names are counted per distinct name.
             self._seq += len(messages)
-            for name, count in Counter(map(_name_of, messages)).items():
+            # Few events (a quiet PBX, one per read): count them as they come; many: in C.
+            counts = (Counter(map(_name_of, messages)).items() if len(messages) > 8
+                      else [(msg.name, 1) for msg in messages])
+            for name, count in counts:
                 if name in by_name:
                     by_name[name] += count
                 elif len(by_name) < MAX_EVENT_NAMES:
