@@ -104,12 +104,15 @@ class SpoolBuffer:
         try:
             self._spool.write()
         except OSError as exc:
-            # Kept buffered: the sync task retries; the records are counted as spooled still.
-            if not self._write_failing:
-                log.error("sink %s: spool write failed (retrying): %s", self.name, exc,
-                          extra=self._log_extra)
-            self._write_failing = True
-            self._dirty.set()
+            self._write_failed(exc)
+
+    def _write_failed(self, exc: OSError) -> None:
+        # Kept buffered: the sync task retries; the records are counted as spooled still.
+        if not self._write_failing:
+            log.error("sink %s: spool write failed (retrying): %s", self.name, exc,
+                      extra=self._log_extra)
+        self._write_failing = True
+        self._dirty.set()
 
     async def _sync_loop(self) -> None:
         while True:
@@ -119,11 +122,7 @@ class SpoolBuffer:
             try:
                 await asyncio.to_thread(self._spool.sync)
             except OSError as exc:
-                if not self._write_failing:
-                    log.error("sink %s: spool write failed (retrying): %s", self.name, exc,
-                              extra=self._log_extra)
-                self._write_failing = True
-                self._dirty.set()
+                self._write_failed(exc)
                 continue
             if self._write_failing:
                 log.info("sink %s: spool writes work again", self.name, extra=self._log_extra)
