@@ -192,6 +192,33 @@ class StreamServer:
         return sent
 
 
+    async def stream_to_all(self, sessions: list[StreamSession], count: int, rate: float) -> list[int]:
+        """Per-event writes to many sessions on one timeline: at each event's due time, every
+        session gets it with its own write (as Asterisk sends an event to every manager
+        session at once). One loop, not one spinning coroutine a session."""
+        loop = asyncio.get_running_loop()
+        events, pool = self.events, len(self.events)
+        t0 = loop.time()
+        interval = 1.0 / rate
+        sent = [0] * len(sessions)
+        for k in range(count):
+            gap = t0 + k * interval - loop.time()
+            if gap > 0.002:
+                await asyncio.sleep(gap - 0.001)
+            while t0 + k * interval > loop.time():
+                await asyncio.sleep(0)
+            raw = events[k % pool]
+            cut = raw.index(b"\r\n") + 2
+            for i, session in enumerate(sessions):
+                if session.closed:
+                    continue
+                if not session.writable.is_set():
+                    await session.writable.wait()
+                session.transport.write(b"%sBenchSent: %.6f\r\n%s" % (raw[:cut], time.time(), raw[cut:]))
+                sent[i] += 1
+        return sent
+
+
 async def _serve_stream(server: StreamServer, commands: bool) -> None:
     loop = asyncio.get_running_loop()
     listener = await loop.create_server(lambda: StreamSession(server), "127.0.0.1", 0)
@@ -207,7 +234,11 @@ async def _serve_stream(server: StreamServer, commands: bool) -> None:
         if commands and line[0] == "stream":
             rate, count = float(line[1]), int(line[2])
             started = time.perf_counter()
-            sent = await asyncio.gather(*(server.stream(s, count, rate) for s in list(server.sessions)))
+            sessions = list(server.sessions)
+            if rate > 0 and server.per_event and len(sessions) > 1:
+                sent = await server.stream_to_all(sessions, count, rate)
+            else:
+                sent = await asyncio.gather(*(server.stream(s, count, rate) for s in sessions))
             print(f"done {sum(sent)} {time.perf_counter() - started:.6f}", flush=True)
         elif line[0] == "sessions":
             print(f"sessions {len(server.sessions)}", flush=True)

@@ -327,10 +327,11 @@ class Phase:
 
 
 def _reads(http_port: int | None) -> float:
+    """AMI socket reads so far, summed over every server."""
     if http_port is None:
         return float("nan")
-    value = _metric(_metrics(http_port), "amid_ami_reads_total")
-    return float("nan") if value is None else value
+    return sum(float(line.rsplit(" ", 1)[1]) for line in _metrics(http_port).splitlines()
+               if line.startswith("amid_ami_reads_total{"))
 
 
 def _run_phase(name: str, source: Source, tailer: Tailer, pid: int, rate: float, count: int,
