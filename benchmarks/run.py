@@ -83,12 +83,55 @@ def verdicts(summary: dict) -> list[list[str]]:
         rows.append(["RSS < 80 MB steady", f"{idle:.0f} MiB after warm-up; {steady:.0f} MiB right after the "
                      f"flat-out burst, {settled:.0f} MiB once its queue drained",
                      _verdict(idle < 80 and settled < 80)])
+        rows += issue14_rows(e2e)
         out = e2e["outage"]
         growth = (out["peak_second"] - out["peak_first"]) / 1024
         rows.append(["RSS bounded by queue limits during a sink outage",
                      f"peak RSS, second half vs first half of the outage {growth:+.1f} MiB; queue "
                      f"{out['queue_events'] or 0:,.0f} ≤ {out['max_events']:,} events",
                      _verdict(growth < 8 and (out["queue_events"] or 0) <= out["max_events"])])
+    return rows
+
+
+def _lat(phase) -> str:
+    return f"p50 {phase.lat(50):.2f} ms, p99 {phase.lat(99):.2f} ms"
+
+
+def issue14_rows(e2e: dict) -> list[list[str]]:
+    """Issue 14's targets, with Asterisk's write pattern (each event its own send)."""
+    rows: list[list[str]] = []
+    phases = {p.name: p for p in e2e["file"]["phases"]}
+    p40 = phases.get("40,000/s paced")
+    if p40:
+        rows.append(["[14] one event per write, 40k events/s, file sink: CPU < 20% of one core",
+                     f"{p40.core_share * 100:.1f}% ({p40.events_per_read:.0f} events/read; {_lat(p40)})",
+                     _verdict(p40.core_share < 0.20 and p40.complete)])
+    side = e2e.get("side_by_side")
+    if side:
+        amid = side["amid"]
+        rows.append([f"[14] 1k events/s, one per write: amid run CPU ≤ {side['peer']} receive-only, side by side",
+                     f"amid {amid.core_share * 100:.1f}% vs {side['peer']} {side['peer_share'] * 100:.1f}% "
+                     f"({_lat(amid)})",
+                     _verdict(amid.core_share <= side["peer_share"] and amid.complete)])
+    every = {p.name: p for p in e2e["all"]["phases"]}.get("10,000/s paced")
+    if every:
+        rows.append(["[14] file + webhook + syslog (UDP) at 10k events/s: CPU < 25%, p99 < 5 ms",
+                     f"{every.core_share * 100:.1f}%, {_lat(every)}",
+                     _verdict(every.core_share < 0.25 and every.lat(99) < 5 and every.complete)])
+    many = e2e.get("sessions")
+    if many and many["phases"]:
+        ph = many["phases"][0]
+        hwm = many["hwm"] / 1024
+        rows.append(["[14] 50 AMI sessions × 200 events/s: CPU < 30%, RSS < 150 MB",
+                     f"{ph.core_share * 100:.1f}%, peak RSS {hwm:.0f} MiB ({_lat(ph)})",
+                     _verdict(ph.core_share < 0.30 and hwm < 150 and ph.complete)])
+    durable = e2e.get("durable")
+    if durable:
+        for ph in durable["phases"]:
+            if ph.name.endswith("paced"):
+                rows.append([f"[13] cost of the durable spool at {ph.name} (figure, no target)",
+                             f"{ph.core_share * 100:.1f}% CPU, {ph.written / ph.seconds / 1e6:.1f} MB/s written, "
+                             f"{_lat(ph)}", "n/a"])
     return rows
 
 
@@ -135,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import markdown_table
     rows = verdicts(summary)
     if rows:
-        sections.append("### Targets (issue 5)\n\n" + markdown_table(["target", "this run", "verdict"], rows))
+        sections.append("### Targets (issues 5, 13, 14)\n\n"
+                        + markdown_table(["target", "this run", "verdict"], rows))
     sections.append(f"_Total benchmark time {time.perf_counter() - started:.0f} s._")
     report = "\n\n".join(sections) + "\n"
     print(report)
