@@ -588,7 +588,7 @@ class SinkRunner:
             now = self._wall_clock()
             _observe_latencies(self.stats.delivery_latency, now, batch.records)
             self.stats.sent_total += len(batch.records)
-            self.stats.sent_bytes_total += sum(len(record.json) for record in batch.records)
+            self.stats.sent_bytes_total += sum(map(len, map(_json_of, batch.records)))
             self.stats.last_success_time = now
             self._health(RunnerState.OK)
             self._note_truncated()
@@ -720,6 +720,7 @@ class SinkRunner:
         self._progress.set()
 
 _size_of = attrgetter("size")
+_json_of = attrgetter("json")
 
 
 async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
