@@ -15,15 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import importlib
 import logging
 import os
 import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,12 @@ from amid.logs import set_log_level
 from amid.metrics import ReloadStats
 from amid.records import Record, format_iso
 from amid.router import EventFilter, Router
-from amid.sinks.base import PluginLoadError, load_plugin_factories
+from amid.sinks.base import Reopenable
 from amid.sinks.delivery import RunnerSettings, SinkRunner, SinkStats
+from amid.sinks.registry import SinkTypes
 
 log = logging.getLogger("amid.service")
 
-BUILTIN_SINKS = {"file": "amid.sinks.file", "syslog": "amid.sinks.syslog",
-                 "webhook": "amid.sinks.webhook"}
 STATUS_INTERVAL = 5.0
 RELOAD_DRAIN_TIMEOUT = 2.0
 # A second SIGTERM/SIGINT sooner than this after the first is the same request to stop (drain);
@@ -49,37 +47,10 @@ RELOAD_DRAIN_TIMEOUT = 2.0
 STOP_SIGNAL_REPEAT_WINDOW = 1.0
 
 
-@dataclass
-class SinkTypes:
-    """Sink factories and their option models: built-ins plus ``amid.sinks`` plugins."""
-
-    factories: dict[str, Callable[..., Any]] = field(default_factory=dict)
-    option_models: dict[str, Any] = field(default_factory=dict)
-    errors: list[PluginLoadError] = field(default_factory=list)
-
-    @classmethod
-    def discover(cls) -> SinkTypes:
-        types = cls()
-        for type_name, module_name in BUILTIN_SINKS.items():
-            module = importlib.import_module(module_name)
-            types.factories[type_name] = module.create
-            types.option_models[type_name] = module.Options
-        plugins, types.errors = load_plugin_factories()
-        for type_name, factory in plugins.items():
-            if type_name in types.factories:
-                types.errors.append(PluginLoadError(
-                    f"sink plugin {type_name!r} ignored: a built-in sink type has that name"))
-                continue
-            types.factories[type_name] = factory
-            types.option_models[type_name] = getattr(factory, "Options", None)
-        return types
-
-
 def load_config(path: str | None, environ: Mapping[str, str], types: SinkTypes) -> Config:
-    # A plugin that failed to load makes its type "not available: <why>", not "unknown".
-    failed = {err.type_name: err for err in types.errors
-              if err.type_name is not None and err.type_name not in types.option_models}
-    return load(path, environ, sink_option_models={**failed, **types.option_models})
+    """Load the config, validating each sink's own keys with its type's model from ``types``
+    (a type whose plugin failed to load is "not available: <why>", not "unknown")."""
+    return load(path, environ, sink_option_models=types.option_models)
 
 
 def config_warnings(config: Config) -> list[str]:
@@ -164,7 +135,7 @@ class Daemon:
             log.warning("sink %s: %s holds events spooled by an earlier configuration; they are "
                         "delivered only with overflow: spool", cfg.name, spool_dir,
                         extra={"sink": cfg.name})
-        factory = self.types.factories[cfg.type]
+        factory = self.types.factory(cfg.type)
         sink = factory(cfg.name, cfg.options)
         runner = SinkRunner(sink, RunnerSettings.of_sink(cfg, spool_dir))
         return _SinkSlot(cfg, sink, runner, EventFilter(cfg.include, cfg.exclude, cfg.match))
@@ -575,10 +546,9 @@ class Daemon:
 
     @staticmethod
     def _reopen(slot: _SinkSlot, problems: list[str]) -> None:
-        reopen = getattr(slot.sink, "reopen", None)
-        if callable(reopen):
+        if isinstance(slot.sink, Reopenable):
             try:
-                reopen()
+                slot.sink.reopen()
             except Exception as exc:
                 problems.append(f"sink {slot.config.name}: reopen failed: {exc}")
 
