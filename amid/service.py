@@ -223,8 +223,8 @@ class Daemon:
         from amid.metrics import AmidCollector, build_registry
         collector = AmidCollector(
             servers=lambda: list(self.server_stats.items()),
-            sinks=lambda: [(name, slot.config.type, self._replaced_stats.get(name, slot.runner.stats))
-                           for name, slot in self.sinks.items()],
+            sinks=lambda: [(name, slot.config.type, self._replaced_stats.get(name, slot.runner.stats),
+                            slot.sink) for name, slot in self.sinks.items()],
             config=self.reload_stats, version=__version__)
         registry = build_registry(collector)
         assert self.config.http.listen is not None  # an address means a listen text

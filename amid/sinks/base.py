@@ -75,6 +75,27 @@ class Reopenable(Protocol):
         """Reopen before the next write."""
 
 
+@runtime_checkable
+class ReportsTruncation(Protocol):
+    """Optional: a sink that shortens records to fit its transport (syslog over udp or unix).
+    The runner carries the count into ``amid_sink_truncated_events_total``."""
+
+    @property
+    def truncated_total(self) -> int:
+        """Records shortened since the sink was built (never decreases)."""
+
+
+@runtime_checkable
+class ReportsCounters(Protocol):
+    """Optional: a sink that counts what only it can see (file reopens and fsyncs, syslog
+    reconnects). The metrics collector exports each as
+    ``amid_sink_operations_total{sink,type,operation}``."""
+
+    def sink_counters(self) -> Mapping[str, int]:
+        """Counts since the sink was built, by a short fixed operation name (a bounded set per
+        sink type, e.g. ``reopen``, ``fsync``, ``reconnect``)."""
+
+
 # A sink factory takes the sink's name and its type-specific options (the config keys the
 # sink type owns, already validated by its own options model) and returns a Sink.
 SinkFactory = Callable[[str, Mapping[str, Any]], Sink]

@@ -439,14 +439,13 @@ def frame_lf(message: bytes) -> bytes:
 
 @dataclass(slots=True)
 class SyslogStats:
-    """Plain counters read by the metrics collector.
+    """The sink's own counters, exported through :meth:`SyslogSink.sink_counters` and
+    :attr:`SyslogSink.truncated_total` (what it sent is the runner's ``amid_sink_sent_*``).
 
     ``reconnects_total`` counts connections opened after the first one; ``truncated_total`` the
     datagrams cut to ``udp_max_bytes``.
     """
 
-    messages_total: int = 0
-    bytes_total: int = 0
     truncated_total: int = 0
     reconnects_total: int = 0
     connect_failures_total: int = 0
@@ -569,6 +568,16 @@ class SyslogSink:
     def __repr__(self) -> str:
         return f"SyslogSink(name={self.name!r}, address={str(self._endpoint)!r})"
 
+    @property
+    def truncated_total(self) -> int:
+        """Messages cut to ``udp_max_bytes`` (:class:`~amid.sinks.base.ReportsTruncation`)."""
+        return self.stats.truncated_total
+
+    def sink_counters(self) -> dict[str, int]:
+        """:class:`~amid.sinks.base.ReportsCounters`: ``amid_sink_operations_total``."""
+        return {"reconnect": self.stats.reconnects_total,
+                "connect_failure": self.stats.connect_failures_total}
+
     async def start(self) -> None:
         """Open the socket (resolving and connecting); raise SinkError if that fails."""
         async with self._lock:
@@ -602,8 +611,6 @@ class SyslogSink:
                 # again, on a new connection; the rest of it must not follow on this one.
                 self._drop_channel()
                 raise
-            self.stats.messages_total += len(payloads)
-            self.stats.bytes_total += sum(map(len, payloads))
             # Counted once a batch is sent, not per attempt; framing only ever adds bytes.
             self.stats.truncated_total += sum(len(p) < len(m) for p, m in zip(payloads, messages, strict=False))
 
