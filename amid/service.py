@@ -21,12 +21,13 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from amid import __version__
+from amid.ami.protocol import Event
 from amid.ami.session import AMIClient, ConnectionState, SessionSettings, StateChange
 from amid.ami.stats import SessionStats
 from amid.config import Config, ConfigError, DeprecatedKeys, ServerConfig, SinkConfig, load
@@ -121,6 +122,9 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._signals: list[int] = []
         self.ready = asyncio.Event()
+        self.started = asyncio.Event()  # the sinks are built and routed to (before any server)
+        # What every session hands its events to; stop_after() puts a limit in front.
+        self._events_listener: Callable[[list[Event]], None] = self.router.on_events
         self._rate_last = (time.monotonic(), 0)
         self._heartbeat = time.monotonic()
 
@@ -149,7 +153,7 @@ class Daemon:
         # (server:run:epoch:seq) would repeat.
         epoch, outage_since = self._retired.get(server.name, (0, None))
         stats = self.server_stats.get(server.name) or SessionStats()
-        client = _client_for(server, on_events=self.router.on_events, on_state=self._on_state,
+        client = _client_for(server, on_events=self._events_listener, on_state=self._on_state,
                              stats=stats, initial_epoch=epoch, outage_since=outage_since)
         self._retired.pop(server.name, None)
         self.server_stats[server.name] = stats
@@ -193,6 +197,7 @@ class Daemon:
                 log.error("cannot start: %s", exc)
                 return 1
             self._update_routes()
+            self.started.set()
             _tune_gc()
             for server in self.config.servers:
                 await self._start_client(server).start()
@@ -208,6 +213,25 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def stop_after(self, count: int) -> None:
+        """Route only the first ``count`` AMI events to the sinks, then stop (draining what
+        they hold): ``amid demo --count N``. Call before :meth:`run`."""
+        if self.clients:
+            raise RuntimeError("stop_after() must be called before run()")
+        self._events_listener = _FirstEvents(count, self.router.on_events, self.request_stop)
+        if count <= 0:
+            self.request_stop()
+
+    async def sink_disabled(self, name: str) -> None:
+        """Return once sink ``name`` is disabled for good: its peer said stop (a file sink on
+        stdout: the reader of the pipe went away, ``amid demo | head``). Waits for start-up."""
+        await self.started.wait()
+        await self.sinks[name].runner.disabled.wait()
+
+    def sink_is_disabled(self, name: str) -> bool:
+        slot = self.sinks.get(name)
+        return slot is not None and slot.runner.disabled.is_set()
 
     def _spawn(self, coro, name: str) -> asyncio.Task:
         task = asyncio.create_task(coro, name=f"amid-{name}")
@@ -591,6 +615,23 @@ class Daemon:
                 return
             log.info("sink %s started", name, extra={"sink": name})
             return
+
+
+class _FirstEvents:
+    """A batch listener that passes the first ``count`` events on, then asks for a stop."""
+
+    def __init__(self, count: int, route: Callable[[list[Event]], None], stop: Callable[[], None]) -> None:
+        self.remaining = count
+        self._route, self._stop = route, stop
+
+    def __call__(self, events: list[Event]) -> None:
+        if self.remaining <= 0:
+            return
+        taken = events[:self.remaining]
+        self.remaining -= len(taken)
+        self._route(taken)
+        if self.remaining == 0:
+            self._stop()
 
 
 def _tune_gc() -> None:

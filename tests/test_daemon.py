@@ -14,8 +14,9 @@ from promparse import scrape, total
 from rsyslog import RsyslogServer, require_rsyslogd
 
 from amid.config import load
-from amid.service import Daemon, SinkTypes
+from amid.service import Daemon
 from amid.simulator import AMISimulator
+from amid.sinks.registry import SinkType, SinkTypes
 
 CALL_EVENTS = 80  # one Local/200 -> 100 call, as captured from Asterisk 22 (s04)
 
@@ -663,3 +664,58 @@ async def test_a_changed_sink_that_cannot_be_rebuilt_is_still_reopened(tmp_path,
         assert reopened  # SIGHUP after logrotate reopens the kept file sink as always
     finally:
         await stop_daemon(daemon, task)
+
+
+# ---------------------------------------------------------------------------------------
+# Hooks for embedding the daemon (amid demo)
+
+
+async def test_stop_after_routes_exactly_n_events_then_stops(tmp_path, sim):
+    out = tmp_path / "events.jsonl"
+    path = write_config(tmp_path, sim, [{"name": "file", "type": "file", "path": str(out)}])
+    types = SinkTypes.builtin()
+    daemon = Daemon(load(path, {}, sink_option_models=types.option_models), config_path=str(path),
+                    environ={}, types=types, install_signals=False)
+    daemon.stop_after(5)
+    task = asyncio.create_task(daemon.run())
+    async with asyncio.timeout(10):
+        await daemon.ready.wait()  # logged in: 2 events so far
+    sim.originate("Local/200@test", exten="100")  # 80 more; the stop comes after the 5th
+    async with asyncio.timeout(15):
+        assert await task == 0
+    assert len(read_jsonl(out)) == 5
+    with pytest.raises(RuntimeError):
+        daemon.stop_after(1)  # only before run()
+
+
+async def test_sink_disabled_is_a_signal_not_a_log_line(tmp_path, sim):
+    """A sink whose peer says stop for good (SinkDisabled) sets the daemon's hook at once."""
+    from amid.sinks.base import SinkDisabled
+
+    class Refusing:
+        def __init__(self, name, options):
+            self.name = name
+
+        async def start(self):
+            pass
+
+        async def send(self, batch):
+            raise SinkDisabled("the reader is gone")
+
+        async def close(self):
+            pass
+
+    types = SinkTypes(plugins={"refusing": SinkType("refusing", Refusing, None)})
+    path = write_config(tmp_path, sim, [{"name": "gone", "type": "refusing"}])
+    daemon = Daemon(load(path, {}, sink_option_models=types.option_models), config_path=str(path),
+                    environ={}, types=types, install_signals=False)
+    task = asyncio.create_task(daemon.run())
+    try:
+        assert not daemon.sink_is_disabled("gone")
+        async with asyncio.timeout(10):
+            await daemon.sink_disabled("gone")  # the login's events reach the sink, which refuses
+        assert daemon.sink_is_disabled("gone")
+    finally:
+        daemon.request_stop()
+        async with asyncio.timeout(15):
+            assert await task == 0

@@ -221,6 +221,7 @@ class SinkRunner:
         self.sink_opened = False  # sink.start() has succeeded (readiness: a sink that never opened is not)
         self._start_failures = 0  # failed start attempts so far, while it has never opened
         self._start_settled = asyncio.Event()  # the sink opened, or the worker gave up
+        self.disabled = asyncio.Event()  # set once the peer said stop for good (SinkDisabled)
         self._draining = False    # someone waits for the queue to empty: no batch waits to fill
         self._closed_event = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -822,6 +823,7 @@ class SinkRunner:
         """Stop delivering for good; keep spooling (spool policy) so a restart loses nothing."""
         if self._state.delivering:  # while closing, the worker just stops
             self._move(RunnerState.DISABLED)
+        self.disabled.set()
         self.stats.last_error = f"disabled: {exc}"
         if self._in_flight is not None:
             self._return_in_flight(self._in_flight)

@@ -58,7 +58,7 @@ from typing import Any, Literal
 import pydantic
 
 from amid.records import Record
-from amid.sinks.base import SinkError
+from amid.sinks.base import SinkDisabled, SinkError
 from amid.units import Duration, PositiveDuration, PositiveSize
 
 __all__ = ["FileSink", "FileStats", "Options", "create"]
@@ -588,6 +588,9 @@ class FileSink:
             if done:
                 self._unconfirmed = _Unconfirmed(self._fd_identity, data, done)
                 self._cut_torn_line(self._unconfirmed)
+            if self._to_stdout and exc.errno == errno.EPIPE:  # `amid ... | head`: for good
+                raise SinkDisabled(f"file sink {self.name!r}: the reader of standard output is gone "
+                                   "(EPIPE)") from exc
             # A new descriptor may cure ESTALE/EIO; for the rest reopening costs little.
             self._reopen_requested = not self._to_stdout
             raise _sink_error(self.name, "write to", self.options.path, exc) from exc
