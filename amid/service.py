@@ -96,6 +96,7 @@ class Daemon:
     def __init__(self, config: Config, *, config_path: str | None, environ: Mapping[str, str],
                  types: SinkTypes | None = None, notifier: Any = None,
                  install_signals: bool = True, status_interval: float = STATUS_INTERVAL,
+                 reload_drain_timeout: float = RELOAD_DRAIN_TIMEOUT,
                  log_pinned: frozenset[str] = frozenset()) -> None:
         self.config = config
         self._log_pinned = log_pinned  # log keys set on the command line: reloads keep them
@@ -113,6 +114,9 @@ class Daemon:
         self.http: Any = None  # amid.http.HealthServer once started (imported lazily)
         self._install_signal_handlers = install_signals
         self.status_interval = status_interval
+        # How long a reload lets a replaced or removed sink deliver what it holds before its
+        # leftovers are handed to its successor (capped by shutdown_timeout).
+        self.reload_drain_timeout = reload_drain_timeout
         self._stop = asyncio.Event()
         self._stop_signal_at: float | None = None  # monotonic time of the first stop signal
         self._stopping = False
@@ -483,7 +487,7 @@ class Daemon:
         if new.log.level != old.log.level and "level" not in self._log_pinned:
             log.warning("log level is now %s", new.log.level)  # said before it may be muted
             set_log_level(new.log.level)
-        drain = min(RELOAD_DRAIN_TIMEOUT, new.shutdown_timeout)
+        drain = min(self.reload_drain_timeout, new.shutdown_timeout)
         # Sinks. New runners are routed to *before* the old ones are detached, so no event
         # reaches a closed runner; what an old runner still holds is then handed to its
         # successor (a spooled sink's events wait in the spool it reopens).
