@@ -86,6 +86,8 @@ class SinkTypes:
     ``errors`` lists the plugins that failed to load or were ignored (each logged at start; a
     sink using a failed plugin's type is refused by the config with that reason).
     :attr:`option_models` is what :func:`amid.config.load` validates the sinks' own keys with.
+    ``plugins`` given to the constructor are loaded types (or why they are unavailable) and take
+    precedence over a built-in of the same name: how a test injects a factory.
     """
 
     def __init__(self, builtins: Mapping[str, str] = BUILTIN_SINKS,
