@@ -22,7 +22,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -252,7 +252,8 @@ def message_json(msg: Any) -> dict[str, Any]:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from amid.config import ConfigError
-    from amid.service import SinkTypes, config_warnings, load_config
+    from amid.service import config_warnings, load_config
+    from amid.sinks.registry import SinkTypes
     path = _config_path(args.config)
     types = SinkTypes.discover()
     for err in types.errors:
@@ -270,7 +271,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from amid.config import ConfigError
-    from amid.service import SinkTypes, load_config, run_daemon
+    from amid.service import load_config, run_daemon
+    from amid.sinks.registry import SinkTypes
     from amid.systemd import Notifier
     path = _config_path(args.config)
     types = SinkTypes.discover()
@@ -298,19 +300,19 @@ def _run_loop(coro) -> int:
         return runner.run(coro)
 
 
-async def _demo(args: argparse.Namespace) -> int:
+async def _demo(args: argparse.Namespace, quiet: _QuietAfterReaderGone | None = None) -> int:
     """Simulator + the daemon's pipeline in one process; events as JSON lines on stdout."""
     import tempfile
     with tempfile.TemporaryDirectory(prefix="amid-demo-") as state_dir:
-        return await _demo_in(args, Path(state_dir))
+        return await _demo_in(args, Path(state_dir), quiet)
 
 
-async def _demo_in(args: argparse.Namespace, state: Path) -> int:
+async def _demo_in(args: argparse.Namespace, state: Path, quiet: _QuietAfterReaderGone | None) -> int:
     import yaml
 
-    from amid.config import load
-    from amid.service import Daemon, SinkTypes
+    from amid.service import Daemon, load_config
     from amid.simulator import AMISimulator
+    from amid.sinks.registry import SinkTypes
     async with AMISimulator(call_rate=args.call_rate) as sim:
         demo_config = {
             "servers": [{"name": "demo", "host": "127.0.0.1", "port": sim.port, "username": "amid",
@@ -320,76 +322,49 @@ async def _demo_in(args: argparse.Namespace, state: Path) -> int:
         }
         config_path = state / "amid-demo.yaml"
         config_path.write_text(yaml.safe_dump(demo_config))
-        types = SinkTypes.discover()
-        config = load(config_path, {}, sink_option_models=types.option_models)
-        daemon = Daemon(config, config_path=str(config_path), environ={}, types=types)
+        types = SinkTypes.builtin()
+        daemon = Daemon(load_config(str(config_path), {}, types), config_path=str(config_path),
+                        environ={}, types=types)
         if args.count is not None:
-            _route_only_first(daemon, args.count)
+            daemon.stop_after(args.count)
+        if quiet is not None:
+            quiet.reader_gone = lambda: daemon.sink_is_disabled("stdout")
         print(f"amid demo: simulator on 127.0.0.1:{sim.port}, {args.call_rate:g} calls/s; "
               "events follow as JSON lines (Ctrl-C to stop)", file=sys.stderr)
         if not args.call_rate:
             print("amid demo: --call-rate 0 starts no calls: only the login's two events come",
                   file=sys.stderr)
-        async def stop_when_done() -> None:
-            # The reader of our stdout went away (`amid demo | head`): stop as `yes | head`
-            # does, without draining into a pipe nobody reads.
-            while True:
-                await asyncio.sleep(0.05)
-                slot = daemon.sinks.get("stdout")
-                if slot is not None and "EPIPE" in (slot.runner.stats.last_error or ""):
-                    daemon.config = daemon.config.model_copy(update={"shutdown_timeout": 0.2})
-                    break
+
+        async def stop_when_reader_gone() -> None:
+            # `amid demo | head`: the stdout sink is disabled (its queue dropped) once the reader
+            # of the pipe is gone; stop as `yes | head` does.
+            await daemon.sink_disabled("stdout")
             daemon.request_stop()
-        stopper = asyncio.create_task(stop_when_done())
+        stopper = asyncio.create_task(stop_when_reader_gone())
         try:
             return await daemon.run()
         finally:
             stopper.cancel()
 
 
-def _route_only_first(daemon: Any, count: int) -> None:
-    """Let the first ``count`` events through to the sinks, then ask the daemon to stop (it
-    drains them): ``amid demo --count N`` prints exactly N lines."""
-    route = daemon.router.on_events
-    remaining = count
-
-    def route_first(events: list[Any]) -> None:
-        nonlocal remaining
-        if remaining <= 0:
-            return
-        taken = events[:remaining]
-        remaining -= len(taken)
-        route(taken)
-        if remaining == 0:
-            daemon.request_stop()
-
-    daemon.router.on_events = route_first  # sessions are built with this listener at start
-    if count <= 0:
-        daemon.request_stop()
-
-
-class _QuietAfterBrokenPipe(logging.Filter):
+class _QuietAfterReaderGone(logging.Filter):
     """`amid demo | head`: once the reader of stdout is gone, the stdout sink's complaints
-    (send failed, events dropped at shutdown) are expected, and not worth a screenful."""
+    (disabled, events dropped) are expected, and not worth a screenful."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.reader_gone = False
+        self.reader_gone: Callable[[], bool] = lambda: False  # set by the demo (a Daemon hook)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "sink", None) != "stdout":
-            return True
-        if "EPIPE" in record.getMessage():
-            self.reader_gone = True
-        return not self.reader_gone
+        return getattr(record, "sink", None) != "stdout" or not self.reader_gone()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging(args.log_format, args.log_level or "warning")
-    quiet = _QuietAfterBrokenPipe()
+    quiet = _QuietAfterReaderGone()
     for handler in logging.getLogger().handlers:
         handler.addFilter(quiet)
-    return _run_loop(_demo(args))
+    return _run_loop(_demo(args, quiet))
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -604,7 +579,8 @@ def _configured_readyz(config_arg: str | None) -> str | None:
     """The /readyz URL of the http.listen the daemon reads (the same file and AMID_*
     variables as ``amid run``); None, said on stdout, when there is none to ask."""
     from amid.config import ConfigError
-    from amid.service import SinkTypes, load_config
+    from amid.service import load_config
+    from amid.sinks.registry import SinkTypes
     path = _config_path(config_arg)
     try:
         config = load_config(path, os.environ, SinkTypes.discover())

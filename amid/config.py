@@ -55,7 +55,6 @@ Environment overrides (container use)
 from __future__ import annotations
 
 import difflib
-import importlib
 import os
 import re
 from collections.abc import Mapping
@@ -80,6 +79,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from amid.ami.address import split_host_port
+from amid.sinks.registry import SinkTypes, SinkTypeUnavailable
 from amid.units import (
     DeprecatedKeys,
     Duration,
@@ -456,31 +456,6 @@ class Config(_Model):
 
 
 # ---------------------------------------------------------------------------------------
-# Sink option models
-
-
-def _default_sink_option_models() -> dict[str, str]:
-    # Module names, imported only for the types actually used (the sink modules import
-    # aiohttp etc., and a broken one must not hide problems in the rest of the config).
-    return {"file": "amid.sinks.file", "syslog": "amid.sinks.syslog",
-            "webhook": "amid.sinks.webhook"}
-
-
-class _TypeUnavailable(Exception):
-    """A sink type that exists but could not be loaded; the message says why."""
-
-
-def _options_model(spec: Any) -> type[BaseModel] | None:
-    """Resolve a mapping value: a model, None (options kept as a dict), a module name, or the
-    exception that made the type unavailable (a plugin that failed to load)."""
-    if isinstance(spec, BaseException):
-        raise _TypeUnavailable(str(spec))  # a new one each time: the stored one keeps no traceback
-    if isinstance(spec, str):
-        return importlib.import_module(spec).Options  # type: ignore[no-any-return]
-    return spec  # type: ignore[no-any-return]
-
-
-# ---------------------------------------------------------------------------------------
 # The loader
 
 
@@ -491,11 +466,12 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str], *,
     ``path`` None means no file: the configuration is built from ``AMID_*`` environment
     overrides and defaults. ``sink_option_models`` maps a sink ``type`` to the pydantic
     model of that type's own keys (a value of None accepts any keys as a plain dict, e.g.
-    for a plugin without a model); by default the ``Options`` models of ``amid.sinks.file``,
-    ``.syslog`` and ``.webhook``.
+    for a plugin without a model); a lookup may raise (the type cannot be loaded: the sink is
+    refused with that reason). By default the built-in types of :mod:`amid.sinks.registry`
+    (``SinkTypes.discover().option_models`` adds the plugins), each imported only if used.
     """
     loader = _Loader(None if path is None else os.fspath(path), environ)
-    models: Mapping[str, Any] = (_default_sink_option_models() if sink_option_models is None
+    models: Mapping[str, Any] = (SinkTypes.builtin().option_models if sink_option_models is None
                                  else sink_option_models)
     return loader.run(models)
 
@@ -752,7 +728,7 @@ class _Loader:
             if not isinstance(sink_type, str) or sink_type not in sink_option_models:
                 return None
             try:
-                model = _options_model(sink_option_models[sink_type])
+                model = sink_option_models[sink_type]
             except Exception:  # reported, with its reason, by split_sinks
                 return None
             path = loc[2:]
@@ -928,9 +904,9 @@ class _Loader:
             self.problem(loc + ("type",), f"unknown sink type {sink_type!r} (known types: {known})")
             return None
         try:
-            model = _options_model(sink_option_models[sink_type])
+            model = sink_option_models[sink_type]
         except Exception as exc:  # the sink module itself is broken: name it, do not crash
-            why = str(exc) if isinstance(exc, _TypeUnavailable) else f"{type(exc).__name__}: {exc}"
+            why = str(exc) if isinstance(exc, SinkTypeUnavailable) else f"{type(exc).__name__}: {exc}"
             self.problem(loc + ("type",), f"sink type {sink_type!r} is not available: {why}")
             return None
         if model is None:

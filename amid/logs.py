@@ -264,6 +264,8 @@ def _build_handler(
     text_stream: TextIO,
     json_stream: TextIO,
     environ: Mapping[str, str],
+    journal_handler: Callable[[], logging.Handler],
+    journal_socket: str,
 ) -> tuple[logging.Handler, str | None]:
     """The handler for ``format``, and why text was used instead of the journal (None if it was not)."""
     if format == "json":
@@ -273,14 +275,14 @@ def _build_handler(
     fallback_reason = None
     if format == "journal":
         try:
-            journal_handler = build_journal_handler()
+            handler_for_journal = journal_handler()
         except ImportError:
             fallback_reason = "systemd-python is not installed (pip install 'asterisk-amid[systemd]')"
         else:
             # libsystemd would fail every send (and logging print a traceback per record) without journald.
-            if os.path.exists(JOURNAL_SOCKET):
-                return journal_handler, None
-            fallback_reason = f"journald is not running ({JOURNAL_SOCKET} is missing)"
+            if os.path.exists(journal_socket):
+                return handler_for_journal, None
+            fallback_reason = f"journald is not running ({journal_socket} is missing)"
     handler = logging.StreamHandler(text_stream)
     handler.setFormatter(TextFormatter(journal_prefix=_stream_is_journal(text_stream, environ)))
     return handler, fallback_reason
@@ -301,12 +303,16 @@ def setup_logging(
     stream_text: TextIO | None = None,
     stream_json: TextIO | None = None,
     environ: Mapping[str, str] | None = None,
+    journal_handler: Callable[[], logging.Handler] = build_journal_handler,
+    journal_socket: str = JOURNAL_SOCKET,
 ) -> logging.Handler:
     """Configure the root logger for ``format`` at ``level`` and return the handler installed.
 
     Idempotent: calling it again replaces the handler it installed before and leaves other handlers (pytest's,
     an embedding application's) alone. ``stream_text`` defaults to the current ``sys.stderr``, ``stream_json``
     to the current ``sys.stdout``; ``environ`` (default ``os.environ``) is read for ``$JOURNAL_STREAM``.
+    ``journal_handler`` builds the journal handler (raises ImportError without systemd-python) and
+    ``journal_socket`` is where journald listens; the journal is used only if both are there.
     Raises ValueError for an unknown format or level.
     """
     if format not in ("text", "json", "journal"):
@@ -316,7 +322,8 @@ def setup_logging(
     text_stream = sys.stderr if stream_text is None else stream_text
     json_stream = sys.stdout if stream_json is None else stream_json
 
-    handler, fallback_reason = _build_handler(format, text_stream, json_stream, environ)
+    handler, fallback_reason = _build_handler(format, text_stream, json_stream, environ, journal_handler,
+                                              journal_socket)
     handler.addFilter(SecretRedactingFilter())
     setattr(handler, _OWNED_MARK, True)
 

@@ -43,12 +43,16 @@ from prometheus_client.utils import floatToGoString
 
 from amid.ami._accel import SPEEDUPS
 from amid.ami.protocol import PROTOCOL_ERROR_KINDS
-from amid.ami.stats import Histogram, SessionStats
+from amid.ami.stats import DISCONNECT_REASONS, Histogram, SessionStats
+from amid.sinks.base import ReportsCounters
+from amid.sinks.delivery import DROP_REASONS
+from amid.sinks.lifecycle import RunnerState
 
 __all__ = [
     "DISCONNECT_REASONS",
     "DROP_REASONS",
     "OTHER_EVENT",
+    "PROTOCOL_ERROR_KINDS",
     "RELOAD_RESULTS",
     "SINK_STATES",
     "AmidCollector",
@@ -57,19 +61,18 @@ __all__ = [
 ]
 
 # Label values exposed at 0 before anything happens, so `rate()` and `increase()` see the
-# first increment and alerts on e.g. ping timeouts have a series to evaluate. Reasons the
-# stats objects report beyond these are exposed too.
-DISCONNECT_REASONS = ("eof", "ping_timeout", "protocol_error", "connect_error", "login_failed",
-                      "server_shutdown", "error", "closed")
-DROP_REASONS = ("queue_full", "spool_full", "spool_corrupt", "spool_io", "disabled", "shutdown")
-SINK_STATES = ("starting", "ok", "retrying", "disabled", "closing", "closed")
+# first increment and alerts on e.g. ping timeouts have a series to evaluate. Each list is owned
+# by the module that produces the values (imported above); reasons the stats objects report
+# beyond these are exposed too. RunnerState.NEW is shown as "starting" (see SinkStats.state).
+SINK_STATES = tuple(state.value for state in RunnerState if state is not RunnerState.NEW)
 RELOAD_RESULTS = ("success", "failure")
 
 # Event names beyond the per-server budget are summed under this label value.
 OTHER_EVENT = "other"
 
 ServerSource = Callable[[], Iterable[tuple[str, SessionStats]]]
-SinkSource = Callable[[], Iterable[tuple[str, str, Any]]]
+# (sink name, sink type, SinkStats, the sink: its ReportsCounters are exported too, if it has any)
+SinkSource = Callable[[], Iterable[tuple[str, str, Any, object]]]
 
 _SERVER = ["server"]
 _SINK = ["sink", "type"]
@@ -100,8 +103,10 @@ class AmidCollector(Collector):
     """A prometheus_client collector reading amid's stats objects at each scrape.
 
     ``servers()`` yields ``(server name, SessionStats)`` and ``sinks()`` yields
-    ``(sink name, sink type, SinkStats)``; both are called on every scrape, so servers and sinks
-    added or removed by a reload appear and disappear without re-registering anything.
+    ``(sink name, sink type, SinkStats, sink)`` (a sink that is
+    :class:`~amid.sinks.base.ReportsCounters` has its own counters exported too); both are called
+    on every scrape, so servers and sinks added or removed by a reload appear and disappear
+    without re-registering anything.
     ``config`` is the daemon's :class:`ReloadStats`.
 
     The ``event`` label of ``amid_ami_received_events_by_name_total`` is bounded: per server,
@@ -259,7 +264,7 @@ class AmidCollector(Collector):
 
     # -- sinks -----------------------------------------------------------------------------
 
-    def _sink_families(self, sinks: list[tuple[str, str, Any]]) -> Iterator[Metric]:
+    def _sink_families(self, sinks: list[tuple[str, str, Any, object]]) -> Iterator[Metric]:
         def counter(name: str, doc: str) -> CounterMetricFamily:
             return CounterMetricFamily(name, doc, labels=_SINK)
 
@@ -302,6 +307,12 @@ class AmidCollector(Collector):
             "amid_sink_spool_corrupt_records",
             "Damaged spool records skipped when the spool was opened (torn or corrupted writes).",
         )
+        operations = CounterMetricFamily(
+            "amid_sink_operations",
+            "What only the sink itself sees, by operation (file: reopen, rotation, fsync, "
+            "write_error...; syslog: reconnect, connect_failure). Restarts at 0 when a reload rebuilds the sink.",
+            labels=["sink", "type", "operation"],
+        )
         queue_events = gauge("amid_sink_queue_events", "Events waiting in the sink's in-memory queue.")
         queue_bytes = gauge("amid_sink_queue_bytes", "Bytes of events waiting in the sink's in-memory queue.")
         queue_max_events = gauge("amid_sink_queue_max_events", "The queue's bound in events (queue.max_events).")
@@ -322,8 +333,11 @@ class AmidCollector(Collector):
             labels=_SINK,
         )
 
-        for sink, sink_type, stats in sinks:
+        for sink, sink_type, stats, sink_object in sinks:
             labels = [sink, sink_type]
+            if isinstance(sink_object, ReportsCounters):
+                for operation, count in sink_object.sink_counters().items():
+                    operations.add_metric([sink, sink_type, operation], count)
             for name in _with_extra(SINK_STATES, stats.state):
                 state.add_metric([sink, sink_type, name], 1.0 if name == stats.state else 0.0)
             received_events.add_metric(labels, stats.received_total)
@@ -351,7 +365,7 @@ class AmidCollector(Collector):
 
         yield from (
             state, received_events, received_bytes, sent_events, sent_bytes, discarded, dropped,
-            dead_lettered, truncated, failed, retried, spool_corrupt, queue_events, queue_bytes,
+            dead_lettered, truncated, failed, retried, spool_corrupt, operations, queue_events, queue_bytes,
             queue_max_events, queue_max_bytes, in_flight, spool_events, spool_bytes, spool_max_bytes,
             last_success, latency,
         )

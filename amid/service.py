@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import importlib
 import logging
 import os
 import secrets
@@ -23,11 +22,12 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from amid import __version__
+from amid.ami.protocol import Event
 from amid.ami.session import AMIClient, ConnectionState, SessionSettings, StateChange
 from amid.ami.stats import SessionStats
 from amid.config import Config, ConfigError, DeprecatedKeys, ServerConfig, SinkConfig, load
@@ -35,13 +35,12 @@ from amid.logs import set_log_level
 from amid.metrics import ReloadStats
 from amid.records import Record, format_iso
 from amid.router import EventFilter, Router
-from amid.sinks.base import PluginLoadError, load_plugin_factories
+from amid.sinks.base import Reopenable
 from amid.sinks.delivery import RunnerSettings, SinkRunner, SinkStats
+from amid.sinks.registry import SinkTypes
 
 log = logging.getLogger("amid.service")
 
-BUILTIN_SINKS = {"file": "amid.sinks.file", "syslog": "amid.sinks.syslog",
-                 "webhook": "amid.sinks.webhook"}
 STATUS_INTERVAL = 5.0
 RELOAD_DRAIN_TIMEOUT = 2.0
 # A second SIGTERM/SIGINT sooner than this after the first is the same request to stop (drain);
@@ -49,37 +48,10 @@ RELOAD_DRAIN_TIMEOUT = 2.0
 STOP_SIGNAL_REPEAT_WINDOW = 1.0
 
 
-@dataclass
-class SinkTypes:
-    """Sink factories and their option models: built-ins plus ``amid.sinks`` plugins."""
-
-    factories: dict[str, Callable[..., Any]] = field(default_factory=dict)
-    option_models: dict[str, Any] = field(default_factory=dict)
-    errors: list[PluginLoadError] = field(default_factory=list)
-
-    @classmethod
-    def discover(cls) -> SinkTypes:
-        types = cls()
-        for type_name, module_name in BUILTIN_SINKS.items():
-            module = importlib.import_module(module_name)
-            types.factories[type_name] = module.create
-            types.option_models[type_name] = module.Options
-        plugins, types.errors = load_plugin_factories()
-        for type_name, factory in plugins.items():
-            if type_name in types.factories:
-                types.errors.append(PluginLoadError(
-                    f"sink plugin {type_name!r} ignored: a built-in sink type has that name"))
-                continue
-            types.factories[type_name] = factory
-            types.option_models[type_name] = getattr(factory, "Options", None)
-        return types
-
-
 def load_config(path: str | None, environ: Mapping[str, str], types: SinkTypes) -> Config:
-    # A plugin that failed to load makes its type "not available: <why>", not "unknown".
-    failed = {err.type_name: err for err in types.errors
-              if err.type_name is not None and err.type_name not in types.option_models}
-    return load(path, environ, sink_option_models={**failed, **types.option_models})
+    """Load the config, validating each sink's own keys with its type's model from ``types``
+    (a type whose plugin failed to load is "not available: <why>", not "unknown")."""
+    return load(path, environ, sink_option_models=types.option_models)
 
 
 def config_warnings(config: Config) -> list[str]:
@@ -124,6 +96,7 @@ class Daemon:
     def __init__(self, config: Config, *, config_path: str | None, environ: Mapping[str, str],
                  types: SinkTypes | None = None, notifier: Any = None,
                  install_signals: bool = True, status_interval: float = STATUS_INTERVAL,
+                 reload_drain_timeout: float = RELOAD_DRAIN_TIMEOUT,
                  log_pinned: frozenset[str] = frozenset()) -> None:
         self.config = config
         self._log_pinned = log_pinned  # log keys set on the command line: reloads keep them
@@ -141,6 +114,9 @@ class Daemon:
         self.http: Any = None  # amid.http.HealthServer once started (imported lazily)
         self._install_signal_handlers = install_signals
         self.status_interval = status_interval
+        # How long a reload lets a replaced or removed sink deliver what it holds before its
+        # leftovers are handed to its successor (capped by shutdown_timeout).
+        self.reload_drain_timeout = reload_drain_timeout
         self._stop = asyncio.Event()
         self._stop_signal_at: float | None = None  # monotonic time of the first stop signal
         self._stopping = False
@@ -150,6 +126,9 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._signals: list[int] = []
         self.ready = asyncio.Event()
+        self.started = asyncio.Event()  # the sinks are built and routed to (before any server)
+        # What every session hands its events to; stop_after() puts a limit in front.
+        self._events_listener: Callable[[list[Event]], None] = self.router.on_events
         self._rate_last = (time.monotonic(), 0)
         self._heartbeat = time.monotonic()
 
@@ -164,7 +143,7 @@ class Daemon:
             log.warning("sink %s: %s holds events spooled by an earlier configuration; they are "
                         "delivered only with overflow: spool", cfg.name, spool_dir,
                         extra={"sink": cfg.name})
-        factory = self.types.factories[cfg.type]
+        factory = self.types.factory(cfg.type)
         sink = factory(cfg.name, cfg.options)
         runner = SinkRunner(sink, RunnerSettings.of_sink(cfg, spool_dir))
         return _SinkSlot(cfg, sink, runner, EventFilter(cfg.include, cfg.exclude, cfg.match))
@@ -178,7 +157,7 @@ class Daemon:
         # (server:run:epoch:seq) would repeat.
         epoch, outage_since = self._retired.get(server.name, (0, None))
         stats = self.server_stats.get(server.name) or SessionStats()
-        client = _client_for(server, on_events=self.router.on_events, on_state=self._on_state,
+        client = _client_for(server, on_events=self._events_listener, on_state=self._on_state,
                              stats=stats, initial_epoch=epoch, outage_since=outage_since)
         self._retired.pop(server.name, None)
         self.server_stats[server.name] = stats
@@ -222,6 +201,7 @@ class Daemon:
                 log.error("cannot start: %s", exc)
                 return 1
             self._update_routes()
+            self.started.set()
             _tune_gc()
             for server in self.config.servers:
                 await self._start_client(server).start()
@@ -238,6 +218,25 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def stop_after(self, count: int) -> None:
+        """Route only the first ``count`` AMI events to the sinks, then stop (draining what
+        they hold): ``amid demo --count N``. Call before :meth:`run`."""
+        if self.clients:
+            raise RuntimeError("stop_after() must be called before run()")
+        self._events_listener = _FirstEvents(count, self.router.on_events, self.request_stop)
+        if count <= 0:
+            self.request_stop()
+
+    async def sink_disabled(self, name: str) -> None:
+        """Return once sink ``name`` is disabled for good: its peer said stop (a file sink on
+        stdout: the reader of the pipe went away, ``amid demo | head``). Waits for start-up."""
+        await self.started.wait()
+        await self.sinks[name].runner.disabled.wait()
+
+    def sink_is_disabled(self, name: str) -> bool:
+        slot = self.sinks.get(name)
+        return slot is not None and slot.runner.disabled.is_set()
+
     def _spawn(self, coro, name: str) -> asyncio.Task:
         task = asyncio.create_task(coro, name=f"amid-{name}")
         self._tasks.add(task)
@@ -252,8 +251,8 @@ class Daemon:
         from amid.metrics import AmidCollector, build_registry
         collector = AmidCollector(
             servers=lambda: list(self.server_stats.items()),
-            sinks=lambda: [(name, slot.config.type, self._replaced_stats.get(name, slot.runner.stats))
-                           for name, slot in self.sinks.items()],
+            sinks=lambda: [(name, slot.config.type, self._replaced_stats.get(name, slot.runner.stats),
+                            slot.sink) for name, slot in self.sinks.items()],
             config=self.reload_stats, version=__version__)
         registry = build_registry(collector)
         assert self.config.http.listen is not None  # an address means a listen text
@@ -488,7 +487,7 @@ class Daemon:
         if new.log.level != old.log.level and "level" not in self._log_pinned:
             log.warning("log level is now %s", new.log.level)  # said before it may be muted
             set_log_level(new.log.level)
-        drain = min(RELOAD_DRAIN_TIMEOUT, new.shutdown_timeout)
+        drain = min(self.reload_drain_timeout, new.shutdown_timeout)
         # Sinks. New runners are routed to *before* the old ones are detached, so no event
         # reaches a closed runner; what an old runner still holds is then handed to its
         # successor (a spooled sink's events wait in the spool it reopens).
@@ -575,10 +574,9 @@ class Daemon:
 
     @staticmethod
     def _reopen(slot: _SinkSlot, problems: list[str]) -> None:
-        reopen = getattr(slot.sink, "reopen", None)
-        if callable(reopen):
+        if isinstance(slot.sink, Reopenable):
             try:
-                reopen()
+                slot.sink.reopen()
             except Exception as exc:
                 problems.append(f"sink {slot.config.name}: reopen failed: {exc}")
 
@@ -621,6 +619,23 @@ class Daemon:
                 return
             log.info("sink %s started", name, extra={"sink": name})
             return
+
+
+class _FirstEvents:
+    """A batch listener that passes the first ``count`` events on, then asks for a stop."""
+
+    def __init__(self, count: int, route: Callable[[list[Event]], None], stop: Callable[[], None]) -> None:
+        self.remaining = count
+        self._route, self._stop = route, stop
+
+    def __call__(self, events: list[Event]) -> None:
+        if self.remaining <= 0:
+            return
+        taken = events[:self.remaining]
+        self.remaining -= len(taken)
+        self._route(taken)
+        if self.remaining == 0:
+            self._stop()
 
 
 def _tune_gc() -> None:

@@ -230,6 +230,33 @@ async def test_demo_stops_quietly_when_its_reader_goes_away():
             await proc.wait()
 
 
+async def test_demo_piped_into_head_exits_quietly():
+    """`amid demo | head -3`: a real pipe into a real head; three lines, then the demo ends by
+    itself with status 0 and nothing on stderr but its banner."""
+    read_end, write_end = os.pipe()
+    try:
+        demo = await asyncio.create_subprocess_exec(
+            *AMID, "demo", "--call-rate", "20", stdout=write_end, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, env=env(), cwd=ROOT)
+        head = await asyncio.create_subprocess_exec(
+            "head", "-3", stdin=read_end, stdout=subprocess.PIPE, env=env())
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    try:
+        async with asyncio.timeout(30):
+            out, _ = await head.communicate()
+            err = await demo.stderr.read()
+            assert await demo.wait() == 0, err.decode()
+    finally:
+        for proc in (demo, head):
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert [json.loads(line)["server"] for line in out.splitlines()] == ["demo"] * 3
+    assert err.decode().splitlines()[1:] == []  # its banner line, no warnings
+
+
 # ---------------------------------------------------------------- run under "systemd"
 
 class NotifySocket:

@@ -14,8 +14,9 @@ from promparse import scrape, total
 from rsyslog import RsyslogServer, require_rsyslogd
 
 from amid.config import load
-from amid.service import Daemon, SinkTypes
+from amid.service import Daemon
 from amid.simulator import AMISimulator
+from amid.sinks.registry import SinkType, SinkTypes
 
 CALL_EVENTS = 80  # one Local/200 -> 100 call, as captured from Asterisk 22 (s04)
 
@@ -50,10 +51,12 @@ def write_config(tmp_path: Path, sim: AMISimulator, sinks: list[dict], **extra) 
     return path
 
 
-async def start_daemon(path: Path) -> tuple[Daemon, asyncio.Task]:
-    types = SinkTypes.discover()
+async def start_daemon(path: Path, *, types: SinkTypes | None = None,
+                       reload_drain_timeout: float = 2.0) -> tuple[Daemon, asyncio.Task]:
+    types = types or SinkTypes.discover()
     config = load(path, {}, sink_option_models=types.option_models)
-    daemon = Daemon(config, config_path=str(path), environ={}, types=types, install_signals=False)
+    daemon = Daemon(config, config_path=str(path), environ={}, types=types, install_signals=False,
+                    reload_drain_timeout=reload_drain_timeout)
     task = asyncio.create_task(daemon.run())
     async with asyncio.timeout(10):
         await daemon.ready.wait()
@@ -242,16 +245,13 @@ async def test_a_stalled_sink_never_delays_the_others_or_the_session(tmp_path, s
             await stop_daemon(daemon, task)
 
 
-async def test_reload_hands_queued_events_to_a_changed_sink_and_keeps_servers(tmp_path, sim,
-                                                                              monkeypatch, caplog):
-    import amid.service
-    monkeypatch.setattr(amid.service, "RELOAD_DRAIN_TIMEOUT", 0.2)
+async def test_reload_hands_queued_events_to_a_changed_sink_and_keeps_servers(tmp_path, sim, caplog):
     async with HttpReceiver() as receiver:
         receiver.stall()
         sinks = [{"name": "webhook", "type": "webhook", "url": receiver.url, "timeout": 30,
                   "batch": {"max_events": 10, "max_wait": "10ms"}}]
         path = write_config(tmp_path, sim, sinks)
-        daemon, task = await start_daemon(path)
+        daemon, task = await start_daemon(path, reload_drain_timeout=0.2)
         try:
             client = daemon.clients["pbx1"]
             for _ in range(3):
@@ -365,14 +365,12 @@ async def test_a_reload_keeps_the_log_settings_given_on_the_command_line(tmp_pat
         await stop_daemon(daemon, task)
 
 
-async def test_a_scrape_during_a_reload_handover_sees_no_counter_drop(tmp_path, sim, monkeypatch):
-    import amid.service
-    monkeypatch.setattr(amid.service, "RELOAD_DRAIN_TIMEOUT", 5.0)  # a wide handover window
+async def test_a_scrape_during_a_reload_handover_sees_no_counter_drop(tmp_path, sim):
     async with HttpReceiver() as receiver:
         sinks = [{"name": "webhook", "type": "webhook", "url": receiver.url, "timeout": 30,
                   "batch": {"max_wait": "10ms"}}]
         path = write_config(tmp_path, sim, sinks)
-        daemon, task = await start_daemon(path)
+        daemon, task = await start_daemon(path, reload_drain_timeout=5.0)  # a wide handover window
         try:
             stats = daemon.server_stats["pbx1"]
             sim.originate("Local/200@test", exten="100")
@@ -458,20 +456,17 @@ async def test_reload_of_a_changed_server_keeps_record_ids_unique_and_reports_th
         await stop_daemon(daemon, task)
 
 
-async def test_events_keep_flowing_to_unchanged_and_changed_sinks_during_a_reload(tmp_path, sim,
-                                                                                 monkeypatch):
+async def test_events_keep_flowing_to_unchanged_and_changed_sinks_during_a_reload(tmp_path, sim):
     """The router switches to the new runners before the old ones are detached, so events
     arriving while a slow sink drains are neither dropped nor sent to a closed runner."""
-    import amid.service
     from amid.ami.protocol import Event
-    monkeypatch.setattr(amid.service, "RELOAD_DRAIN_TIMEOUT", 0.5)
 
     def sinks(wait: str) -> list[dict]:
         return [{"name": "a", "type": "file", "path": str(tmp_path / "a.jsonl"), "batch": {"max_wait": wait}},
                 {"name": "b", "type": "webhook", "url": "http://127.0.0.1:9/unreachable",
                  "batch": {"max_wait": wait}}]
     path = write_config(tmp_path, sim, sinks("0s"))
-    daemon, task = await start_daemon(path)
+    daemon, task = await start_daemon(path, reload_drain_timeout=0.5)
     seq = 0
 
     async def feed():
@@ -506,12 +501,28 @@ async def test_events_keep_flowing_to_unchanged_and_changed_sinks_during_a_reloa
         await stop_daemon(daemon, task)
 
 
+class FileSinksThatMayFail:
+    """Sink types whose ``file`` factory refuses to build the sinks named in ``refused`` (the
+    way a plugin's factory may raise); injected into the daemon through its SinkTypes."""
+
+    def __init__(self) -> None:
+        self.refused: set[str] = set()
+        real = SinkTypes.builtin().get("file")
+
+        def create(name, options):
+            if name in self.refused:
+                raise ValueError("plugin exploded")
+            return real.factory(name, options)
+        self.types = SinkTypes(plugins={"file": SinkType("file", create, real.options)})
+
+
 async def test_a_reload_that_partly_fails_applies_the_rest_and_retries_the_failed_sink(
-        tmp_path, sim, caplog, monkeypatch):
+        tmp_path, sim, caplog):
     a_file, b_file = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     path = write_config(tmp_path, sim, [{"name": "a", "type": "file", "path": str(a_file)},
                                         {"name": "c", "type": "file", "path": str(tmp_path / "c.jsonl")}])
-    daemon, task = await start_daemon(path)
+    sink_types = FileSinksThatMayFail()
+    daemon, task = await start_daemon(path, types=sink_types.types)
     try:
         client = daemon.clients["pbx1"]
         slot_c = daemon.sinks["c"]
@@ -525,13 +536,7 @@ async def test_a_reload_that_partly_fails_applies_the_rest_and_retries_the_faile
         config["sinks"][1]["batch"] = {"max_events": 7}
         config["servers"][0]["ping_interval"] = "2s"
         path.write_text(yaml.safe_dump(config))
-        build = daemon._build_sink
-
-        def build_but_not_c(cfg):
-            if cfg.name == "c":
-                raise ValueError("plugin exploded")
-            return build(cfg)
-        monkeypatch.setattr(daemon, "_build_sink", build_but_not_c)
+        sink_types.refused.add("c")
         assert not await daemon.reload()
         assert "sink b: cannot start" in caplog.text and "sink c: plugin exploded" in caplog.text
         assert daemon.sinks["c"] is slot_c                       # kept its previous settings
@@ -550,7 +555,7 @@ async def test_a_reload_that_partly_fails_applies_the_rest_and_retries_the_faile
         await wait_until(lambda: sum(r["event"] == "OriginateResponse" for r in read_jsonl(b_file)) == 1)
         assert {r["id"] for r in read_jsonl(b_file)} <= {r["id"] for r in read_jsonl(a_file)}
         # What failed is compared with what runs, not with the file: a later reload retries c.
-        monkeypatch.setattr(daemon, "_build_sink", build)
+        sink_types.refused.clear()
         assert await daemon.reload()
         assert daemon.sinks["c"] is not slot_c and daemon.sinks["c"].config.batch.max_events == 7
         await wait_until(lambda: daemon.readiness()[0])  # once the new c opened its file
@@ -646,16 +651,14 @@ async def test_a_sink_whose_reopen_raises_anything_does_not_stop_the_reload(tmp_
         await stop_daemon(daemon, task)
 
 
-async def test_a_changed_sink_that_cannot_be_rebuilt_is_still_reopened(tmp_path, sim, monkeypatch):
+async def test_a_changed_sink_that_cannot_be_rebuilt_is_still_reopened(tmp_path, sim):
     path = write_config(tmp_path, sim, [{"name": "a", "type": "file", "path": str(tmp_path / "a.jsonl")}])
-    daemon, task = await start_daemon(path)
+    sink_types = FileSinksThatMayFail()
+    daemon, task = await start_daemon(path, types=sink_types.types)
     try:
         reopened = []
         daemon.sinks["a"].sink.reopen = lambda: reopened.append(True)
-
-        def cannot_build(cfg):
-            raise ValueError("cannot build")
-        monkeypatch.setattr(daemon, "_build_sink", cannot_build)
+        sink_types.refused.add("a")
         config = yaml.safe_load(path.read_text())
         config["sinks"][0]["batch"] = {"max_events": 7}
         path.write_text(yaml.safe_dump(config))
@@ -663,3 +666,58 @@ async def test_a_changed_sink_that_cannot_be_rebuilt_is_still_reopened(tmp_path,
         assert reopened  # SIGHUP after logrotate reopens the kept file sink as always
     finally:
         await stop_daemon(daemon, task)
+
+
+# ---------------------------------------------------------------------------------------
+# Hooks for embedding the daemon (amid demo)
+
+
+async def test_stop_after_routes_exactly_n_events_then_stops(tmp_path, sim):
+    out = tmp_path / "events.jsonl"
+    path = write_config(tmp_path, sim, [{"name": "file", "type": "file", "path": str(out)}])
+    types = SinkTypes.builtin()
+    daemon = Daemon(load(path, {}, sink_option_models=types.option_models), config_path=str(path),
+                    environ={}, types=types, install_signals=False)
+    daemon.stop_after(5)
+    task = asyncio.create_task(daemon.run())
+    async with asyncio.timeout(10):
+        await daemon.ready.wait()  # logged in: 2 events so far
+    sim.originate("Local/200@test", exten="100")  # 80 more; the stop comes after the 5th
+    async with asyncio.timeout(15):
+        assert await task == 0
+    assert len(read_jsonl(out)) == 5
+    with pytest.raises(RuntimeError):
+        daemon.stop_after(1)  # only before run()
+
+
+async def test_sink_disabled_is_a_signal_not_a_log_line(tmp_path, sim):
+    """A sink whose peer says stop for good (SinkDisabled) sets the daemon's hook at once."""
+    from amid.sinks.base import SinkDisabled
+
+    class Refusing:
+        def __init__(self, name, options):
+            self.name = name
+
+        async def start(self):
+            pass
+
+        async def send(self, batch):
+            raise SinkDisabled("the reader is gone")
+
+        async def close(self):
+            pass
+
+    types = SinkTypes(plugins={"refusing": SinkType("refusing", Refusing, None)})
+    path = write_config(tmp_path, sim, [{"name": "gone", "type": "refusing"}])
+    daemon = Daemon(load(path, {}, sink_option_models=types.option_models), config_path=str(path),
+                    environ={}, types=types, install_signals=False)
+    task = asyncio.create_task(daemon.run())
+    try:
+        assert not daemon.sink_is_disabled("gone")
+        async with asyncio.timeout(10):
+            await daemon.sink_disabled("gone")  # the login's events reach the sink, which refuses
+        assert daemon.sink_is_disabled("gone")
+    finally:
+        daemon.request_stop()
+        async with asyncio.timeout(15):
+            assert await task == 0

@@ -259,10 +259,11 @@ def test_journal_handler_sends_priority_and_fields() -> None:
     assert debug_fields["PRIORITY"] == "7"
 
 
-def test_journal_falls_back_to_text_without_systemd_python(monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "systemd", None)  # makes `from systemd import journal` fail
+def test_journal_falls_back_to_text_without_systemd_python() -> None:
+    def no_systemd_python() -> logging.Handler:
+        raise ImportError("No module named 'systemd'")  # what build_journal_handler raises then
     err = io.StringIO()
-    handler = setup_logging("journal", "info", stream_text=err)
+    handler = setup_logging("journal", "info", stream_text=err, journal_handler=no_systemd_python)
     assert isinstance(handler.formatter, TextFormatter)
     logging.getLogger("amid").info("still logged")
     lines = err.getvalue().splitlines()
@@ -271,11 +272,10 @@ def test_journal_falls_back_to_text_without_systemd_python(monkeypatch) -> None:
     assert lines[1].endswith("still logged")
 
 
-def test_journal_falls_back_to_text_without_journald(monkeypatch, tmp_path) -> None:
+def test_journal_falls_back_to_text_without_journald(tmp_path) -> None:
     pytest.importorskip("systemd.journal", reason="systemd-python (amid[systemd]) is not installed")
-    monkeypatch.setattr(logs, "JOURNAL_SOCKET", str(tmp_path / "no-journald"))
     err = io.StringIO()
-    handler = setup_logging("journal", "info", stream_text=err)
+    handler = setup_logging("journal", "info", stream_text=err, journal_socket=str(tmp_path / "no-journald"))
     assert isinstance(handler.formatter, TextFormatter)
     assert "journald is not running" in err.getvalue()
 

@@ -24,6 +24,7 @@ from amid.http import HealthServer
 from amid.metrics import (
     DISCONNECT_REASONS,
     DROP_REASONS,
+    PROTOCOL_ERROR_KINDS,
     SINK_STATES,
     AmidCollector,
     ReloadStats,
@@ -41,12 +42,14 @@ class World:
     def __init__(self) -> None:
         self.servers: dict[str, SessionStats] = {"pbx1": SessionStats()}
         self.sinks: dict[str, tuple[str, SinkStats]] = {"hook": ("webhook", SinkStats())}
+        self.sink_objects: dict[str, object] = {}  # the sink itself, when a test gives one
         self.config = ReloadStats(last_success_time=1_700_000_000.0)
 
     def collector(self, max_event_names: int = 300) -> AmidCollector:
         return AmidCollector(
             servers=lambda: list(self.servers.items()),
-            sinks=lambda: [(name, kind, stats) for name, (kind, stats) in self.sinks.items()],
+            sinks=lambda: [(name, kind, stats, self.sink_objects.get(name))
+                           for name, (kind, stats) in self.sinks.items()],
             config=self.config,
             version="1.2.3",
             max_event_names=max_event_names,
@@ -365,6 +368,45 @@ async def test_reload_outcome_is_exposed(world: World, http: HealthServer) -> No
     assert samples[key("amid_config_last_reload_successful")] == 1
     assert samples[key("amid_config_last_reload_success_timestamp_seconds")] == 1_700_000_200.0
     assert samples[key("amid_config_reloads_total", result="success")] == 1
+
+
+def test_label_values_are_the_ones_dashboards_and_alerts_use() -> None:
+    """The label sets live where their values are produced (delivery, lifecycle, ami.stats,
+    ami.protocol); deploy/'s dashboard and alerts query these exact values."""
+    assert DROP_REASONS == ("queue_full", "spool_full", "spool_corrupt", "spool_io", "disabled", "shutdown")
+    assert SINK_STATES == ("starting", "ok", "retrying", "disabled", "closing", "closed")
+    assert DISCONNECT_REASONS == ("eof", "ping_timeout", "protocol_error", "connect_error", "login_failed",
+                                  "server_shutdown", "error", "closed")
+    assert PROTOCOL_ERROR_KINDS == ("bad_banner", "message_too_large", "too_many_fields", "malformed_message",
+                                    "event_before_login")
+
+
+class CountingSink:
+    """A sink with counters of its own (amid.sinks.base.ReportsCounters)."""
+
+    def __init__(self) -> None:
+        self.counters = {"reconnect": 0, "connect_failure": 0}
+
+    def sink_counters(self) -> dict[str, int]:
+        return dict(self.counters)
+
+
+async def test_a_sinks_own_counters_are_exported(world: World) -> None:
+    sink = CountingSink()
+    world.sinks["out"] = ("syslog", SinkStats())
+    world.sink_objects["out"] = sink
+    server = await serve(world.collector())
+    try:
+        labels = {"sink": "out", "type": "syslog"}
+        samples = await scrape(server.port)
+        assert samples[key("amid_sink_operations_total", operation="reconnect", **labels)] == 0
+        sink.counters["reconnect"] = 3
+        samples = await scrape(server.port)
+        assert samples[key("amid_sink_operations_total", operation="reconnect", **labels)] == 3
+        # A sink without the capability (the webhook here) has no such series.
+        assert not [k for k in samples if k[0] == "amid_sink_operations_total" and ("sink", "hook") in k[1]]
+    finally:
+        await server.close()
 
 
 def readme_metric_names() -> set[str]:

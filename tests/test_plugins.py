@@ -18,8 +18,9 @@ import yaml
 from sink_contract import SinkContract
 
 from amid.config import ConfigError
-from amid.service import SinkTypes, load_config
+from amid.service import load_config
 from amid.sinks.base import Sink, SinkError
+from amid.sinks.registry import BUILTIN_SINKS, SinkTypes, SinkTypeUnavailable
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "amid_prefix_sink"
 
@@ -48,12 +49,52 @@ def plugins(tmp_path, monkeypatch):
 
 def test_plugins_are_discovered_and_a_broken_one_is_named(plugins):
     types = SinkTypes.discover()
-    assert "prefix" in types.factories
+    assert "prefix" in types
     assert types.option_models["prefix"].__name__ == "Options"
-    assert {"file", "syslog", "webhook"} <= set(types.factories)
+    assert {"file", "syslog", "webhook", "prefix", "broken"} <= set(types.names())
     assert len(types.errors) == 1
     message = str(types.errors[0])
     assert "broken" in message and "missing dependency: libfoo" in message
+    with pytest.raises(SinkTypeUnavailable, match="missing dependency: libfoo"):
+        types.factory("broken")
+
+
+def test_built_ins_and_plugins_are_found_the_same_way(plugins):
+    """One rule for every type: the entry point's factory, and its (module's) Options model."""
+    types = SinkTypes.discover()
+    for name in [*BUILTIN_SINKS, "prefix"]:
+        sink_type = types.get(name)
+        assert callable(sink_type.factory)
+        assert sink_type.options is importlib.import_module(sink_type.factory.__module__).Options
+
+
+def test_a_built_in_loads_only_when_used(tmp_path):
+    """Validating a config imports only the sink modules its sinks use; a built-in whose module
+    cannot be imported makes only that type unavailable, with the reason."""
+    types = SinkTypes({**BUILTIN_SINKS, "missing": "amid_no_such_module_here:create"})
+    assert "missing" in types.option_models and "missing" in list(types.option_models)
+    with pytest.raises(SinkTypeUnavailable, match="ModuleNotFoundError"):
+        types.option_models["missing"]
+    config = tmp_path / "amid.yaml"
+    config.write_text(yaml.safe_dump({
+        "servers": [{"host": "127.0.0.1", "username": "amid", "secret": "x"}],
+        "sinks": [{"name": "a", "type": "file", "path": str(tmp_path / "a.log")},
+                  {"name": "b", "type": "missing"}],
+    }))
+    with pytest.raises(ConfigError) as err:
+        load_config(str(config), {}, types)
+    assert [p.path for p in err.value.problems] == ["sinks[1].type"]
+    assert "sink type 'missing' is not available" in str(err.value)
+
+
+def test_a_plugin_cannot_replace_a_built_in(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    install_dist(site, "amid_fake_file", "[amid.sinks]\nfile = amid_prefix_sink:create\n")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    types = SinkTypes.discover()
+    assert types.factory("file").__module__ == "amid.sinks.file"
+    assert any("ignored: a built-in sink type has that name" in str(e) for e in types.errors)
 
 
 def test_plugin_options_are_validated_with_their_yaml_line(plugins, tmp_path):

@@ -304,18 +304,28 @@ def test_position_is_ordered() -> None:
 
 # -- I/O failures while running (disk full for a moment, no file descriptors left) -----------------
 
-def test_an_ack_whose_cursor_write_fails_is_done_whole_by_its_retry(tmp_path, monkeypatch):
+class FailingOpener:
+    """``os.open`` whose next ``failures`` opens of a path ending with ``suffix`` fail with
+    ``errno_`` (injected as the spool's ``opener``)."""
+
+    def __init__(self, suffix: str, errno_: int) -> None:
+        self.suffix, self.errno, self.failures = suffix, errno_, 0
+
+    def __call__(self, path, flags, mode=0o777, **kw):
+        if self.failures and str(path).endswith(self.suffix):
+            self.failures -= 1
+            raise OSError(self.errno, os.strerror(self.errno))
+        return os.open(path, flags, mode, **kw)
+
+
+def test_an_ack_whose_cursor_write_fails_is_done_whole_by_its_retry(tmp_path):
     import errno
-    spool = Spool(tmp_path / "sp", max_bytes=10_000)
+    disk_full_once = FailingOpener(".tmp", errno.ENOSPC)  # the cursor is written to cursor.tmp first
+    spool = Spool(tmp_path / "sp", max_bytes=10_000, opener=disk_full_once)
     spool.append([b"x" * 100] * 5)
     spool.sync()
     items = spool.read_batch(10, 1 << 30)
-    real = spool._write_cursor_file
-
-    def disk_full_once(position):
-        monkeypatch.setattr(spool, "_write_cursor_file", real)
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(spool, "_write_cursor_file", disk_full_once)
+    disk_full_once.failures = 1
     with pytest.raises(OSError):
         spool.ack(items[-1][0])
     spool.ack(items[-1][0])  # the runner retries the same call
@@ -323,24 +333,17 @@ def test_an_ack_whose_cursor_write_fails_is_done_whole_by_its_retry(tmp_path, mo
     spool.close()
 
 
-def test_a_segment_that_cannot_be_opened_leaves_the_spool_usable(tmp_path, monkeypatch):
+def test_a_segment_that_cannot_be_opened_leaves_the_spool_usable(tmp_path):
     import errno
-
-    import amid.sinks.spool as spool_module
-    spool = Spool(tmp_path / "sp", max_bytes=1_000_000, segment_bytes=1000)
+    no_descriptors = FailingOpener(".seg", errno.EMFILE)
+    spool = Spool(tmp_path / "sp", max_bytes=1_000_000, segment_bytes=1000, opener=no_descriptors)
     spool.append([b"a" * 400] * 2)
     spool.sync()
-    real_open = os.open
-
-    def no_descriptors(path, flags, mode=0o777, **kw):
-        if str(path).endswith(".seg"):
-            raise OSError(errno.EMFILE, "Too many open files")
-        return real_open(path, flags, mode, **kw)
-    monkeypatch.setattr(spool_module.os, "open", no_descriptors)
+    no_descriptors.failures = 1_000
     spool.append([b"b" * 400])  # needs the next segment
     with pytest.raises(OSError):
         spool.sync()
-    monkeypatch.setattr(spool_module.os, "open", real_open)
+    no_descriptors.failures = 0
     spool.sync()  # the cause is gone: it works again
     assert [p for _, p in spool.read_batch(10, 1 << 30)] == [b"a" * 400] * 2 + [b"b" * 400]
     spool.close()

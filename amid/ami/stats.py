@@ -9,8 +9,16 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
-__all__ = ["Histogram", "SessionStats"]
+__all__ = ["DISCONNECT_REASONS", "DisconnectReason", "Histogram", "SessionStats"]
+
+# Why a session's connection ended: the keys of ``SessionStats.disconnects_total``, the one list
+# (amid.metrics exports each as a ``reason`` label, at 0 until it happens). The session sets them;
+# ``closed`` is a connection the client ended itself.
+DisconnectReason = Literal["eof", "ping_timeout", "protocol_error", "connect_error", "login_failed",
+                           "server_shutdown", "error", "closed"]
+DISCONNECT_REASONS: tuple[DisconnectReason, ...] = get_args(DisconnectReason)
 
 
 class Histogram:
@@ -58,9 +66,9 @@ class SessionStats:
 
     up: bool = False                       # logged in right now
     connects_total: int = 0                # successful logins
-    disconnects_total: Counter[str] = field(default_factory=Counter)   # reason -> count
+    disconnects_total: Counter[str] = field(default_factory=Counter)   # DisconnectReason -> count
     login_failures_total: int = 0
-    protocol_errors_total: Counter[str] = field(default_factory=Counter)  # kind -> count
+    protocol_errors_total: Counter[str] = field(default_factory=Counter)  # PROTOCOL_ERROR_KINDS -> count
     events_total: int = 0
     received_bytes_total: int = 0          # bytes read from the AMI connection
     reads_total: int = 0                   # socket reads that returned data (the per-read cost)

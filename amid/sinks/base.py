@@ -1,4 +1,4 @@
-"""The one small interface every sink implements, and how third-party sinks are found.
+"""The one small interface every sink implements, and its optional capabilities.
 
 A sink delivers batches of :class:`~amid.records.Record`. It never retries and never queues:
 the :class:`~amid.sinks.delivery.SinkRunner` in front of it owns the queue, batching, retries,
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
 from amid.records import Record
@@ -76,39 +75,27 @@ class Reopenable(Protocol):
         """Reopen before the next write."""
 
 
+@runtime_checkable
+class ReportsTruncation(Protocol):
+    """Optional: a sink that shortens records to fit its transport (syslog over udp or unix).
+    The runner carries the count into ``amid_sink_truncated_events_total``."""
+
+    @property
+    def truncated_total(self) -> int:
+        """Records shortened since the sink was built (never decreases)."""
+
+
+@runtime_checkable
+class ReportsCounters(Protocol):
+    """Optional: a sink that counts what only it can see (file reopens and fsyncs, syslog
+    reconnects). The metrics collector exports each as
+    ``amid_sink_operations_total{sink,type,operation}``."""
+
+    def sink_counters(self) -> Mapping[str, int]:
+        """Counts since the sink was built, by a short fixed operation name (a bounded set per
+        sink type, e.g. ``reopen``, ``fsync``, ``reconnect``)."""
+
+
 # A sink factory takes the sink's name and its type-specific options (the config keys the
 # sink type owns, already validated by its own options model) and returns a Sink.
 SinkFactory = Callable[[str, Mapping[str, Any]], Sink]
-
-
-class PluginLoadError(Exception):
-    """A sink type could not be loaded; the message names the plugin and why. ``type_name``
-    is the sink type it would have provided (None when a built-in keeps the name)."""
-
-    def __init__(self, message: str, type_name: str | None = None) -> None:
-        super().__init__(message)
-        self.type_name = type_name
-
-
-def load_plugin_factories() -> tuple[dict[str, SinkFactory], list[PluginLoadError]]:
-    """Return the sink factories registered in the ``amid.sinks`` entry-point group.
-
-    A plugin that fails to import is reported in the second element, never raised, so one
-    broken plugin cannot take the daemon down.
-    """
-    factories: dict[str, SinkFactory] = {}
-    errors: list[PluginLoadError] = []
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            factory = ep.load()
-        except Exception as exc:  # any import-time failure of third-party code
-            errors.append(PluginLoadError(
-                f"sink plugin {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}",
-                ep.name))
-            continue
-        if not callable(factory):
-            errors.append(PluginLoadError(
-                f"sink plugin {ep.name!r} ({ep.value}) is not callable", ep.name))
-            continue
-        factories[ep.name] = factory
-    return factories, errors

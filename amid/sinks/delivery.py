@@ -41,12 +41,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from amid.ami.stats import Histogram
 from amid.records import Record
 from amid.sinks.attempts import Attempts, DropReport, write_dead_letters
-from amid.sinks.base import SendsNowait, Sink, SinkDisabled
+from amid.sinks.base import ReportsTruncation, SendsNowait, Sink, SinkDisabled
 from amid.sinks.buffer import SpoolBuffer
 from amid.sinks.lifecycle import RunnerState, check_move
 from amid.sinks.queue import SizedQueue
@@ -64,9 +64,11 @@ SpoolFallback = Literal["drop_oldest", "drop_newest"]
 # outage in minutes (those land in +Inf).
 DELIVERY_LATENCY_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
                             0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
-# "spool_corrupt" only happens if spool files are damaged while the daemon runs; "spool_io"
-# if the spool's last write at shutdown fails (disk full, I/O error).
-DROP_REASONS = ("queue_full", "spool_full", "disabled", "shutdown", "spool_corrupt", "spool_io")
+# Why a runner drops events: the one list (amid.metrics exports each as a ``reason`` label, at 0
+# until it happens). "spool_corrupt" only happens if spool files are damaged while the daemon
+# runs; "spool_io" if the spool's last write at shutdown fails (disk full, I/O error).
+DropReason = Literal["queue_full", "spool_full", "spool_corrupt", "spool_io", "disabled", "shutdown"]
+DROP_REASONS: tuple[DropReason, ...] = get_args(DropReason)
 HOPELESS_START_FAILURES = 3  # failed opens in a row after which shutdown stops waiting for a sink
 
 
@@ -204,6 +206,7 @@ class SinkRunner:
                  wall_clock: Callable[[], float] = time.time) -> None:
         self._sink = sink
         self._nowait = sink if isinstance(sink, SendsNowait) else None
+        self._truncating = sink if isinstance(sink, ReportsTruncation) else None
         self._sink_truncated_seen = 0  # the sink's own truncated_total at the last look
         self.settings = settings
         self.name = settings.name
@@ -220,6 +223,7 @@ class SinkRunner:
         self._handoff: _Handoff | None = None
         self.sink_opened = False  # sink.start() has succeeded (readiness: a sink that never opened is not)
         self._start_settled = asyncio.Event()  # the sink opened, or the worker gave up
+        self.disabled = asyncio.Event()  # set once the peer said stop for good (SinkDisabled)
         self._draining = False    # someone waits for the queue to empty: no batch waits to fill
         self._closed_event = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -320,7 +324,7 @@ class SinkRunner:
         if stats.last_success_time is None:
             stats.last_success_time = previous.last_success_time
 
-    def _enforce_queue_bounds(self, policy: SpoolFallback, reason: str) -> None:
+    def _enforce_queue_bounds(self, policy: SpoolFallback, reason: DropReason) -> None:
         """After a push, bring the queue back within its bounds by ``policy``."""
         queue = self._queue
         if queue and queue.newest.size > queue.max_bytes:
@@ -694,9 +698,11 @@ class SinkRunner:
 
     def _note_truncated(self) -> None:
         # A sink that shortens messages to fit its transport (syslog over udp or unix) counts
-        # them in its own ``stats.truncated_total``; the runner carries that over for metrics.
-        total = getattr(getattr(self._sink, "stats", None), "truncated_total", None)
-        if type(total) is int and total > self._sink_truncated_seen:
+        # them itself; the runner carries that over into its stats, which survive a reload.
+        if self._truncating is None:
+            return
+        total = self._truncating.truncated_total
+        if total > self._sink_truncated_seen:
             self.stats.truncated_total += total - self._sink_truncated_seen
             self._sink_truncated_seen = total
 
@@ -704,6 +710,7 @@ class SinkRunner:
         """Stop delivering for good; keep spooling (spool policy) so a restart loses nothing."""
         if self._state.delivering:  # while closing, the worker just stops
             self._move(RunnerState.DISABLED)
+        self.disabled.set()
         self.stats.last_error = f"disabled: {exc}"
         if self._in_flight is not None:
             self._return_in_flight(self._in_flight)

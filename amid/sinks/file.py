@@ -58,7 +58,7 @@ from typing import Any, Literal
 import pydantic
 
 from amid.records import Record
-from amid.sinks.base import SinkError
+from amid.sinks.base import SinkDisabled, SinkError
 from amid.units import Duration, PositiveDuration, PositiveSize
 
 __all__ = ["FileSink", "FileStats", "Options", "create"]
@@ -120,12 +120,12 @@ class Options(pydantic.BaseModel, extra="forbid"):
 
 @dataclass
 class FileStats:
-    """Plain counters read by the metrics collector."""
+    """The sink's own counters, exported by :meth:`FileSink.sink_counters` as
+    ``amid_sink_operations_total{operation}`` (bytes written are the runner's ``amid_sink_sent_bytes``)."""
 
     reopens_total: int = 0          # the path was reopened (SIGHUP, rename/removal noticed)
     rotations_total: int = 0        # size rotations done by the sink itself
     truncations_total: int = 0      # the file was found truncated under us (copytruncate)
-    bytes_written_total: int = 0
     fsyncs_total: int = 0
     write_errors_total: int = 0
     completed_writes_total: int = 0  # a failed batch's rest written on retry (no record twice)
@@ -186,6 +186,14 @@ class FileSink:
         self._thread_work: asyncio.Future[Any] | None = None   # see _in_thread
 
     # -- the Sink interface --------------------------------------------------------------------
+
+    def sink_counters(self) -> dict[str, int]:
+        """:class:`~amid.sinks.base.ReportsCounters`: ``amid_sink_operations_total``."""
+        stats = self.stats
+        return {"reopen": stats.reopens_total, "rotation": stats.rotations_total,
+                "truncation_found": stats.truncations_total, "fsync": stats.fsyncs_total,
+                "write_error": stats.write_errors_total, "resumed_write": stats.completed_writes_total,
+                "taken_back": stats.taken_back_total, "torn_line_repaired": stats.torn_lines_repaired_total}
 
     async def start(self) -> None:
         """Open (creating it if needed) the file. Raises SinkError if that fails."""
@@ -574,13 +582,15 @@ class FileSink:
                 view = view[written:]
                 done += written
                 self._size += written
-                self.stats.bytes_written_total += written
                 self._dirty = True
         except OSError as exc:
             self.stats.write_errors_total += 1
             if done:
                 self._unconfirmed = _Unconfirmed(self._fd_identity, data, done)
                 self._cut_torn_line(self._unconfirmed)
+            if self._to_stdout and exc.errno == errno.EPIPE:  # `amid ... | head`: for good
+                raise SinkDisabled(f"file sink {self.name!r}: the reader of standard output is gone "
+                                   "(EPIPE)") from exc
             # A new descriptor may cure ESTALE/EIO; for the rest reopening costs little.
             self._reopen_requested = not self._to_stdout
             raise _sink_error(self.name, "write to", self.options.path, exc) from exc

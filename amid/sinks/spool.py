@@ -36,7 +36,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -159,10 +159,14 @@ class Spool:
     """
 
     def __init__(self, directory: Path, *, max_bytes: int,
-                 segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+                 opener: Callable[..., int] = os.open) -> None:
+        """``opener`` (``os.open``'s signature) opens the segments and the cursor file; tests
+        pass one that fails, to make a disk-full or out-of-descriptors error on demand."""
         if max_bytes <= 0 or segment_bytes <= 0:
             raise ValueError("max_bytes and segment_bytes must be positive")
         self.directory = Path(directory)
+        self._open = opener
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.corrupt_records_total = 0   # damaged spans skipped or truncated (each counts once)
@@ -357,7 +361,7 @@ class Spool:
 
     def _open_write_segment(self, number: int) -> None:
         path = self.directory / _segment_name(number)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = self._open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         if number not in self._sizes:
             self._sizes[number] = os.fstat(fd).st_size
             self._dir_unsynced = True  # the new file's name must survive a power cut too
@@ -445,7 +449,7 @@ class Spool:
         head = _CURSOR_MAGIC + position.segment.to_bytes(8, "big") + position.offset.to_bytes(8, "big")
         data = head + zlib.crc32(head).to_bytes(4, "big")
         tmp = self.directory / (_CURSOR_NAME + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, data)
             os.fsync(fd)

@@ -466,11 +466,11 @@ def frame_lf(message: bytes) -> bytes:
 
 @dataclass(slots=True)
 class SyslogStats:
-    """Plain counters of one syslog sink.
+    """The sink's own counters, exported through :meth:`SyslogSink.sink_counters` and
+    :attr:`SyslogSink.truncated_total` (what it sent is the runner's ``amid_sink_sent_*``).
 
-    * ``messages_total`` / ``bytes_total``: messages delivered (in the transport's sense, see the
-      module docstring), each counted once, including those confirmed by an attempt that failed
-      later on.
+    * ``messages_total``: messages confirmed in the transport's sense (see the module docstring),
+      each counted once, including those confirmed by an attempt that failed later on.
     * ``truncated_total``: datagrams cut to ``udp_max_bytes``.
     * ``reconnects_total``: connections opened after the first one; ``connect_failures_total``:
       connection attempts that failed.
@@ -486,7 +486,6 @@ class SyslogStats:
     """
 
     messages_total: int = 0
-    bytes_total: int = 0
     truncated_total: int = 0
     reconnects_total: int = 0
     connect_failures_total: int = 0
@@ -525,6 +524,19 @@ class SyslogSink:
 
     def __repr__(self) -> str:
         return f"SyslogSink(name={self.name!r}, address={str(self._endpoint)!r})"
+
+    @property
+    def truncated_total(self) -> int:
+        """Messages cut to ``udp_max_bytes`` (:class:`~amid.sinks.base.ReportsTruncation`)."""
+        return self.stats.truncated_total
+
+    def sink_counters(self) -> dict[str, int]:
+        """:class:`~amid.sinks.base.ReportsCounters`: ``amid_sink_operations_total``."""
+        stats = self.stats
+        return {"confirmed": stats.messages_total,
+                "reconnect": stats.reconnects_total, "connect_failure": stats.connect_failures_total,
+                "resend": stats.resent_total, "confirmed_not_resent": stats.confirmed_not_resent_total,
+                "refused": stats.refused_total, "server_close": stats.server_closes_total}
 
     async def start(self) -> None:
         """Open the socket (resolving and connecting); raise SinkError if that fails."""
@@ -574,11 +586,9 @@ class SyslogSink:
                 self._drop_channel()
                 raise
             self._confirmed_ids = set()
-            stats = self.stats
-            stats.messages_total += len(payloads)
-            stats.bytes_total += sum(map(len, payloads))
             # Counted once a message is delivered, not per attempt; framing only ever adds bytes.
-            stats.truncated_total += sum(len(p) < len(m) for p, m in zip(payloads, messages, strict=False))
+            self.stats.messages_total += len(payloads)
+            self.stats.truncated_total += sum(len(p) < len(m) for p, m in zip(payloads, messages, strict=False))
 
     async def close(self) -> None:
         """Close the connection (a RELP session with ``close``). Idempotent; safe before start."""
@@ -634,7 +644,6 @@ class SyslogSink:
         stats = self.stats
         for i in indices:
             stats.messages_total += 1
-            stats.bytes_total += len(payloads[i])
             stats.truncated_total += len(payloads[i]) < len(messages[i])
 
     def _frame(self, message: bytes) -> bytes:
