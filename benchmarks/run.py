@@ -18,10 +18,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python benchmarks/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_e2e, bench_parse, bench_receive
+from benchmarks import bench_e2e, bench_parse, bench_receive, bench_tail
 from benchmarks.common import RESULTS_DIR, machine_description
 
-ALL = ("parse", "receive", "e2e")
+ALL = ("parse", "receive", "e2e", "tail")
 
 
 def _verdict(ok: bool | None) -> str:
@@ -89,6 +89,20 @@ def verdicts(summary: dict) -> list[list[str]]:
                      f"peak RSS, second half vs first half of the outage {growth:+.1f} MiB; queue "
                      f"{out['queue_events'] or 0:,.0f} ≤ {out['max_events']:,} events",
                      _verdict(growth < 8 and (out["queue_events"] or 0) <= out["max_events"])])
+    tail = summary.get("tail")
+    if tail:
+        amid = tail["amid"]
+        intact = bench_tail.tail_intact(tail)
+        for peer, target in bench_tail.TARGETS.items():
+            p = tail.get(peer, {})
+            if amid.get("error") or p.get("error"):
+                rows.append([f"`amid tail` ≥ {target:g}× {peer} (issue 14)",
+                             f"failed: {amid.get('error') or p.get('error')}", "n/a"])
+                continue
+            ratio = amid["rate"] / p["rate"]
+            rows.append([f"`amid tail` ≥ {target:g}× {peer} (issue 14), every event printed intact",
+                         f"{amid['rate']:,.0f} vs {p['rate']:,.0f} events/s = {ratio:.2f}×; amid intact: "
+                         f"{'yes' if intact else 'NO'}", _verdict(ratio >= target and intact)])
     return rows
 
 
@@ -132,10 +146,14 @@ def main(argv: list[str] | None = None) -> int:
         print("end to end ...", file=sys.stderr, flush=True)
         text, summary["e2e"] = bench_e2e.run(quick=args.quick)
         sections.append("### 3. End to end: AMI source → `amid run` → sinks\n\n" + text)
+    if "tail" in only:
+        print("tail ...", file=sys.stderr, flush=True)
+        text, summary["tail"] = bench_tail.run(reps, 40_000 if args.quick else 100_000)
+        sections.append("### 4. Tail: AMI source → a JSON-printing client → stdout pipe\n\n" + text)
     from benchmarks.common import markdown_table
     rows = verdicts(summary)
     if rows:
-        sections.append("### Targets (issue 5)\n\n" + markdown_table(["target", "this run", "verdict"], rows))
+        sections.append("### Targets (issues 5 and 14)\n\n" + markdown_table(["target", "this run", "verdict"], rows))
     sections.append(f"_Total benchmark time {time.perf_counter() - started:.0f} s._")
     report = "\n\n".join(sections) + "\n"
     print(report)
