@@ -24,7 +24,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from amid import __version__
 from amid.ami._accel import REASON, SPEEDUPS
@@ -446,14 +446,21 @@ class _StdoutWriter:
     stall the event loop (Asterisk drops a client that stops reading for ~100 ms), and a reader
     that went away (``amid tail | head``) ends the command quietly."""
 
-    def __init__(self, limit_bytes: int = 256 << 20) -> None:
+    def __init__(self, out: BinaryIO | None = None, limit_bytes: int = 256 << 20) -> None:
+        self._out = out
         self._chunks: list[bytes] = []
         self._size = 0
+        self._in_flight = 0
         self._limit = limit_bytes
         self._wakeup = asyncio.Event()
         self.closed = asyncio.Event()   # stdout is gone, or the writer gave up
         self.error: str | None = None
         self._finishing = False
+
+    @property
+    def unwritten(self) -> int:
+        """Bytes queued or being written that stdout has not taken yet."""
+        return self._size + self._in_flight
 
     def write(self, data: bytes) -> None:
         if self.closed.is_set():
@@ -467,32 +474,35 @@ class _StdoutWriter:
         self._wakeup.set()
 
     async def run(self) -> None:
-        out = sys.stdout.buffer
+        out = self._out or sys.stdout.buffer
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             data, self._chunks, self._size = b"".join(self._chunks), [], 0
             if data:
+                self._in_flight = len(data)
                 try:
                     await asyncio.to_thread(_write_all, out, data)
                 except OSError:  # BrokenPipeError included: the reader went away
                     self.closed.set()
                     return
+                self._in_flight = 0
             if self._finishing and not self._chunks:
                 return
 
-    async def finish(self, task: asyncio.Task, timeout: float = 10.0) -> None:
-        """Write out everything queued, then end ``task`` (the :meth:`run` task)."""
+    async def finish(self, task: asyncio.Task[None], interrupted: asyncio.Event) -> bool:
+        """Write out everything queued, then end ``task`` (the :meth:`run` task). A live reader
+        gets all of it however slowly it reads (``amid tail --count N | less``: the pager reads
+        as the user pages); only ``interrupted`` (a second SIGINT/SIGTERM) gives up. True when
+        nothing was given up."""
         self._finishing = True
         self._wakeup.set()
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(task)
-        except TimeoutError:
-            task.cancel()
+        from amid.ami.aio import first_of
+        await first_of(task, interrupted.wait())
+        return task.done()
 
 
-def _write_all(out, data: bytes) -> None:
+def _write_all(out: BinaryIO, data: bytes) -> None:
     out.write(data)
     out.flush()
 
@@ -503,6 +513,7 @@ async def _tail(args: argparse.Namespace) -> int:
     writer = _StdoutWriter()
     writer_task = asyncio.create_task(writer.run())
     done = asyncio.Event()
+    interrupted = asyncio.Event()  # a second signal while the last events are written out
     seen = 0
     client = _client_from_args(args, ping_interval=args.ping_interval,
                                ping_timeout=max(2.0, args.ping_interval))
@@ -520,12 +531,15 @@ async def _tail(args: argparse.Namespace) -> int:
         if not args.raw and events:
             writer.write(b"\n".join(Record.jsons(Record.of_events(events, "tail"))) + b"\n")
 
+    def on_signal() -> None:
+        (interrupted if done.is_set() else done).set()
+
     if args.raw:
         client.add_raw_listener(writer.write)
     client.add_batch_listener(on_events)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, done.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         try:
             await client.connect()
@@ -534,7 +548,8 @@ async def _tail(args: argparse.Namespace) -> int:
             return EXIT_FAILURE
         await first_of(writer.closed.wait(), done.wait())
         await client.close()
-        await writer.finish(writer_task)
+        if not await writer.finish(writer_task, interrupted):
+            writer.error = f"interrupted with {writer.unwritten:,} bytes of events not yet written to stdout"
     finally:
         await cancel_and_wait(writer_task)
     if writer.error:
