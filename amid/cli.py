@@ -478,11 +478,11 @@ class _StdoutWriter:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            data, self._chunks, self._size = b"".join(self._chunks), [], 0
-            if data:
-                self._in_flight = len(data)
+            chunks, self._chunks, size, self._size = self._chunks, [], self._size, 0
+            if chunks:
+                self._in_flight = size
                 try:
-                    await asyncio.to_thread(_write_all, out, data)
+                    await asyncio.to_thread(_write_all, out, chunks)
                 except OSError:  # BrokenPipeError included: the reader went away
                     self.closed.set()
                     return
@@ -502,9 +502,32 @@ class _StdoutWriter:
         return task.done()
 
 
-def _write_all(out: BinaryIO, data: bytes) -> None:
-    out.write(data)
-    out.flush()
+_IOV_MAX = 1024  # the smallest IOV_MAX Linux and the BSDs allow
+
+
+def _write_all(out: BinaryIO, chunks: list[bytes]) -> None:
+    """Write ``chunks`` in order with ``writev`` (one syscall for up to 1024 batches, no
+    copy into one big buffer: at 250k events/s that copy and its fresh pages cost a quarter of
+    `amid tail`'s time), or joined where ``out`` has no file descriptor."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        out.write(b"".join(chunks))
+        out.flush()
+        return
+    out.flush()  # nothing should be buffered there; if it is, it goes first
+    pending: list[bytes | memoryview] = list(chunks)
+    while pending:
+        batch = pending[:_IOV_MAX]
+        written = os.writev(fd, batch)
+        done = 0
+        for piece in batch:
+            if written < len(piece):
+                pending[done] = memoryview(piece)[written:]
+                break
+            written -= len(piece)
+            done += 1
+        del pending[:done]
 
 
 async def _tail(args: argparse.Namespace) -> int:
@@ -529,7 +552,9 @@ async def _tail(args: argparse.Namespace) -> int:
             done.set()
         seen += len(events)
         if not args.raw and events:
-            writer.write(b"\n".join(Record.jsons(Record.of_events(events, "tail"))) + b"\n")
+            lines = Record.jsons(Record.of_events(events, "tail"))
+            lines.append(b"")  # the last line's newline, in the same join (one copy, not two)
+            writer.write(b"\n".join(lines))
 
     def on_signal() -> None:
         (interrupted if done.is_set() else done).set()
