@@ -212,8 +212,10 @@ def run(reps: int, events: int) -> tuple[str, dict[str, Any]]:
             continue
         ratio = amid.rate.median / p.rate.median
         lo, hi = amid.rate.lo / p.rate.hi, amid.rate.hi / p.rate.lo
+        cpu = p.cpu_us.median / amid.cpu_us.median if amid.cpu_us.values and p.cpu_us.values else float("nan")
         verdict_lines.append(f"* amid tail ≥ {target:g}× {peer}: {ratio:.2f}× (extremes {lo:.2f}–{hi:.2f}×) → "
-                             f"{'**met**' if ratio >= target and tail_intact(summary) else '**not met**'}")
+                             f"{'**met**' if ratio >= target and tail_intact(summary) else '**not met**'}; "
+                             f"CPU per event {cpu:.1f}× less")
     text = (f"Source: amid's simulator (separate process) streaming {events:,} pre-built call events flat "
             f"out after login (+ FullyBooted, SuccessfulAuth: {count:,} lines). Each contender is a fresh "
             f"process printing one JSON object per event to a pipe drained by the benchmark; timed from the "
