@@ -1,7 +1,7 @@
 """Run the amid benchmarks and print (and save) a markdown results table.
 
-    python -m benchmarks.run            # everything, about 1–2 minutes
-    python -m benchmarks.run --quick    # fewer repetitions and events, about 30 s
+    python -m benchmarks.run            # everything, about 3–4 minutes
+    python -m benchmarks.run --quick    # fewer repetitions and events, about 1–2 minutes
     python -m benchmarks.run --only parse,receive --prototypes
 
 Results go to stdout and to benchmarks/results/latest.md (git-ignored). Method notes:
@@ -108,7 +108,7 @@ def verdicts(summary: dict) -> list[list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer repetitions and events (~30 s)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and events (1–2 minutes)")
     p.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
     p.add_argument("--prototypes", action="store_true",
                    help="also measure the hot-path prototypes in benchmarks/prototypes.py")
