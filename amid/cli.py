@@ -24,7 +24,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from amid import __version__
 from amid.ami._accel import REASON, SPEEDUPS
@@ -421,14 +421,21 @@ class _StdoutWriter:
     stall the event loop (Asterisk drops a client that stops reading for ~100 ms), and a reader
     that went away (``amid tail | head``) ends the command quietly."""
 
-    def __init__(self, limit_bytes: int = 256 << 20) -> None:
+    def __init__(self, out: BinaryIO | None = None, limit_bytes: int = 256 << 20) -> None:
+        self._out = out
         self._chunks: list[bytes] = []
         self._size = 0
+        self._in_flight = 0
         self._limit = limit_bytes
         self._wakeup = asyncio.Event()
         self.closed = asyncio.Event()   # stdout is gone, or the writer gave up
         self.error: str | None = None
         self._finishing = False
+
+    @property
+    def unwritten(self) -> int:
+        """Bytes queued or being written that stdout has not taken yet."""
+        return self._size + self._in_flight
 
     def write(self, data: bytes) -> None:
         if self.closed.is_set():
@@ -442,34 +449,60 @@ class _StdoutWriter:
         self._wakeup.set()
 
     async def run(self) -> None:
-        out = sys.stdout.buffer
+        out = self._out or sys.stdout.buffer
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            data, self._chunks, self._size = b"".join(self._chunks), [], 0
-            if data:
+            chunks, self._chunks, size, self._size = self._chunks, [], self._size, 0
+            if chunks:
+                self._in_flight = size
                 try:
-                    await asyncio.to_thread(_write_all, out, data)
+                    await asyncio.to_thread(_write_all, out, chunks)
                 except OSError:  # BrokenPipeError included: the reader went away
                     self.closed.set()
                     return
+                self._in_flight = 0
             if self._finishing and not self._chunks:
                 return
 
-    async def finish(self, task: asyncio.Task, timeout: float = 10.0) -> None:
-        """Write out everything queued, then end ``task`` (the :meth:`run` task)."""
+    async def finish(self, task: asyncio.Task[None], interrupted: asyncio.Event) -> bool:
+        """Write out everything queued, then end ``task`` (the :meth:`run` task). A live reader
+        gets all of it however slowly it reads (``amid tail --count N | less``: the pager reads
+        as the user pages); only ``interrupted`` (a second SIGINT/SIGTERM) gives up. True when
+        nothing was given up."""
         self._finishing = True
         self._wakeup.set()
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(task)
-        except TimeoutError:
-            task.cancel()
+        from amid.ami.aio import first_of
+        await first_of(task, interrupted.wait())
+        return task.done()
 
 
-def _write_all(out, data: bytes) -> None:
-    out.write(data)
-    out.flush()
+_IOV_MAX = 1024  # the smallest IOV_MAX Linux and the BSDs allow
+
+
+def _write_all(out: BinaryIO, chunks: list[bytes]) -> None:
+    """Write ``chunks`` in order with ``writev`` (one syscall for up to 1024 batches, no
+    copy into one big buffer: at 250k events/s that copy and its fresh pages cost a quarter of
+    `amid tail`'s time), or joined where ``out`` has no file descriptor."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        out.write(b"".join(chunks))
+        out.flush()
+        return
+    out.flush()  # nothing should be buffered there; if it is, it goes first
+    pending: list[bytes | memoryview] = list(chunks)
+    while pending:
+        batch = pending[:_IOV_MAX]
+        written = os.writev(fd, batch)
+        done = 0
+        for piece in batch:
+            if written < len(piece):
+                pending[done] = memoryview(piece)[written:]
+                break
+            written -= len(piece)
+            done += 1
+        del pending[:done]
 
 
 async def _tail(args: argparse.Namespace) -> int:
@@ -478,6 +511,7 @@ async def _tail(args: argparse.Namespace) -> int:
     writer = _StdoutWriter()
     writer_task = asyncio.create_task(writer.run())
     done = asyncio.Event()
+    interrupted = asyncio.Event()  # a second signal while the last events are written out
     seen = 0
     client = _client_from_args(args, ping_interval=args.ping_interval,
                                ping_timeout=max(2.0, args.ping_interval))
@@ -493,14 +527,19 @@ async def _tail(args: argparse.Namespace) -> int:
             done.set()
         seen += len(events)
         if not args.raw and events:
-            writer.write(b"\n".join(Record.jsons(Record.of_events(events, "tail"))) + b"\n")
+            lines = Record.jsons(Record.of_events(events, "tail"))
+            lines.append(b"")  # the last line's newline, in the same join (one copy, not two)
+            writer.write(b"\n".join(lines))
+
+    def on_signal() -> None:
+        (interrupted if done.is_set() else done).set()
 
     if args.raw:
         client.add_raw_listener(writer.write)
     client.add_batch_listener(on_events)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, done.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         try:
             await client.connect()
@@ -509,7 +548,8 @@ async def _tail(args: argparse.Namespace) -> int:
             return EXIT_FAILURE
         await first_of(writer.closed.wait(), done.wait())
         await client.close()
-        await writer.finish(writer_task)
+        if not await writer.finish(writer_task, interrupted):
+            writer.error = f"interrupted with {writer.unwritten:,} bytes of events not yet written to stdout"
     finally:
         await cancel_and_wait(writer_task)
     if writer.error:

@@ -1,7 +1,7 @@
 """Run the amid benchmarks and print (and save) a markdown results table.
 
-    python -m benchmarks.run            # everything, about 1–2 minutes
-    python -m benchmarks.run --quick    # fewer repetitions and events, about 30 s
+    python -m benchmarks.run            # everything, about 3–4 minutes
+    python -m benchmarks.run --quick    # fewer repetitions and events, about 1–2 minutes
     python -m benchmarks.run --only parse,receive --prototypes
 
 Results go to stdout and to benchmarks/results/latest.md (git-ignored). Method notes:
@@ -18,10 +18,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python benchmarks/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_e2e, bench_parse, bench_receive
+from benchmarks import bench_e2e, bench_parse, bench_receive, bench_tail
 from benchmarks.common import RESULTS_DIR, machine_description
 
-ALL = ("parse", "receive", "e2e")
+ALL = ("parse", "receive", "e2e", "tail")
 
 
 def _verdict(ok: bool | None) -> str:
@@ -90,6 +90,20 @@ def verdicts(summary: dict) -> list[list[str]]:
                      f"peak RSS, second half vs first half of the outage {growth:+.1f} MiB; queue "
                      f"{out['queue_events'] or 0:,.0f} ≤ {out['max_events']:,} events",
                      _verdict(growth < 8 and (out["queue_events"] or 0) <= out["max_events"])])
+    tail = summary.get("tail")
+    if tail:
+        amid = tail["amid"]
+        intact = bench_tail.tail_intact(tail)
+        for peer, target in bench_tail.TARGETS.items():
+            p = tail.get(peer, {})
+            if amid.get("error") or p.get("error"):
+                rows.append([f"[14] `amid tail` ≥ {target:g}× {peer}",
+                             f"failed: {amid.get('error') or p.get('error')}", "n/a"])
+                continue
+            ratio = amid["rate"] / p["rate"]
+            rows.append([f"[14] `amid tail` ≥ {target:g}× {peer}, every event printed intact",
+                         f"{amid['rate']:,.0f} vs {p['rate']:,.0f} events/s = {ratio:.2f}×; amid intact: "
+                         f"{'yes' if intact else 'NO'}", _verdict(ratio >= target and intact)])
     return rows
 
 
@@ -137,7 +151,7 @@ def issue14_rows(e2e: dict) -> list[list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer repetitions and events (~30 s)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and events (1–2 minutes)")
     p.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
     p.add_argument("--prototypes", action="store_true",
                    help="also measure the hot-path prototypes in benchmarks/prototypes.py")
@@ -175,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         print("end to end ...", file=sys.stderr, flush=True)
         text, summary["e2e"] = bench_e2e.run(quick=args.quick)
         sections.append("### 3. End to end: AMI source → `amid run` → sinks\n\n" + text)
+    if "tail" in only:
+        print("tail ...", file=sys.stderr, flush=True)
+        text, summary["tail"] = bench_tail.run(reps, 40_000 if args.quick else 100_000)
+        sections.append("### 4. Tail: AMI source → a JSON-printing client → stdout pipe\n\n" + text)
     from benchmarks.common import markdown_table
     rows = verdicts(summary)
     if rows:

@@ -660,3 +660,88 @@ async def test_init_config_prints_the_sample_config_byte_for_byte():
     code, out, err = await run_amid("init-config")
     assert (code, err) == (0, b"")
     assert out == (ROOT / "config" / "amid.yaml").read_bytes()
+
+
+async def _tail_blocked_on_its_reader(n: int) -> tuple[AMISimulator, asyncio.subprocess.Process, int]:
+    """`amid tail` streaming ``n`` events into a pipe nobody reads yet; returns once the first
+    SIGINT has ended its session, i.e. it is writing out what it holds."""
+    sim = AMISimulator(stream_on_login=n)
+    await sim.start()
+    read_fd, write_fd = os.pipe()
+    proc = await asyncio.create_subprocess_exec(
+        *AMID, "tail", *conn_args(sim), stdout=write_fd, stderr=subprocess.PIPE, cwd=ROOT,
+        env=env(AMID_SECRET="amidsecret"))
+    os.close(write_fd)
+    async with asyncio.timeout(20):
+        await sim.wait_for_sessions(1, timeout=20)
+        while sim.stats.events_sent < n:  # all sent; a 64 KiB pipe holds ~60 of them
+            await asyncio.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        while sim.sessions:  # tail logged off: it holds the rest for its reader
+            await asyncio.sleep(0.01)
+    return sim, proc, read_fd
+
+
+async def test_tail_gives_a_slow_reader_every_event_it_received():
+    """`amid tail | less`: after Ctrl-C the events already received wait for the reader however
+    long it takes (no deadline that drops them), in order, each a whole JSON line."""
+    sim, proc, read_fd = await _tail_blocked_on_its_reader(20_000)
+    try:
+        with os.fdopen(read_fd, "rb") as reader:
+            out = await asyncio.to_thread(reader.read)
+        async with asyncio.timeout(20):
+            _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await sim.close()
+    assert proc.returncode == 0, err.decode()
+    seqs = [json.loads(line)["seq"] for line in out.splitlines()]
+    assert len(seqs) > 1_000  # far more than the pipe held when it logged off
+    assert seqs == list(range(1, len(seqs) + 1))
+
+
+async def test_tail_second_signal_gives_up_on_a_stuck_reader_and_says_so():
+    sim, proc, read_fd = await _tail_blocked_on_its_reader(20_000)
+    try:
+        proc.send_signal(signal.SIGINT)  # the second: stop waiting for the reader
+        with os.fdopen(read_fd, "rb") as reader:  # the write under way ends once the pipe drains
+            out = await asyncio.to_thread(reader.read)
+        async with asyncio.timeout(20):
+            _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await sim.close()
+    assert proc.returncode == 1
+    assert b"interrupted with" in err and b"bytes of events not yet written to stdout" in err, err.decode()
+    assert b"Traceback" not in err
+    # What was already handed to write() when it gave up still arrives (how much is a matter of
+    # timing), whole lines in order; the rest is dropped.
+    lines = out.splitlines()
+    assert all(json.loads(line)["seq"] == i for i, line in enumerate(lines, 1))
+
+
+def test_tail_stdout_writes_keep_every_byte_in_order_through_short_writes(monkeypatch, tmp_path):
+    """`amid tail` writes its batches with writev, which may write less than asked (a signal
+    landing mid-write): the rest must follow, in order, at most IOV_MAX buffers a call."""
+    from amid import cli
+    real_writev = os.writev
+    calls: list[int] = []
+
+    def short_writev(fd: int, buffers) -> int:
+        buffers = [bytes(b) for b in buffers]
+        calls.append(len(buffers))
+        joined = b"".join(buffers)
+        cut = (len(buffers[0]) // 2, len(buffers[0]) + 3, len(joined))[len(calls) % 3]
+        return real_writev(fd, [joined[:max(1, min(cut, len(joined)))]])
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    chunks = [f"{i}:".encode() + b"x" * (i % 50) + b"\n" for i in range(3000)]
+    path = tmp_path / "out"
+    with path.open("wb") as out:
+        cli._write_all(out, chunks)
+    assert path.read_bytes() == b"".join(chunks)
+    assert max(calls) == 1024 and len(calls) > 3
