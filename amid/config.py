@@ -466,7 +466,7 @@ def _default_sink_option_models() -> dict[str, str]:
     # Module names, imported only for the types actually used (the sink modules import
     # aiohttp etc., and a broken one must not hide problems in the rest of the config).
     return {"file": "amid.sinks.file", "syslog": "amid.sinks.syslog",
-            "webhook": "amid.sinks.webhook"}
+            "webhook": "amid.sinks.webhook", "amqp": "amid.sinks.amqp", "nats": "amid.sinks.nats"}
 
 
 class _TypeUnavailable(Exception):

@@ -52,6 +52,7 @@ OTHER_EVENT = "other"
 
 ServerSource = Callable[[], Iterable[tuple[str, SessionStats]]]
 SinkSource = Callable[[], Iterable[tuple[str, str, Any]]]
+BrokerOutcomeSource = Callable[[], Iterable[tuple[str, str, Mapping[str, int]]]]
 
 _SERVER = ["server"]
 _SINK = ["sink", "type"]
@@ -77,11 +78,13 @@ class AmidCollector(Collector):
         sinks: SinkSource,
         version: str,
         max_event_names: int = 300,
+        broker_outcomes: BrokerOutcomeSource | None = None,
     ) -> None:
         if max_event_names < 0:
             raise ValueError("max_event_names must be >= 0")
         self._servers = servers
         self._sinks = sinks
+        self._broker_outcomes = broker_outcomes
         self._version = version
         self._max_event_names = max_event_names
         # server -> event names that own a series (insertion-ordered, bounded by max_event_names)
@@ -97,6 +100,8 @@ class AmidCollector(Collector):
         )
         yield from self._server_families(list(self._servers()))
         yield from self._sink_families(list(self._sinks()))
+        if self._broker_outcomes is not None:
+            yield self._broker_outcome_family(list(self._broker_outcomes()))
 
     # -- AMI servers ---------------------------------------------------------------------
 
@@ -262,6 +267,18 @@ class AmidCollector(Collector):
             queue_events, queue_bytes,
             in_flight, spool_events, spool_bytes, last_success, latency,
         )
+
+    @staticmethod
+    def _broker_outcome_family(sinks: list[tuple[str, str, Mapping[str, int]]]) -> Metric:
+        family = CounterMetricFamily(
+            "amid_sink_broker_outcomes",
+            "Records a broker sink published that the broker answered other than with a plain "
+            "confirm, by outcome (unroutable, nacked, refused, no_stream, duplicate).",
+            labels=["sink", "type", "outcome"])
+        for sink, sink_type, outcomes in sinks:
+            for outcome, count in outcomes.items():
+                family.add_metric([sink, sink_type, outcome], count)
+        return family
 
 
 def build_registry(collector: AmidCollector) -> CollectorRegistry:

@@ -35,12 +35,14 @@ from amid.logs import set_log_level
 from amid.records import Record, format_iso
 from amid.router import EventFilter, Router
 from amid.sinks.base import PluginLoadError, load_plugin_factories
+from amid.sinks.broker import BrokerOutcomes
 from amid.sinks.delivery import SinkRunner, SinkStats
 
 log = logging.getLogger("amid.service")
 
 BUILTIN_SINKS = {"file": "amid.sinks.file", "syslog": "amid.sinks.syslog",
-                 "webhook": "amid.sinks.webhook"}
+                 "webhook": "amid.sinks.webhook", "amqp": "amid.sinks.amqp",
+                 "nats": "amid.sinks.nats"}
 STATUS_INTERVAL = 5.0
 RELOAD_DRAIN_TIMEOUT = 2.0
 
@@ -254,6 +256,9 @@ class Daemon:
             servers=lambda: list(self.server_stats.items()),
             sinks=lambda: [(name, slot.config.type, self._replaced_stats.get(name, slot.runner.stats))
                            for name, slot in self.sinks.items()],
+            broker_outcomes=lambda: [(name, slot.config.type, slot.sink.outcomes)
+                                     for name, slot in self.sinks.items()
+                                     if isinstance(slot.sink, BrokerOutcomes)],
             version=__version__)
         registry = build_registry(collector)
         self.http = HealthServer(self.config.http.listen, registry, live=self.liveness,
