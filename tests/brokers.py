@@ -209,19 +209,30 @@ class NatsStream:
         self.create = create
         self.config = config
 
-    async def __aenter__(self) -> NatsStream:
+    async def _connect(self) -> None:
         import nats
         self.nc = await nats.connect(self.url, connect_timeout=5, allow_reconnect=False)
         self.js = self.nc.jetstream()
+
+    async def _ensure(self) -> None:
+        """Connect again if the server went away since (a private server a test restarted)."""
+        if not self.nc.is_connected:
+            await self.nc.close()
+            await self._connect()
+
+    async def __aenter__(self) -> NatsStream:
+        await self._connect()
         if self.create:
             await self.js.add_stream(name=self.name, subjects=self.subjects, **self.config)
         return self
 
     async def count(self) -> int:
+        await self._ensure()
         return (await self.js.stream_info(self.name)).state.messages
 
     async def messages(self) -> list[tuple[str, dict[str, str], dict[str, Any]]]:
         """Every message in the stream, in stream order: (subject, headers, record)."""
+        await self._ensure()
         info = await self.js.stream_info(self.name)
         out = []
         if info.state.messages == 0:
@@ -239,6 +250,7 @@ class NatsStream:
     async def __aexit__(self, *exc: object) -> None:
         try:
             from nats.js.errors import NotFoundError
+            await self._ensure()
             try:
                 await self.js.delete_stream(self.name)
             except NotFoundError:
@@ -260,6 +272,7 @@ class PrivateNatsServer:
         self.store = directory / "jetstream"
         self.log = directory / "nats.log"
         self.port = 0
+        self.extra_args: list[str] = []
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -268,10 +281,11 @@ class PrivateNatsServer:
 
     async def start(self) -> None:
         port = str(self.port or -1)  # -1: the server picks a free port; restarts keep it
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.log.write_bytes(b"")
         self.process = subprocess.Popen(
             [self.binary, "-a", "127.0.0.1", "-p", port, "-js", "-sd", str(self.store),
-             "-l", str(self.log)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "-l", str(self.log), *self.extra_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         async with asyncio.timeout(15):
             while True:
                 written = self.log.read_bytes()

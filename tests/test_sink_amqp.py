@@ -293,7 +293,7 @@ async def test_a_sink_whose_broker_was_never_reached_keeps_the_daemon_unready(tm
     async with sim_pair(count=1) as sims:
         path = daemon_config(tmp_path, sims, [
             {"name": "bus", "type": "amqp", "url": "amqp://127.0.0.1:1/",
-             "connect_timeout": "1s"}], start_timeout="1s")
+             "connect_timeout": "1s"}], start_timeout="1s", shutdown_timeout="1s")
         daemon, task = await start_daemon(path, wait_ready=False)
         try:
             await wait_until(lambda: daemon.sinks["bus"].runner.stats.failed_attempts_total
@@ -304,6 +304,7 @@ async def test_a_sink_whose_broker_was_never_reached_keeps_the_daemon_unready(tm
     assert not ready and "not opened yet" in checks["sink:bus"]
 
 
+@pytest.mark.slow
 async def test_connections_closed_by_the_broker_mid_stream_lose_nothing_with_spool(
         tmp_path, rabbit_url):
     async with RabbitExchange() as exchange, \

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
+import json
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -68,6 +70,8 @@ log = logging.getLogger("amid.sinks.nats")
 
 OUTCOMES = ("duplicate", "refused", "no_stream")
 MSG_ID_HEADER = "Nats-Msg-Id"
+EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"
+NO_RESPONDERS_STATUS = "503"
 _MAX_SUBJECT_BYTES = 4096  # far below the server's payload limit; subjects are short anyway
 
 
@@ -193,7 +197,9 @@ class NatsSink:
         self._refused_streak = 0
         self.outcomes: Counter[str] = Counter(dict.fromkeys(OUTCOMES, 0))
         self._nc: nats.aio.client.Client | None = None
-        self._js: nats.js.JetStreamContext | None = None
+        self._ack_prefix = ""
+        self._pending: dict[str, asyncio.Future[Any]] = {}
+        self._tokens = itertools.count()
         self._state = _State.NEW
         self._ssl: Any = None
         self._token: str | None = None
@@ -267,10 +273,12 @@ class NatsSink:
                     connect_timeout=max(1, round(options.connect_timeout)),
                     error_cb=self._on_error, disconnected_cb=self._on_disconnected,
                     closed_cb=self._on_closed, **credentials)
-                js = nc.jetstream(timeout=options.connect_timeout,
-                                  publish_async_max_pending=1 << 20)
                 if not self._stream_checked:
-                    await self._check_stream(js)
+                    await self._check_stream(nc.jetstream(timeout=options.connect_timeout))
+                # PubAcks come back on one subscription, told apart by the reply subject's
+                # last token (nats-py's publish_async leaves a refused publish unanswered).
+                self._ack_prefix = nc.new_inbox() + "."
+                await nc.subscribe(self._ack_prefix + "*", cb=self._on_ack)
         except BaseException as exc:
             if nc is not None:
                 await self._close_quietly(nc)
@@ -283,7 +291,7 @@ class NatsSink:
             else:
                 why = self._describe(exc)
             raise SinkError(f"nats {self.name}: cannot connect to {self._endpoints}: {why}") from None
-        self._nc, self._js = nc, js
+        self._nc = nc
         log.info("nats sink %s: connected to %s", self.name, self._endpoints,
                  extra={"sink": self.name})
 
@@ -342,7 +350,7 @@ class NatsSink:
         return nc is not None and nc.is_connected
 
     async def _drop_connection(self) -> None:
-        nc, self._nc, self._js = self._nc, None, None
+        nc, self._nc = self._nc, None
         if nc is not None:
             await self._close_quietly(nc)
 
@@ -365,40 +373,64 @@ class NatsSink:
         if not self._connected():
             await self._drop_connection()
             await self._connect()  # raises SinkError; the runner backs off and retries
-        js = self._js
-        assert js is not None
+        nc = self._nc
+        assert nc is not None
         todo = self._confirmed.pending(batch)
         if not todo:
             self._confirmed.clear()
             return
-        acks = await self._publish_all(js, todo)
+        acks = await self._publish_all(nc, todo)
         self._settle(todo, acks)
 
-    async def _publish_all(self, js: nats.js.JetStreamContext,
+    async def _publish_all(self, nc: nats.aio.client.Client,
                            records: list[Record]) -> list[asyncio.Future[Any]]:
+        """Publish ``records`` with a reply subject each and wait for every answer (or the
+        timeout, or the connection's loss); the answers are in the futures, in order."""
         options = self._options
         subject = self._names.of
-        stream = options.stream
-        publish = js.publish_async
+        publish = nc.publish
+        headers: dict[str, str] = {}
+        if options.stream is not None:
+            headers[EXPECTED_STREAM_HEADER] = options.stream
+        prefix = self._ack_prefix
+        pending = self._pending
+        next_token = self._tokens.__next__
+        loop = asyncio.get_running_loop()
         acks: list[asyncio.Future[Any]] = []
         try:
             async with asyncio.timeout(options.timeout):
                 # Every publish is buffered before the first PubAck is awaited: the client
                 # writes them in a few large writes and the acks come back as one stream.
                 for record in records:
-                    acks.append(await publish(subject(record), record.json, stream=stream,
-                                              headers={MSG_ID_HEADER: record.id}))
+                    token = str(next_token())
+                    ack = pending[token] = loop.create_future()
+                    acks.append(ack)
+                    await publish(subject(record), record.json, reply=prefix + token,
+                                  headers={**headers, MSG_ID_HEADER: record.id})
                 if acks:
                     await self._until_acked_or_lost(acks)
         except TimeoutError:
             pass  # the acks still missing count as failures in _settle
         except Exception as exc:  # the client refused to buffer more (connection lost, ...)
-            for ack in acks:
-                ack.cancel()
             await self._drop_connection()
             raise SinkError(f"nats {self.name}: publish to {self._endpoints} failed: "
                             f"{self._describe(exc)}") from None
+        finally:
+            for ack in acks:
+                if not ack.done():
+                    ack.cancel()
+            pending.clear()
         return acks
+
+    async def _on_ack(self, msg: Any) -> None:
+        """A PubAck (or the server's no-responders status) for the publish named by the token."""
+        ack = self._pending.pop(msg.subject[len(self._ack_prefix):], None)
+        if ack is None or ack.done():
+            return  # late: its batch already gave up on it
+        if msg.headers and msg.headers.get("Status") == NO_RESPONDERS_STATUS:
+            ack.set_result(None)
+        else:
+            ack.set_result(msg.data)
 
     async def _until_acked_or_lost(self, acks: list[asyncio.Future[Any]]) -> None:
         """Wait for every ack, or until the connection is lost (then the rest never come)."""
@@ -409,38 +441,37 @@ class NatsSink:
         finally:
             lost.cancel()
             if not all_acked.done():
-                all_acked.cancel()  # cancels the acks still missing: they count as failures
+                all_acked.cancel()
             else:
                 all_acked.result()
 
     def _settle(self, records: list[Record], acks: list[asyncio.Future[Any]]) -> None:
         """Sort the server's answers; raise unless every record was acknowledged."""
-        from nats.js.errors import APIError, NoStreamResponseError
         confirmed: list[str] = []
         duplicates = refused = no_stream = missing = 0
         example = ""
         for record, ack in zip(records, acks):
-            if not ack.done():
-                ack.cancel()
-                missing += 1
-                continue
             if ack.cancelled():
                 missing += 1
                 continue
-            exc = ack.exception()
-            if exc is None:
-                confirmed.append(record.id)
-                if ack.result().duplicate:
-                    duplicates += 1
-            elif isinstance(exc, NoStreamResponseError):
+            answer = ack.result()
+            if answer is None:
                 no_stream += 1
                 example = example or f"no stream captures subject {self._names.of(record)!r}"
-            elif isinstance(exc, APIError):
-                refused += 1
-                example = example or self._describe(exc)
+                continue
+            try:
+                reply = json.loads(answer)
+            except ValueError:
+                reply = {"error": {"description": f"unreadable PubAck {answer[:80]!r}"}}
+            error = reply.get("error")
+            if error is None:
+                confirmed.append(record.id)
+                if reply.get("duplicate"):
+                    duplicates += 1
             else:
-                missing += 1
-                example = example or self._describe(exc)
+                refused += 1
+                example = example or (f"{error.get('description', 'refused')} (code "
+                                      f"{error.get('code')}, err_code {error.get('err_code')})")
         missing += len(records) - len(acks)
         self.outcomes["duplicate"] += duplicates
         self.outcomes["refused"] += refused
@@ -453,7 +484,8 @@ class NatsSink:
         summary = f"{len(confirmed)} of {len(records)} acknowledged"
         if missing:
             raise SinkError(f"nats {self.name}: no PubAck for {missing} records within timeout "
-                            f"({self._options.timeout:g}s; {summary}){': ' + example if example else ''}")
+                            f"or before the connection was lost ({self._options.timeout:g}s; "
+                            f"{summary})")
         if no_stream:
             raise SinkError(f"nats {self.name}: {example} ({no_stream} records; {summary})")
         self._refused_streak += 1
