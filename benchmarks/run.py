@@ -18,10 +18,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python benchmarks/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_e2e, bench_parse, bench_receive  # noqa: E402
+from benchmarks import bench_brokers, bench_e2e, bench_parse, bench_receive  # noqa: E402
 from benchmarks.common import RESULTS_DIR, machine_description  # noqa: E402
 
-ALL = ("parse", "receive", "e2e")
+ALL = ("parse", "receive", "e2e", "brokers")
 
 
 def _verdict(ok: bool | None) -> str:
@@ -132,8 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         print("end to end ...", file=sys.stderr, flush=True)
         text, summary["e2e"] = bench_e2e.run(quick=args.quick)
         sections.append("### 3. End to end: AMI source → `amid run` → sinks\n\n" + text)
+    if "brokers" in only:
+        print("brokers ...", file=sys.stderr, flush=True)
+        text, summary["brokers"] = bench_brokers.run(quick=args.quick)
+        sections.append("### 4. Broker sinks: amqp (RabbitMQ) and nats (JetStream), with confirms\n\n"
+                        + text)
     from benchmarks.common import markdown_table
     rows = verdicts(summary)
+    if summary.get("brokers"):
+        rows += bench_brokers.verdicts(summary["brokers"])
     if rows:
         sections.append("### Targets (issue 5)\n\n" + markdown_table(["target", "this run", "verdict"], rows))
     sections.append(f"_Total benchmark time {time.perf_counter() - started:.0f} s._")

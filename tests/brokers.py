@@ -450,7 +450,7 @@ class KillRun:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
                 conn.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
-                return conn.recv(64).startswith(b"HTTP/1.1 200") or False
+                return b" 200 " in conn.recv(64).split(b"\r\n", 1)[0]
         except OSError:
             return False
 
@@ -518,3 +518,24 @@ async def check_kill_run(tmp_path: Path, sink: dict[str, Any]) -> AsyncIterator[
             if run.process is not None:
                 run.process.kill()
                 run.process.wait(timeout=10)
+
+
+FLEET_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fleet" / "fleet.py"
+
+
+async def run_fleet_example(*args: str, timeout: float = 90.0) -> str:
+    """Run examples/fleet/fleet.py (three simulators, three `amid run`, one consumer) and
+    return its output; it must exit 0 within ``timeout``."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(FLEET_EXAMPLE), *args, "--timeout", str(timeout - 15),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        async with asyncio.timeout(timeout):
+            output, _ = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    text = output.decode()
+    assert process.returncode == 0, text[-2000:]
+    return text

@@ -22,6 +22,7 @@ from brokers import (
     close_rabbit_connections,
     daemon_config,
     require_rabbitmq,
+    run_fleet_example,
     run_restart_mid_stream,
     seqs_by_run,
     sim_pair,
@@ -340,3 +341,12 @@ async def test_kill_9_mid_stream_then_restart_delivers_every_record_at_least_onc
     duplicates = sum(ids.values()) - len(ids)
     # Duplicates only from the batches in flight at the kill (at most two batches' worth).
     assert duplicates <= 2 * run.batch_max_events, duplicates
+
+
+async def test_the_fleet_example_runs(rabbit_url):
+    prefix = unique("fleet").replace("-", "")
+    output = await run_fleet_example("--broker", "amqp", "--hangups", "2", "--prefix", prefix,
+                                     "--queue", f"{prefix}-hangups", "--amqp-url", rabbit_url)
+    for pbx in ("pbx1", "pbx2", "pbx3"):
+        assert f"{pbx} hangup " in output
+    assert "hangups per PBX" in output

@@ -19,6 +19,7 @@ from brokers import (
     check_kill_run,
     daemon_config,
     require_nats,
+    run_fleet_example,
     run_restart_mid_stream,
     seqs_by_run,
     sim_pair,
@@ -334,3 +335,17 @@ async def test_kill_9_mid_stream_then_restart_stores_every_record_exactly_once(
     ids = Counter(record["id"] for _, _, record in messages)
     assert len(messages) == len(ids), "a record was stored twice"
     run.verify(set(ids))
+
+
+async def test_the_fleet_example_runs(nats_url):
+    prefix = unique("fleet").replace("-", "")
+    stream = prefix.upper()
+    output = await run_fleet_example("--broker", "nats", "--hangups", "2", "--prefix", prefix,
+                                     "--stream", stream, "--nats-url", nats_url)
+    for pbx in ("pbx1", "pbx2", "pbx3"):
+        assert f"{pbx} hangup " in output
+    assert "hangups per PBX" in output
+    async with NatsStream(nats_url, create=False) as probe:   # the example removed its stream
+        from nats.js.errors import NotFoundError
+        with pytest.raises(NotFoundError):
+            await probe.js.stream_info(stream)
