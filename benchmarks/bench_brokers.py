@@ -33,9 +33,9 @@ from typing import Any
 if __package__ in (None, ""):  # `python benchmarks/bench_brokers.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from amid.records import Record  # noqa: E402
-from amid.sinks.delivery import SinkRunner  # noqa: E402
-from benchmarks.common import markdown_table, percentile, proc_cpu_seconds  # noqa: E402
+from amid.records import Record
+from amid.sinks.delivery import SinkRunner
+from benchmarks.common import markdown_table, percentile, proc_cpu_seconds
 
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
 NATS_URL = "nats://127.0.0.1:4222"
@@ -197,6 +197,7 @@ async def _run_with(make_sink: Callable[[], Any], broker_pid: int | None, flat_e
 
 async def bench_amqp(flat_events: int, paced_seconds: float, batch_max_events: int) -> list[Phase]:
     import aio_pika
+
     from amid.sinks import amqp
     name = f"amid-bench-{uuid.uuid4().hex[:8]}"
     connection = await aio_pika.connect(RABBITMQ_URL)
@@ -217,6 +218,7 @@ async def bench_amqp(flat_events: int, paced_seconds: float, batch_max_events: i
 
 async def bench_nats(flat_events: int, paced_seconds: float, batch_max_events: int) -> list[Phase]:
     import nats
+
     from amid.sinks import nats as nats_sink
     name = f"AMIDBENCH_{uuid.uuid4().hex[:8]}"
     nc = await nats.connect(NATS_URL)
@@ -247,7 +249,7 @@ def run(quick: bool = False, batches: Sequence[int] = (500, 2000),
         print(f"  {label} ...", file=sys.stderr, flush=True)
         try:
             phases = asyncio.run(bench(flat_events, paced_seconds, batch))
-        except Exception as exc:  # a broker that is not running: say so, measure the other
+        except Exception as exc:  # noqa: BLE001 - a broker not running: say so, measure the other
             rows.append([label, f"failed: {type(exc).__name__}: {exc}", "", "", "", "", ""])
             continue
         summary[label] = phases

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import yaml
@@ -101,7 +101,7 @@ class RabbitQueue:
     delivered: list[Delivered] = field(default_factory=list)
     consume: bool = True
 
-    async def __aenter__(self) -> RabbitQueue:
+    async def __aenter__(self) -> Self:
         import aio_pika
         self._connection = await aio_pika.connect(RABBITMQ_URL, timeout=10)
         self._channel = await self._connection.channel()
@@ -155,7 +155,7 @@ class RabbitExchange:
         self.name = unique("amid-test-x")
         self.exchange_type = exchange_type
 
-    async def __aenter__(self) -> RabbitExchange:
+    async def __aenter__(self) -> Self:
         import aio_pika
         self._connection = await aio_pika.connect(RABBITMQ_URL, timeout=10)
         self._channel = await self._connection.channel()
@@ -211,7 +211,12 @@ class NatsStream:
 
     async def _connect(self) -> None:
         import nats
-        self.nc = await nats.connect(self.url, connect_timeout=5, allow_reconnect=False)
+
+        async def quiet(_exc: Exception) -> None:  # a test may kill the server under it
+            pass
+
+        self.nc = await nats.connect(self.url, connect_timeout=5, allow_reconnect=False,
+                                     error_cb=quiet)
         self.js = self.nc.jetstream()
 
     async def _ensure(self) -> None:
@@ -220,7 +225,7 @@ class NatsStream:
             await self.nc.close()
             await self._connect()
 
-    async def __aenter__(self) -> NatsStream:
+    async def __aenter__(self) -> Self:
         await self._connect()
         if self.create:
             await self.js.add_stream(name=self.name, subjects=self.subjects, **self.config)
@@ -273,7 +278,7 @@ class PrivateNatsServer:
         self.log = directory / "nats.log"
         self.port = 0
         self.extra_args: list[str] = []
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
@@ -283,9 +288,10 @@ class PrivateNatsServer:
         port = str(self.port or -1)  # -1: the server picks a free port; restarts keep it
         self.directory.mkdir(parents=True, exist_ok=True)
         self.log.write_bytes(b"")
-        self.process = subprocess.Popen(
-            [self.binary, "-a", "127.0.0.1", "-p", port, "-js", "-sd", str(self.store),
-             "-l", str(self.log), *self.extra_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = await asyncio.create_subprocess_exec(
+            self.binary, "-a", "127.0.0.1", "-p", port, "-js", "-sd", str(self.store),
+            "-l", str(self.log), *self.extra_args, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
         async with asyncio.timeout(15):
             while True:
                 written = self.log.read_bytes()
@@ -293,20 +299,15 @@ class PrivateNatsServer:
                 if match and b"Server is ready" in written:
                     self.port = int(match.group(1))
                     break
-                if self.process.poll() is not None:
+                if self.process.returncode is not None:
                     raise RuntimeError(f"nats-server exited: {self.log.read_text()[-500:]}")
                 await asyncio.sleep(0.02)
 
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
             self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-        self.process = None
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            await asyncio.to_thread(self.process.wait, 10)
+            async with asyncio.timeout(10):
+                await self.process.wait()
         self.process = None
 
 
@@ -392,7 +393,8 @@ async def run_restart_mid_stream(tmp_path: Path, sink: dict[str, Any],
             server = daemon.server_stats["pbx1"]
             feeding = asyncio.ensure_future(feed())
             for round_ in range(interruptions):
-                await wait_until(lambda: stats.sent_total >= 500 * (round_ + 1), timeout=30)
+                await wait_until(lambda goal=500 * (round_ + 1): stats.sent_total >= goal,
+                                 timeout=30)
                 assert await interrupt(name) > 0, f"nothing was interrupted in round {round_}"
             await wait_until(lambda: stats.sent_total >= 500 * (interruptions + 1), timeout=30)
             done.set()
@@ -432,20 +434,21 @@ class KillRun:
         self.batch_max_events = SPOOLED["batch"]["max_events"]  # type: ignore[index]
         self.path = daemon_config(tmp_path, [sim], [{"name": "bus", **SPOOLED, **sink}],
                                   http_listen=f"127.0.0.1:{self.port}")
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: asyncio.subprocess.Process | None = None
         self.read_before_kill = 0     # events amid reported read, just before the kill
         self.read_after_restart = 0   # events the restarted amid read (all of them delivered)
 
     async def _start(self) -> None:
         amid = Path(sys.executable).with_name("amid")
-        self.process = subprocess.Popen(
-            [str(amid), "run", "--config", str(self.path), "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=open(self.tmp_path / "amid.log", "ab"))
+        with (self.tmp_path / "amid.log").open("ab") as log:  # the child keeps its own copy
+            self.process = await asyncio.create_subprocess_exec(
+                str(amid), "run", "--config", str(self.path), "--log-level", "warning",
+                stdout=subprocess.DEVNULL, stderr=log)
         await wait_until(lambda: self._ready(), timeout=20, interval=0.1)
 
     def _ready(self) -> bool:
         assert self.process is not None
-        if self.process.poll() is not None:
+        if self.process.returncode is not None:
             raise RuntimeError(f"amid exited: {(self.tmp_path / 'amid.log').read_text()[-800:]}")
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
@@ -470,9 +473,7 @@ class KillRun:
                 while await self._metric("amid_sink_sent_total", sink="bus") < 1000:
                     await asyncio.sleep(0.02)
             self.read_before_kill = int(await self._metric("amid_ami_events_received_total"))
-            assert self.process is not None
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
+            await self.kill()
         finally:
             await asyncio.wait_for(streaming, 30)
         await self._start()
@@ -490,10 +491,17 @@ class KillRun:
         self.read_after_restart = int(read)
         await self.stop()
 
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGKILL)
+            async with asyncio.timeout(10):
+                await self.process.wait()
+
     async def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+        if self.process is not None and self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
-            await asyncio.to_thread(self.process.wait, 20)
+            async with asyncio.timeout(20):
+                await self.process.wait()
         self.process = None
 
     def verify(self, delivered_ids: set[str]) -> None:
@@ -515,9 +523,7 @@ async def check_kill_run(tmp_path: Path, sink: dict[str, Any]) -> AsyncIterator[
         try:
             yield run
         finally:
-            if run.process is not None:
-                run.process.kill()
-                run.process.wait(timeout=10)
+            await run.kill()
 
 
 FLEET_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fleet" / "fleet.py"

@@ -9,12 +9,6 @@ import logging
 from collections import Counter
 
 import pytest
-
-from amid.config import ConfigError, load
-from amid.sinks import amqp
-from amid.sinks.amqp import PublishEncoder
-from amid.sinks.base import SinkError, SinkRejected
-from amid.sinks.broker import TopicNames
 from brokers import (
     RabbitExchange,
     RabbitQueue,
@@ -33,6 +27,12 @@ from brokers import (
 )
 from promparse import scrape, total
 from sink_contract import SinkContract, make_records
+
+from amid.config import ConfigError, load
+from amid.sinks import amqp
+from amid.sinks.amqp import PublishEncoder
+from amid.sinks.base import SinkError, SinkRejected
+from amid.sinks.broker import TopicNames
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -214,7 +214,7 @@ def test_check_config_names_bad_keys_with_their_line(tmp_path):
 
 
 def test_a_missing_client_library_is_a_config_error_naming_the_extra(tmp_path, monkeypatch):
-    import amid.sinks.broker as broker
+    from amid.sinks import broker
     real = broker.importlib.util.find_spec
     monkeypatch.setattr(broker.importlib.util, "find_spec",
                         lambda name, *a: None if name == "aio_pika" else real(name, *a))
@@ -249,7 +249,7 @@ async def test_events_arrive_in_order_per_server_with_their_routing_keys(tmp_pat
             for sim in sims:
                 sim.originate("Local/200@test", exten="100")
             await asyncio.gather(*(sim.stream_events(300) for sim in sims))
-            expected = lambda: sum(s.events_total for s in daemon.server_stats.values())  # noqa: E731
+            expected = lambda: sum(s.events_total for s in daemon.server_stats.values())
             await wait_until(lambda: daemon.sinks["bus"].runner.stats.sent_total >= expected()
                              and expected() >= 600, timeout=30)
             got = await queue.wait_for(expected(), timeout=20)
@@ -314,7 +314,7 @@ async def test_connections_closed_by_the_broker_mid_stream_lose_nothing_with_spo
             return await close_rabbit_connections(f"amid:{sink_name}")
 
         sink = {"type": "amqp", "url": rabbit_url, "exchange": exchange.name}
-        expected, sent_total = await run_restart_mid_stream(tmp_path, sink, interrupt)
+        expected, _ = await run_restart_mid_stream(tmp_path, sink, interrupt)
         got = await queue.wait_quiet(timeout=30)
     ids = Counter(d.record["id"] for d in got)
     assert len(ids) == expected   # every record read reached the broker

@@ -9,10 +9,6 @@ import logging
 from collections import Counter
 
 import pytest
-
-from amid.config import ConfigError, load
-from amid.sinks import nats as nats_sink
-from amid.sinks.base import SinkError, SinkRejected
 from brokers import (
     NatsStream,
     PrivateNatsServer,
@@ -31,6 +27,10 @@ from brokers import (
 from promparse import scrape, total
 from sink_contract import SinkContract, make_records
 
+from amid.config import ConfigError, load
+from amid.sinks import nats as nats_sink
+from amid.sinks.base import SinkError, SinkRejected
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -44,7 +44,7 @@ async def private_nats(tmp_path):
     server = PrivateNatsServer(tmp_path / "nats")
     await server.start()
     yield server
-    server.kill()
+    await server.kill()
 
 
 class TestNatsContract(SinkContract):
@@ -226,7 +226,7 @@ async def test_a_token_from_a_file_authenticates(tmp_path):
         await sink.start()
         await sink.close()
     finally:
-        server.kill()
+        await server.kill()
 
 
 # -- the daemon on the simulator --------------------------------------------------------------
@@ -242,7 +242,7 @@ async def test_events_arrive_in_order_per_server_with_their_subjects(tmp_path, n
             for sim in sims:
                 sim.originate("Local/200@test", exten="100")
             await asyncio.gather(*(sim.stream_events(300) for sim in sims))
-            read = lambda: sum(s.events_total for s in daemon.server_stats.values())  # noqa: E731
+            read = lambda: sum(s.events_total for s in daemon.server_stats.values())
             stats = daemon.sinks["bus"].runner.stats
             await wait_until(lambda: read() >= 600 and stats.sent_total >= read(), timeout=30)
             expected = read()
@@ -306,7 +306,7 @@ async def test_a_server_never_reached_keeps_the_daemon_unready(tmp_path):
 async def test_a_server_restarted_mid_stream_loses_nothing_with_spool(tmp_path, private_nats):
     async with NatsStream(private_nats.url) as stream:
         async def restart(_sink_name: str) -> int:
-            private_nats.kill()
+            await private_nats.kill()
             await private_nats.start()   # same port, same store
             return 1
 

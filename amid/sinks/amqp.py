@@ -273,7 +273,9 @@ class AmqpSink:
         self._state = _State.OPEN
 
     def _url(self) -> Any:
-        from yarl import URL  # aio-pika's own url type (a dependency of it and of aiohttp)
+        from yarl import (
+            URL,  # aio-pika's own url type (a dependency of it and of aiohttp)
+        )
         url = URL(self._options.url)
         if self._options.username is not None:
             url = url.with_user(self._options.username)
@@ -336,7 +338,7 @@ class AmqpSink:
         try:
             async with asyncio.timeout(self._options.connect_timeout):
                 await connection.close()
-        except Exception as exc:  # closing a broken connection: nothing left to save
+        except Exception as exc:  # noqa: BLE001 - closing a broken connection: nothing to save
             log.debug("amqp sink %s: close: %s", self.name, self._describe(exc),
                       extra={"sink": self.name})
 
@@ -424,9 +426,9 @@ class AmqpSink:
 
     def _settle(self, records: list[Record], results: list[Any]) -> None:
         """Sort the broker's answers; raise unless every record was confirmed."""
+        from aiormq import spec
         from aiormq.abc import DeliveredMessage
         from aiormq.exceptions import DeliveryError
-        from aiormq import spec
         confirmed: list[str] = []
         unroutable = nacked = 0
         failure: BaseException | None = None

@@ -358,7 +358,7 @@ class NatsSink:
         try:
             async with asyncio.timeout(self._options.connect_timeout):
                 await nc.close()
-        except Exception as exc:  # closing a broken connection: nothing left to save
+        except Exception as exc:  # noqa: BLE001 - closing a broken connection: nothing to save
             log.debug("nats sink %s: close: %s", self.name, self._describe(exc),
                       extra={"sink": self.name})
 
@@ -411,7 +411,7 @@ class NatsSink:
                     await self._until_acked_or_lost(acks)
         except TimeoutError:
             pass  # the acks still missing count as failures in _settle
-        except Exception as exc:  # the client refused to buffer more (connection lost, ...)
+        except Exception as exc:  # noqa: BLE001 - the client refused to buffer (connection lost, ...)
             await self._drop_connection()
             raise SinkError(f"nats {self.name}: publish to {self._endpoints} failed: "
                             f"{self._describe(exc)}") from None
@@ -434,8 +434,8 @@ class NatsSink:
 
     async def _until_acked_or_lost(self, acks: list[asyncio.Future[Any]]) -> None:
         """Wait for every ack, or until the connection is lost (then the rest never come)."""
-        all_acked = asyncio.gather(*acks, return_exceptions=True)
-        lost = asyncio.ensure_future(self._lost.wait())
+        all_acked: asyncio.Future[Any] = asyncio.gather(*acks, return_exceptions=True)
+        lost: asyncio.Future[Any] = asyncio.ensure_future(self._lost.wait())
         try:
             await asyncio.wait([all_acked, lost], return_when=asyncio.FIRST_COMPLETED)
         finally:

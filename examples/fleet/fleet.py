@@ -28,7 +28,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 from collections import OrderedDict
@@ -80,37 +79,37 @@ def write_config(workdir: Path, pbx: str, ami_port: int, args: argparse.Namespac
 @contextlib.asynccontextmanager
 async def processes(args: argparse.Namespace, workdir: Path) -> AsyncIterator[None]:
     """Three simulators and three amids, stopped (SIGTERM, then SIGKILL) on exit."""
-    running: list[subprocess.Popen[bytes]] = []
-    log = open(workdir / "processes.log", "ab")
+    running: list[asyncio.subprocess.Process] = []
     try:
-        for pbx in PBXS:
-            port = free_port()
-            running.append(subprocess.Popen(
-                [*amid_command(), "simulate", "--listen", f"127.0.0.1:{port}",
-                 "--call-rate", str(args.call_rate)], stdout=log, stderr=log))
-            await wait_listening(port, running[-1])
-            config = write_config(workdir, pbx, port, args)
-            running.append(subprocess.Popen(
-                [*amid_command(), "run", "--config", str(config), "--log-level", "warning"],
-                stdout=log, stderr=log))
+        with (workdir / "processes.log").open("ab") as log:  # each child keeps its own copy
+            for pbx in PBXS:
+                port = free_port()
+                running.append(await asyncio.create_subprocess_exec(
+                    *amid_command(), "simulate", "--listen", f"127.0.0.1:{port}",
+                    "--call-rate", str(args.call_rate), stdout=log, stderr=log))
+                await wait_listening(port, running[-1])
+                config = write_config(workdir, pbx, port, args)
+                running.append(await asyncio.create_subprocess_exec(
+                    *amid_command(), "run", "--config", str(config), "--log-level", "warning",
+                    stdout=log, stderr=log))
         yield
     finally:
         for process in reversed(running):
-            if process.poll() is None:
+            if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
         for process in reversed(running):
             try:
-                await asyncio.to_thread(process.wait, 10)
-            except subprocess.TimeoutExpired:
+                async with asyncio.timeout(10):
+                    await process.wait()
+            except TimeoutError:
                 process.kill()
-                process.wait()
-        log.close()
+                await process.wait()
 
 
-async def wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
+async def wait_listening(port: int, process: asyncio.subprocess.Process) -> None:
     async with asyncio.timeout(15):
         while True:
-            if process.poll() is not None:
+            if process.returncode is not None:
                 raise RuntimeError("a simulator exited at start (see processes.log)")
             try:
                 _, writer = await asyncio.open_connection("127.0.0.1", port)
