@@ -519,6 +519,8 @@ class Daemon:
             name = old_slot.config.name
             leftovers = await old_slot.runner.detach(drain)
             fresh.runner.continue_counters(old_slot.runner.stats)
+            if isinstance(fresh.sink, BrokerOutcomes) and isinstance(old_slot.sink, BrokerOutcomes):
+                fresh.sink.outcomes.update(old_slot.sink.outcomes)  # counters never go back
             try:
                 await self._start_runner(fresh, problems)
             finally:

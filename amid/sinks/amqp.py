@@ -406,15 +406,19 @@ class AmqpSink:
         frames = bytearray()
         confirms: list[asyncio.Future[Any]] = []
         by_message_id = channel.message_id_delivery_tag
+        for record in records:
+            frames += encoder.frames(record)
         async with channel.lock:  # no other publish may take delivery tags in between
+            # The write queue is bounded: wait for room first. Cancelled there, nothing was
+            # queued and no tag taken; once it is queued, the tags are taken with no await in
+            # between, before the writer task can send a byte of it.
+            await channel.write_queue.put(ChannelFrame(payload=bytes(frames), should_close=False))
             for record in records:
-                frames += encoder.frames(record)
                 channel.delivery_tag += 1
                 confirm = channel.create_future()
                 channel.confirmations[channel.delivery_tag] = confirm
                 by_message_id[record.id] = channel.delivery_tag  # a return names the message id
                 confirms.append(confirm)
-            await channel.write_queue.put(ChannelFrame(payload=bytes(frames), should_close=False))
         try:
             await asyncio.wait(confirms)
         finally:
