@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import uuid
@@ -201,8 +202,10 @@ class NatsStream:
     exit. ``prefix`` is the subject prefix to use in sink templates."""
 
     def __init__(self, url: str = NATS_URL, *, subjects: Iterable[str] | None = None,
-                 create: bool = True, **config: Any) -> None:
+                 create: bool = True, connect_options: dict[str, Any] | None = None,
+                 **config: Any) -> None:
         self.url = url
+        self.connect_options = connect_options or {}
         self.name = unique("AMIDTEST").replace("-", "_")
         self.prefix = self.name.lower()
         self.subjects = list(subjects) if subjects is not None else [f"{self.prefix}.>"]
@@ -216,7 +219,7 @@ class NatsStream:
             pass
 
         self.nc = await nats.connect(self.url, connect_timeout=5, allow_reconnect=False,
-                                     error_cb=quiet)
+                                     error_cb=quiet, **self.connect_options)
         self.js = self.nc.jetstream()
 
     async def _ensure(self) -> None:
@@ -545,3 +548,45 @@ async def run_fleet_example(*args: str, timeout: float = 90.0) -> str:
     text = output.decode()
     assert process.returncode == 0, text[-2000:]
     return text
+
+
+class TlsProxy:
+    """A TLS endpoint on 127.0.0.1 (port 0) that forwards every connection in plain TCP to
+    ``target``: the machine's broker, reached over TLS as a TLS listener of it would be."""
+
+    def __init__(self, server_context: ssl.SSLContext, target: tuple[str, int]) -> None:
+        self.context = server_context
+        self.target = target
+        self.port = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.context)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, ssl.SSLError):
+                pass
+            finally:
+                dst.close()
+
+        tasks = [asyncio.ensure_future(pipe(reader, up_writer)),
+                 asyncio.ensure_future(pipe(up_reader, writer))]
+        self._tasks.update(tasks)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.difference_update(tasks)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()

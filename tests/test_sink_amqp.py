@@ -12,6 +12,7 @@ import pytest
 from brokers import (
     RabbitExchange,
     RabbitQueue,
+    TlsProxy,
     check_kill_run,
     close_rabbit_connections,
     daemon_config,
@@ -350,3 +351,33 @@ async def test_the_fleet_example_runs(rabbit_url):
     for pbx in ("pbx1", "pbx2", "pbx3"):
         assert f"{pbx} hangup " in output
     assert "hangups per PBX" in output
+
+
+async def test_amqps_with_a_private_ca_and_credentials_from_the_config(rabbit_url, certs):
+    async with TlsProxy(certs.server_context(), ("127.0.0.1", 5672)) as proxy, \
+            RabbitExchange() as exchange, RabbitQueue(exchange=exchange.name) as queue:
+        options = {"url": f"amqps://127.0.0.1:{proxy.port}/", "username": "guest",
+                   "password": "guest", "exchange": exchange.name}
+        untrusted = amqp.create("untrusted", {**options, "connect_timeout": "3s"})
+        with pytest.raises(SinkError, match="cannot connect"):
+            await untrusted.start()   # the system store does not know the test CA
+        await untrusted.close()
+        sink = amqp.create("tls", {**options, "tls_ca_file": str(certs.ca_file)})
+        await sink.start()
+        try:
+            await sink.send(make_records(2))
+            assert [d.record["id"] for d in await queue.wait_for(2)] == ["rec-0", "rec-1"]
+        finally:
+            await sink.close()
+
+
+def test_the_password_can_come_from_a_file(tmp_path):
+    (tmp_path / "amqp-password").write_text("from-a-file\n")
+    path = tmp_path / "amid.yaml"
+    path.write_text("servers:\n  - {name: pbx1, host: 127.0.0.1, username: u, secret: s}\n"
+                    "sinks:\n  - {name: bus, type: amqp, username: amid, "
+                    f"password_file: {tmp_path / 'amqp-password'}}}\n")
+    config = load(path, {})
+    options = config.sinks[0].options
+    assert options.password.get_secret_value() == "from-a-file"
+    assert "from-a-file" not in repr(options)

@@ -349,3 +349,36 @@ async def test_the_fleet_example_runs(nats_url):
         from nats.js.errors import NotFoundError
         with pytest.raises(NotFoundError):
             await probe.js.stream_info(stream)
+
+
+async def test_tls_with_a_private_ca_and_user_password(tmp_path, certs):
+    server = PrivateNatsServer(tmp_path / "nats")
+    server.extra_args = ["--tls", "--tlscert", str(certs.cert_file), "--tlskey",
+                         str(certs.key_file), "--user", "amid", "--pass", "pw-s3cret"]
+    await server.start()
+    try:
+        options = {"servers": f"tls://127.0.0.1:{server.port}", "user": "amid",
+                   "connect_timeout": "3s"}
+        wrong = nats_sink.create("wrong", {**options, "password": "nope",
+                                           "tls_ca_file": str(certs.ca_file)})
+        with pytest.raises(SinkError, match="cannot connect"):
+            await wrong.start()
+        await wrong.close()
+        untrusted = nats_sink.create("untrusted", {**options, "password": "pw-s3cret"})
+        with pytest.raises(SinkError, match="cannot connect"):
+            await untrusted.start()
+        await untrusted.close()
+        async with NatsStream(server.url.replace("nats://", "tls://"), create=True,
+                              connect_options={"tls": certs.client_context(), "user": "amid",
+                                               "password": "pw-s3cret"}) as stream:
+            sink = nats_sink.create("tls", {**options, "password": "pw-s3cret",
+                                            "tls_ca_file": str(certs.ca_file),
+                                            "subject": stream.prefix + ".{event}"})
+            await sink.start()
+            try:
+                await sink.send(make_records(2))
+            finally:
+                await sink.close()
+            assert await stream.count() == 2
+    finally:
+        await server.kill()
