@@ -381,3 +381,21 @@ def test_the_password_can_come_from_a_file(tmp_path):
     options = config.sinks[0].options
     assert options.password.get_secret_value() == "from-a-file"
     assert "from-a-file" not in repr(options)
+
+
+async def test_broker_outcome_counters_continue_across_a_reload(tmp_path, rabbit_url):
+    async with sim_pair(count=1) as sims, RabbitExchange() as nowhere:
+        sink = {"name": "bus", "type": "amqp", "url": rabbit_url, "exchange": nowhere.name}
+        path = daemon_config(tmp_path, sims, [sink])
+        daemon, task = await start_daemon(path)
+        try:
+            await sims[0].stream_events(10)
+            await wait_until(lambda: daemon.sinks["bus"].sink.outcomes["unroutable"] >= 10)
+            before = daemon.sinks["bus"].sink.outcomes["unroutable"]
+            daemon_config(tmp_path, sims, [{**sink, "routing_key": "x.{server}.{event}"}])
+            assert await daemon.reload()
+            samples = await scrape(daemon.http.port)
+        finally:
+            await stop_daemon(daemon, task)
+    assert total(samples, "amid_sink_broker_outcomes_total", sink="bus",
+                 outcome="unroutable") >= before
