@@ -240,14 +240,22 @@ class NatsStream:
 
     async def messages(self) -> list[tuple[str, dict[str, str], dict[str, Any]]]:
         """Every message in the stream, in stream order: (subject, headers, record)."""
+        from nats.js.api import AckPolicy, ConsumerConfig
         await self._ensure()
-        info = await self.js.stream_info(self.name)
-        out = []
-        if info.state.messages == 0:
+        expected = (await self.js.stream_info(self.name)).state.messages
+        out: list[tuple[str, dict[str, str], dict[str, Any]]] = []
+        if expected == 0:
             return out
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            msg = await self.js.get_msg(self.name, seq)
-            out.append((msg.subject, dict(msg.headers or {}), json.loads(msg.data)))
+        # An ephemeral pull consumer: a few fetches instead of one request per message.
+        subscription = await self.js.pull_subscribe(
+            self.subjects[0], stream=self.name, config=ConsumerConfig(ack_policy=AckPolicy.NONE))
+        try:
+            async with asyncio.timeout(30):
+                while len(out) < expected:
+                    for msg in await subscription.fetch(min(1000, expected - len(out)), timeout=5):
+                        out.append((msg.subject, dict(msg.headers or {}), json.loads(msg.data)))
+        finally:
+            await subscription.unsubscribe()
         return out
 
     async def wait_for(self, n: int, timeout: float = 10.0) -> None:

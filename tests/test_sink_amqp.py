@@ -275,7 +275,7 @@ async def test_unroutable_and_refused_records_are_visible_in_metrics(tmp_path, r
             {"name": "nowhere", "type": "amqp", "url": rabbit_url, "exchange": nowhere.name},
             {"name": "full", "type": "amqp", "url": rabbit_url, "exchange": full.name,
              "refused_attempts": 2, "dead_letter": str(tmp_path / "dead.jsonl"),
-             "retry": {"min_delay": "10ms", "max_delay": "20ms"}}])
+             "retry": {"min_delay": "10ms", "max_delay": "20ms"}}], shutdown_timeout="1s")
         daemon, task = await start_daemon(path)
         try:
             await sims[0].stream_events(20)
@@ -344,6 +344,7 @@ async def test_kill_9_mid_stream_then_restart_delivers_every_record_at_least_onc
     assert duplicates <= 2 * run.batch_max_events, duplicates
 
 
+@pytest.mark.slow
 async def test_the_fleet_example_runs(rabbit_url):
     prefix = unique("fleet").replace("-", "")
     output = await run_fleet_example("--broker", "amqp", "--hangups", "2", "--prefix", prefix,

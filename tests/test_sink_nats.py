@@ -270,7 +270,7 @@ async def test_refused_and_stream_less_records_are_visible_in_metrics(tmp_path, 
             {"name": "full", "type": "nats", "servers": nats_url, "stream": full.name,
              "subject": full.prefix + ".{event}", "refused_attempts": 2,
              "dead_letter": str(tmp_path / "dead.jsonl"),
-             "retry": {"min_delay": "10ms", "max_delay": "20ms"}}])
+             "retry": {"min_delay": "10ms", "max_delay": "20ms"}}], shutdown_timeout="1s")
         daemon, task = await start_daemon(path)
         try:
             await sims[0].stream_events(20)
@@ -337,6 +337,7 @@ async def test_kill_9_mid_stream_then_restart_stores_every_record_exactly_once(
     run.verify(set(ids))
 
 
+@pytest.mark.slow
 async def test_the_fleet_example_runs(nats_url):
     prefix = unique("fleet").replace("-", "")
     stream = prefix.upper()
