@@ -383,3 +383,27 @@ async def test_tls_with_a_private_ca_and_user_password(tmp_path, certs):
             assert await stream.count() == 2
     finally:
         await server.kill()
+
+
+async def test_a_record_larger_than_max_payload_is_refused_not_sent(tmp_path):
+    server = PrivateNatsServer(tmp_path / "nats")
+    config = tmp_path / "nats.conf"
+    config.write_text("max_payload: 4096\n")
+    server.extra_args = ["-c", str(config)]
+    await server.start()
+    try:
+        async with NatsStream(server.url) as stream:
+            sink = nats_sink.create("big", {"servers": server.url, "stream": stream.name,
+                                            "subject": stream.prefix + ".{event}",
+                                            "refused_attempts": 1})
+            await sink.start()
+            try:
+                batch = [*make_records(1), *make_records(1, start=1, fields={"Big": "x" * 8000})]
+                with pytest.raises(SinkRejected, match="max_payload"):
+                    await sink.send(batch)
+                await sink.send(make_records(1, start=2))   # the connection is still good
+            finally:
+                await sink.close()
+            assert [r["id"] for _, _, r in await stream.messages()] == ["rec-0", "rec-2"]
+    finally:
+        await server.kill()

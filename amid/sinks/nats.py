@@ -401,10 +401,17 @@ class NatsSink:
             async with asyncio.timeout(options.timeout):
                 # Every publish is buffered before the first PubAck is awaited: the client
                 # writes them in a few large writes and the acks come back as one stream.
+                # Headers and subject add a little to the payload; keep a margin for them.
+                max_payload = nc.max_payload - 1024
                 for record in records:
                     token = str(next_token())
                     ack = pending[token] = loop.create_future()
                     acks.append(ack)
+                    if len(record.json) > max_payload:
+                        # The server would close the connection on it: refuse it here.
+                        ack.set_result(b'{"error":{"description":"larger than the server\'s '
+                                       b'max_payload"}}')
+                        continue
                     await publish(subject(record), record.json, reply=prefix + token,
                                   headers={**headers, MSG_ID_HEADER: record.id})
                 if acks:
