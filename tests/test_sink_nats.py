@@ -407,3 +407,21 @@ async def test_a_record_larger_than_max_payload_is_refused_not_sent(tmp_path):
             assert [r["id"] for _, _, r in await stream.messages()] == ["rec-0", "rec-2"]
     finally:
         await server.kill()
+
+
+async def test_shutdown_drains_what_was_read(tmp_path, nats_url):
+    async with sim_pair(count=1) as sims, NatsStream(nats_url) as stream:
+        path = daemon_config(tmp_path, sims, [
+            {"name": "bus", "type": "nats", "servers": nats_url, "stream": stream.name,
+             "subject": stream.prefix + ".{server}.{event}", "batch": {"max_events": 50}}])
+        daemon, task = await start_daemon(path)
+        server = daemon.server_stats["pbx1"]
+        stats = daemon.sinks["bus"].runner.stats
+        try:
+            await sims[0].stream_events(3000)
+            await wait_until(lambda: server.events_total >= 3000)
+            backlog = stats.queue_events + stats.in_flight_events
+        finally:
+            await stop_daemon(daemon, task)
+        assert backlog > 0   # the stop came while records were still waiting
+        assert await stream.count() == server.events_total
