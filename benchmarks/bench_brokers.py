@@ -14,8 +14,9 @@ stream), so every record counts as sent only once the broker confirmed it. Two p
   of the broker's process, as a share of one core.
 
 The broker runs on the same 2-core machine, so its CPU competes with amid's: both are stated.
-The amqp sink is also measured into a lazy version-2 classic queue and into an exchange with no
-queue bound: both show where RabbitMQ's time goes (the queue), not a different sink.
+The amqp sink is also measured into a lazy version-2 classic queue, a stream queue, and an
+exchange with no queue bound: they show where RabbitMQ's time goes (the queue), not a different
+sink.
 """
 
 from __future__ import annotations
@@ -228,6 +229,14 @@ async def bench_amqp_lazy(flat_events: int, paced_seconds: float,
                             queue_arguments={"x-queue-version": 2, "x-queue-mode": "lazy"})
 
 
+async def bench_amqp_stream(flat_events: int, paced_seconds: float,
+                            batch_max_events: int) -> list[Phase]:
+    """The same into a stream queue (``x-queue-type: stream``: an append-only log that
+    consumers read from any offset, a fit for many consumers that come and go)."""
+    return await bench_amqp(flat_events, paced_seconds, batch_max_events,
+                            queue_arguments={"x-queue-type": "stream"})
+
+
 async def bench_amqp_exchange_only(flat_events: int, paced_seconds: float,
                                    batch_max_events: int) -> list[Phase]:
     """No queue bound (not mandatory): the broker confirms at the exchange, stores nothing.
@@ -254,8 +263,8 @@ async def bench_nats(flat_events: int, paced_seconds: float, batch_max_events: i
 
 BROKERS: dict[str, Callable[[int, float, int], Awaitable[list[Phase]]]] = {
     "amqp": bench_amqp, "nats": bench_nats, "amqp-lazy-queue": bench_amqp_lazy,
-    "amqp-exchange-only": bench_amqp_exchange_only}
-DEFAULT = ("amqp", "nats", "amqp-lazy-queue", "amqp-exchange-only")
+    "amqp-stream-queue": bench_amqp_stream, "amqp-exchange-only": bench_amqp_exchange_only}
+DEFAULT = ("amqp", "nats", "amqp-lazy-queue", "amqp-stream-queue", "amqp-exchange-only")
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

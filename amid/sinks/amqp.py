@@ -273,9 +273,8 @@ class AmqpSink:
         self._state = _State.OPEN
 
     def _url(self) -> Any:
-        from yarl import (
-            URL,  # aio-pika's own url type (a dependency of it and of aiohttp)
-        )
+        # aio-pika's own url type (yarl: a dependency of aio-pika and of aiohttp)
+        from yarl import URL
         url = URL(self._options.url)
         if self._options.username is not None:
             url = url.with_user(self._options.username)
@@ -313,8 +312,9 @@ class AmqpSink:
                  options.exchange, extra={"sink": self.name})
 
     def _connect_error(self, exc: Exception) -> str:
+        from aiormq.exceptions import ChannelNotFoundEntity
         text = self._describe(exc)
-        if type(exc).__name__ == "ChannelNotFoundEntity":
+        if isinstance(exc, ChannelNotFoundEntity):
             text = (f"exchange {self._options.exchange!r} does not exist on {self._endpoint} (it is "
                     f"declared passively: create it, or set exchange_type to declare it): {text}")
         elif isinstance(exc, TimeoutError):
@@ -426,7 +426,7 @@ class AmqpSink:
                 by_message_id.pop(record.id, None)
             for confirm in confirms:
                 confirm.cancel()  # no-op once done; a timeout or cancel leaves none behind
-        return [confirm.exception() or confirm.result() for confirm in confirms]
+        return [_answer(confirm) for confirm in confirms]
 
     def _settle(self, records: list[Record], results: list[Any]) -> None:
         """Sort the broker's answers; raise unless every record was confirmed."""
@@ -460,9 +460,11 @@ class AmqpSink:
             return
         self._confirmed.add(confirmed)
         if failure is not None:
+            # aiormq ends the confirms of a closed channel or connection with CancelledError.
+            why = ("the channel or connection closed" if isinstance(failure, asyncio.CancelledError)
+                   else self._describe(failure))
             raise SinkError(f"amqp {self.name}: publish to {self._endpoint} failed "
-                            f"({len(confirmed)} of {len(records)} confirmed): "
-                            f"{self._describe(failure)}")
+                            f"({len(confirmed)} of {len(records)} confirmed): {why}")
         self._refused_streak += 1
         if self._refused_streak >= self._options.refused_attempts:
             self._refused_streak = 0
@@ -487,6 +489,14 @@ class AmqpSink:
         """Close the connection. Idempotent; safe before start."""
         self._state = _State.CLOSED
         await self._drop_connection()
+
+
+def _answer(confirm: asyncio.Future[Any]) -> Any:
+    """What a finished confirm says: the broker's frame, a returned message, or an exception
+    (returned, never raised: a CancelledError here must not cancel the caller)."""
+    if confirm.cancelled():
+        return asyncio.CancelledError()
+    return confirm.exception() or confirm.result()
 
 
 def create(name: str, options: Options | Mapping[str, Any]) -> AmqpSink:
