@@ -425,3 +425,27 @@ async def test_shutdown_drains_what_was_read(tmp_path, nats_url):
             await stop_daemon(daemon, task)
         assert backlog > 0   # the stop came while records were still waiting
         assert await stream.count() == server.events_total
+
+
+async def test_a_creds_file_is_read_at_start_and_never_shown(tmp_path, nats_url):
+    import importlib.util
+
+    import pydantic
+    creds = tmp_path / "amid.creds"
+    creds.write_text("-----BEGIN NATS USER JWT-----\nnot-a-jwt-but-a-secret-looking-line\n"
+                     "------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\n"
+                     "SUAGARBAGEGARBAGEGARBAGESEEDSEED\n------END USER NKEY SEED------\n")
+    options = {"servers": nats_url, "creds_file": str(creds), "connect_timeout": "3s"}
+    if importlib.util.find_spec("nkeys") is None:
+        with pytest.raises(pydantic.ValidationError, match="pip install nkeys"):
+            nats_sink.create("no-nkeys", options)
+        return
+    missing = nats_sink.create("missing", {**options, "creds_file": str(tmp_path / "nope")})
+    with pytest.raises(SinkError, match="cannot read its credential"):
+        await missing.start()
+    await missing.close()
+    sink = nats_sink.create("garbage", options)
+    with pytest.raises(SinkError) as caught:
+        await sink.start()
+    await sink.close()
+    assert "SUAGARBAGE" not in str(caught.value) and "secret-looking" not in str(caught.value)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import importlib.util
 import itertools
 import json
 import logging
@@ -105,7 +106,7 @@ class Options(pydantic.BaseModel):
     password: pydantic.SecretStr | None = None   # or password_file (read by the config loader)
     token: pydantic.SecretStr | None = None
     token_file: str | None = None                # read when the sink connects
-    creds_file: str | None = None                # a NATS .creds file (JWT + nkey seed)
+    creds_file: str | None = None                # a NATS .creds file (JWT + nkey seed); needs nkeys
     connect_timeout: PositiveDuration = 10.0
     timeout: PositiveDuration = 30.0             # for the PubAcks of one whole batch
     refused_attempts: int = pydantic.Field(5, ge=1)
@@ -167,6 +168,9 @@ class Options(pydantic.BaseModel):
         if len(given) > 1:
             raise invalid(f"{given[0]} and {given[1]}: choose one way to authenticate",
                           field=given[1])
+        if self.creds_file is not None and importlib.util.find_spec("nkeys") is None:
+            raise invalid("creds_file needs the nkeys package (it signs with the seed): "
+                          "pip install nkeys", field="creds_file")
         if self.password is not None and self.user is None:
             raise invalid("password needs user", field="password")
         if self.tls_key_file is not None and self.tls_cert_file is None:
@@ -203,6 +207,7 @@ class NatsSink:
         self._state = _State.NEW
         self._ssl: Any = None
         self._token: str | None = None
+        self._creds: str | None = None
         self._stream_checked = False
         self._lost = asyncio.Event()  # set when the current connection drops
 
@@ -224,6 +229,12 @@ class NatsSink:
     async def _load_files(self) -> None:
         options = self._options
         try:
+            if options.creds_file is not None and self._creds is None:
+                # Read here, off the event loop; the client would read the file on each connect.
+                self._creds = await asyncio.to_thread(Path(options.creds_file).read_text, "utf-8")
+                # The JWT and the nkey seed in it are credentials: never in a message.
+                self._secrets.extend(line.strip() for line in self._creds.splitlines()
+                                     if len(line.strip()) >= 16 and not line.startswith("-"))
             if options.token_file is not None and self._token is None:
                 text = await asyncio.to_thread(Path(options.token_file).read_text, "utf-8")
                 self._token = text.removesuffix("\n")
@@ -257,8 +268,9 @@ class NatsSink:
             credentials["token"] = options.token.get_secret_value()
         elif self._token is not None:
             credentials["token"] = self._token
-        if options.creds_file is not None:
-            credentials["user_credentials"] = options.creds_file
+        if self._creds is not None:
+            from nats.aio.client import RawCredentials
+            credentials["user_credentials"] = RawCredentials(self._creds)
         if self._ssl is not None:
             credentials["tls"] = self._ssl
         nc = None
