@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     if summary.get("brokers"):
         rows += bench_brokers.verdicts(summary["brokers"])
     if rows:
-        sections.append("### Targets (issue 5)\n\n" + markdown_table(["target", "this run", "verdict"], rows))
+        issues = "issues 5 and 17" if summary.get("brokers") else "issue 5"
+        sections.append(f"### Targets ({issues})\n\n"
+                        + markdown_table(["target", "this run", "verdict"], rows))
     sections.append(f"_Total benchmark time {time.perf_counter() - started:.0f} s._")
     report = "\n\n".join(sections) + "\n"
     print(report)
