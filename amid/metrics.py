@@ -335,9 +335,11 @@ class AmidCollector(Collector):
 
         for sink, sink_type, stats, sink_object in sinks:
             labels = [sink, sink_type]
+            counts = Counter(getattr(stats, "carried_operations", ()))
             if isinstance(sink_object, ReportsCounters):
-                for operation, count in sink_object.sink_counters().items():
-                    operations.add_metric([sink, sink_type, operation], count)
+                counts.update(sink_object.sink_counters())
+            for operation, count in counts.items():
+                operations.add_metric([sink, sink_type, operation], count)
             for name in _with_extra(SINK_STATES, stats.state):
                 state.add_metric([sink, sink_type, name], 1.0 if name == stats.state else 0.0)
             received_events.add_metric(labels, stats.received_total)

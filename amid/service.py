@@ -35,7 +35,7 @@ from amid.logs import set_log_level
 from amid.metrics import ReloadStats
 from amid.records import Record, format_iso
 from amid.router import EventFilter, Router
-from amid.sinks.base import Reopenable
+from amid.sinks.base import Reopenable, ReportsCounters
 from amid.sinks.delivery import RunnerSettings, SinkRunner, SinkStats
 from amid.sinks.registry import SinkTypes
 
@@ -526,6 +526,8 @@ class Daemon:
             name = old_slot.config.name
             leftovers = await old_slot.runner.detach(drain)
             fresh.runner.continue_counters(old_slot.runner.stats)
+            if isinstance(old_slot.sink, ReportsCounters):  # a sink's own counters never go back
+                fresh.runner.stats.carried_operations.update(old_slot.sink.sink_counters())
             try:
                 await self._start_runner(fresh, problems)
             finally:

@@ -18,10 +18,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python benchmarks/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_e2e, bench_parse, bench_receive, bench_tail
+from benchmarks import bench_brokers, bench_e2e, bench_parse, bench_receive, bench_tail
 from benchmarks.common import RESULTS_DIR, machine_description
 
-ALL = ("parse", "receive", "e2e", "tail")
+ALL = ("parse", "receive", "e2e", "tail", "brokers")
 
 
 def _verdict(ok: bool | None) -> str:
@@ -193,10 +193,18 @@ def main(argv: list[str] | None = None) -> int:
         print("tail ...", file=sys.stderr, flush=True)
         text, summary["tail"] = bench_tail.run(reps, 40_000 if args.quick else 100_000)
         sections.append("### 4. Tail: AMI source → a JSON-printing client → stdout pipe\n\n" + text)
+    if "brokers" in only:
+        print("brokers ...", file=sys.stderr, flush=True)
+        text, summary["brokers"] = bench_brokers.run(quick=args.quick)
+        sections.append("### 5. Broker sinks: amqp (RabbitMQ) and nats (JetStream), with confirms\n\n"
+                        + text)
     from benchmarks.common import markdown_table
     rows = verdicts(summary)
+    if summary.get("brokers"):
+        rows += bench_brokers.verdicts(summary["brokers"])
     if rows:
-        sections.append("### Targets (issues 5, 13, 14)\n\n"
+        issues = "issues 5, 13, 14 and 17" if summary.get("brokers") else "issues 5, 13 and 14"
+        sections.append(f"### Targets ({issues})\n\n"
                         + markdown_table(["target", "this run", "verdict"], rows))
     sections.append(f"_Total benchmark time {time.perf_counter() - started:.0f} s._")
     report = "\n\n".join(sections) + "\n"

@@ -143,6 +143,9 @@ class SinkStats:
     last_success_time: float | None = None  # unix time of the last confirmed send
     delivery_latency: Histogram = field(default_factory=lambda: Histogram(DELIVERY_LATENCY_BUCKETS))
     last_error: str | None = None
+    # The sink's own counters its predecessors had counted (config reloads): amid.metrics adds
+    # them to what the sink reports (ReportsCounters), so those counters never go back either.
+    carried_operations: Counter[str] = field(default_factory=Counter)
     queue: SizedQueue | None = field(default=None, repr=False)
     spool: SpoolBuffer | None = field(default=None, repr=False)
 
@@ -321,6 +324,7 @@ class SinkRunner:
         stats.dead_lettered_total += previous.dead_lettered_total
         stats.truncated_total += previous.truncated_total
         stats.delivery_latency.add(previous.delivery_latency)
+        stats.carried_operations.update(previous.carried_operations)
         if stats.last_success_time is None:
             stats.last_success_time = previous.last_success_time
 

@@ -34,6 +34,8 @@ BUILTIN_SINKS: dict[str, str] = {
     "file": "amid.sinks.file:create",
     "syslog": "amid.sinks.syslog:create",
     "webhook": "amid.sinks.webhook:create",
+    "amqp": "amid.sinks.amqp:create",
+    "nats": "amid.sinks.nats:create",
 }
 
 
