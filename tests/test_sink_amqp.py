@@ -328,7 +328,6 @@ async def test_connections_closed_by_the_broker_mid_stream_lose_nothing_with_spo
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs the write-ahead spool", strict=False)
 async def test_kill_9_mid_stream_then_restart_delivers_every_record_at_least_once(
         tmp_path, rabbit_url):
     async with RabbitExchange() as exchange, \

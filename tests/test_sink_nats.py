@@ -323,7 +323,6 @@ async def test_a_server_restarted_mid_stream_loses_nothing_with_spool(tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs the write-ahead spool", strict=False)
 async def test_kill_9_mid_stream_then_restart_stores_every_record_exactly_once(
         tmp_path, nats_url):
     async with NatsStream(nats_url) as stream:
