@@ -481,9 +481,9 @@ class KillRun:
         streaming = asyncio.ensure_future(self.sim.stream_events(20_000))
         try:
             async with asyncio.timeout(30):
-                while await self._metric("amid_sink_sent_total", sink="bus") < 1000:
+                while await self._metric("amid_sink_sent_events_total", sink="bus") < 1000:
                     await asyncio.sleep(0.02)
-            self.read_before_kill = int(await self._metric("amid_ami_events_received_total"))
+            self.read_before_kill = int(await self._metric("amid_ami_received_events_total"))
             await self.kill()
         finally:
             await asyncio.wait_for(streaming, 30)
@@ -493,7 +493,7 @@ class KillRun:
             while True:
                 samples = await self._samples()
                 from promparse import total
-                read = total(samples, "amid_ami_events_received_total")
+                read = total(samples, "amid_ami_received_events_total")
                 if (read >= 500 and total(samples, "amid_sink_queue_events", sink="bus") == 0
                         and total(samples, "amid_sink_spool_events", sink="bus") == 0
                         and total(samples, "amid_sink_in_flight_events", sink="bus") == 0):

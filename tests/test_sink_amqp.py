@@ -224,7 +224,7 @@ def test_a_missing_client_library_is_a_config_error_naming_the_extra(tmp_path, m
                     "sinks:\n  - name: bus\n    type: amqp\n")
     with pytest.raises(ConfigError) as caught:
         load(path, {})
-    assert "amid.yaml:5:" in str(caught.value) and "pip install 'amid[amqp]'" in str(caught.value)
+    assert "amid.yaml:5:" in str(caught.value) and "'asterisk-amid[amqp]'" in str(caught.value)
 
 
 async def test_the_password_never_shows_in_errors_or_logs(caplog):
@@ -287,7 +287,7 @@ async def test_unroutable_and_refused_records_are_visible_in_metrics(tmp_path, r
     assert total(samples, "amid_sink_operations_total", sink="nowhere",
                  operation="unroutable") > 0
     assert total(samples, "amid_sink_operations_total", sink="full", operation="nacked") > 0
-    assert total(samples, "amid_sink_dead_lettered_total", sink="full") > 0
+    assert total(samples, "amid_sink_dead_lettered_events_total", sink="full") > 0
     assert (tmp_path / "dead.jsonl").read_text().count("\n") == full_stats.dead_lettered_total
 
 
@@ -299,7 +299,7 @@ async def test_a_sink_whose_broker_was_never_reached_keeps_the_daemon_unready(tm
         daemon, task = await start_daemon(path, wait_ready=False)
         try:
             await wait_until(lambda: daemon.sinks["bus"].runner.stats.failed_attempts_total
-                             + daemon.sinks["bus"].runner._start_failures > 0, timeout=10)
+                             + daemon.sinks["bus"].runner._attempts.start_failures > 0, timeout=10)
             ready, checks = daemon.readiness()
         finally:
             await stop_daemon(daemon, task)

@@ -284,7 +284,7 @@ async def test_refused_and_stream_less_records_are_visible_in_metrics(tmp_path, 
     assert total(samples, "amid_sink_operations_total", sink="nowhere",
                  operation="no_stream") > 0
     assert total(samples, "amid_sink_operations_total", sink="full", operation="refused") > 0
-    assert total(samples, "amid_sink_dead_lettered_total", sink="full") > 0
+    assert total(samples, "amid_sink_dead_lettered_events_total", sink="full") > 0
 
 
 async def test_a_server_never_reached_keeps_the_daemon_unready(tmp_path):
@@ -295,7 +295,7 @@ async def test_a_server_never_reached_keeps_the_daemon_unready(tmp_path):
         daemon, task = await start_daemon(path, wait_ready=False)
         try:
             runner = daemon.sinks["bus"].runner
-            await wait_until(lambda: runner._start_failures > 0, timeout=10)
+            await wait_until(lambda: runner._attempts.start_failures > 0, timeout=10)
             ready, checks = daemon.readiness()
         finally:
             await stop_daemon(daemon, task)
@@ -436,15 +436,21 @@ async def test_a_creds_file_is_read_at_start_and_never_shown(tmp_path, nats_url)
                      "SUAGARBAGEGARBAGEGARBAGESEEDSEED\n------END USER NKEY SEED------\n")
     options = {"servers": nats_url, "creds_file": str(creds), "connect_timeout": "3s"}
     if importlib.util.find_spec("nkeys") is None:
-        with pytest.raises(pydantic.ValidationError, match="pip install nkeys"):
+        with pytest.raises(pydantic.ValidationError, match=r"'asterisk-amid\[nats\]'"):
             nats_sink.create("no-nkeys", options)
         return
     missing = nats_sink.create("missing", {**options, "creds_file": str(tmp_path / "nope")})
     with pytest.raises(SinkError, match="cannot read its credential"):
         await missing.start()
     await missing.close()
+    # A server without authentication never asks for the signature, so the garbage seed may
+    # not even be used: whatever happens, the seed and the JWT never show.
     sink = nats_sink.create("garbage", options)
-    with pytest.raises(SinkError) as caught:
+    shown = repr(sink)
+    try:
         await sink.start()
-    await sink.close()
-    assert "SUAGARBAGE" not in str(caught.value) and "secret-looking" not in str(caught.value)
+    except SinkError as exc:
+        shown += str(exc)
+    finally:
+        await sink.close()
+    assert "SUAGARBAGE" not in shown and "secret-looking" not in shown

@@ -818,7 +818,8 @@ async def test_unix_datagram_truncates_on_a_character_boundary_and_counts_it(tmp
         assert len(got[1]) <= 600 and len(got[1]) >= 599
         got[1].decode("utf-8")
         assert sink.stats.truncated_total == 1
-        assert sink.sink_counters() == {"reconnect": 0, "connect_failure": 0}
+        assert sink.sink_counters() == {"confirmed": 3, "reconnect": 0, "connect_failure": 0, "resend": 0,
+                                        "confirmed_not_resent": 0, "refused": 0, "server_close": 0}
         assert [json_part(got[0])["id"], json_part(got[2])["id"]] == ["small", "small2"]
     finally:
         await waited(sink.close())

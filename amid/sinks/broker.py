@@ -44,7 +44,7 @@ def missing_library(module: str, extra: str, sink_type: str) -> str | None:
     if importlib.util.find_spec(module) is not None:
         return None
     return (f"the {sink_type} sink needs the Python package of the '{extra}' extra, which is not "
-            f"installed: pip install 'amid[{extra}]'")
+            f"installed: install amid as 'asterisk-amid[{extra}]' (with pip)")
 
 
 def check_template(template: str) -> str:

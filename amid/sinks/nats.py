@@ -169,8 +169,8 @@ class Options(pydantic.BaseModel):
             raise invalid(f"{given[0]} and {given[1]}: choose one way to authenticate",
                           field=given[1])
         if self.creds_file is not None and importlib.util.find_spec("nkeys") is None:
-            raise invalid("creds_file needs the nkeys package (it signs with the seed): "
-                          "pip install nkeys", field="creds_file")
+            raise invalid("creds_file needs the nkeys package, which signs with the seed "
+                          "(pip install 'asterisk-amid[nats]')", field="creds_file")
         if self.password is not None and self.user is None:
             raise invalid("password needs user", field="password")
         if self.tls_key_file is not None and self.tls_cert_file is None:
