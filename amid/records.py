@@ -19,6 +19,7 @@ A record is an AMI event plus its envelope::
 
 from __future__ import annotations
 
+import calendar
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -177,10 +178,17 @@ def _estimated_size(event: Event) -> int:
     return raw + (raw >> 2) + 256
 
 
+_ISO_SECONDS: dict[str, int] = {}  # "2026-11-28T03:21:41" -> unix seconds (records of a spool share them)
+
+
 def _parse_iso(text: str) -> float:
-    import calendar
     base, _, frac = text.rstrip("Z").partition(".")
-    secs = calendar.timegm(time.strptime(base, "%Y-%m-%dT%H:%M:%S"))
+    secs = _ISO_SECONDS.get(base)
+    if secs is None:
+        secs = calendar.timegm(time.strptime(base, "%Y-%m-%dT%H:%M:%S"))
+        if len(_ISO_SECONDS) >= 4096:
+            _ISO_SECONDS.clear()
+        _ISO_SECONDS[base] = secs
     return secs + (int(frac) / 10 ** len(frac) if frac else 0.0)
 
 

@@ -320,8 +320,18 @@ class FailingOpener:
 
 def test_an_ack_whose_cursor_write_fails_is_done_whole_by_its_retry(tmp_path):
     import errno
-    disk_full_once = FailingOpener(".tmp", errno.ENOSPC)  # the cursor is written to cursor.tmp first
-    spool = Spool(tmp_path / "sp", max_bytes=10_000, opener=disk_full_once)
+
+    class FailingWrite:
+        failures = 0
+
+        def __call__(self, fd: int, data: bytes, offset: int) -> int:
+            if self.failures:
+                self.failures -= 1
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return os.pwrite(fd, data, offset)
+
+    disk_full_once = FailingWrite()
+    spool = Spool(tmp_path / "sp", max_bytes=10_000, pwrite=disk_full_once)
     spool.append([b"x" * 100] * 5)
     spool.sync()
     items = spool.read_batch(10, 1 << 30)

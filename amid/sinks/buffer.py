@@ -26,6 +26,9 @@ __all__ = ["SpoolBuffer", "SpoolRead"]
 
 log = logging.getLogger("amid.sinks.delivery")
 
+# At most this many records waiting: they were written a moment ago, read them on the loop.
+INLINE_READ_EVENTS = 4096
+
 
 class SpoolRead:
     """One batch read from the spool head: ``records`` to send, ``count`` frames read (records
@@ -131,8 +134,15 @@ class SpoolBuffer:
     # -- the read end (in threads) --------------------------------------------------------
 
     async def read(self, max_events: int, max_bytes: int) -> SpoolRead | None:
-        """The next batch from the head (None: the spool is empty). Raises OSError."""
-        read = await asyncio.to_thread(_read_records, self._spool, max_events, max_bytes)
+        """The next batch from the head (None: the spool is empty). Raises OSError.
+
+        A spool that keeps up holds only what was written a moment ago, in the page cache: that
+        is read on the loop (a thread hop per batch would cost more than the read). A backlog
+        may have to come from the disk: that is read in a thread."""
+        if self.waiting <= INLINE_READ_EVENTS:
+            read = _read_records(self._spool, max_events, max_bytes)
+        else:
+            read = await asyncio.to_thread(_read_records, self._spool, max_events, max_bytes)
         if read is not None:
             self.waiting -= read.count
         return read
@@ -145,8 +155,12 @@ class SpoolBuffer:
         self.waiting -= count
 
     async def ack(self, end: SpoolPosition) -> None:
-        """Confirm every record up to ``end``. Raises OSError (the caller retries)."""
-        await asyncio.to_thread(self._spool.ack, end)
+        """Confirm every record up to ``end``. Raises OSError (the caller retries).
+
+        On the loop: it rewrites the cursor in place (no fsync; the sync task fsyncs it) and
+        now and then unlinks a segment left behind."""
+        self._spool.ack(end)
+        self._dirty.set()
 
     async def close(self) -> int:
         """Stop the sync task, write and fsync what is buffered, release the directory.

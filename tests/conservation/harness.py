@@ -83,11 +83,14 @@ class _SyslogConnection(asyncio.Protocol):
         tell the sender)."""
         assert self.transport is not None
         fd = self.transport.get_extra_info("socket").fileno()
-        chunks = []
-        with contextlib.suppress(OSError):  # non-blocking: BlockingIOError once it is empty
-            while chunk := os.read(fd, 1 << 20):
-                chunks.append(chunk)
-        return self.frames(b"".join(chunks))
+        # Peeked, not read: reading would open the TCP window, and what the sender then wrote
+        # before the reset would be acknowledged and lost without being counted here.
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            try:
+                data = sock.recv(1 << 24, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except OSError:  # BlockingIOError: nothing waiting
+                data = b""
+        return self.frames(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.receiver.connections.discard(self)
