@@ -191,6 +191,7 @@ class Spool:
         self._rolled_fds: list[int] = []    # finished segments still to fsync, then close
         self._dir_unsynced = False          # a new segment's name is not yet fsynced
         self._cursor_fd = -1                # the cursor file, rewritten in place on every ack
+        self._read_fds: dict[int, int] = {}  # segment -> descriptor the read end reads it with
         self._cursor_unsynced = False       # written since the last fsync
         self._closed = False
         # Ends of the records handed out by the last read_batch -> how many records from the
@@ -455,6 +456,7 @@ class Spool:
                 pass
             except OSError:
                 continue  # behind the cursor: the next move (or the next open) removes it
+            self._forget_segment(number)
             del self._sizes[number]
 
     def _write_cursor_file(self, position: SpoolPosition) -> None:
@@ -496,19 +498,30 @@ class Spool:
             end = size if stop is None or number < stop.segment else min(size, stop.offset)
             if pos >= end:
                 continue
-            with open(self.directory / _segment_name(number), "rb", buffering=0) as f:
-                window = _READ_WINDOW
-                while pos < end:
-                    f.seek(pos)
-                    data = f.read(min(window, end - pos))
-                    final = pos + len(data) >= end
-                    frames = parse_frames(data, number, pos, final=final)
-                    if not frames:
-                        window = end - pos  # a frame bigger than the window, or damage: read it all
-                        continue
-                    for frame in frames:
-                        yield frame
-                        pos = frame.end
+            fd = self._read_fd(number)
+            window = _READ_WINDOW
+            while pos < end:
+                data = os.pread(fd, min(window, end - pos), pos)
+                final = pos + len(data) >= end
+                frames = parse_frames(data, number, pos, final=final)
+                if not frames:
+                    window = end - pos  # a frame bigger than the window, or damage: read it all
+                    continue
+                for frame in frames:
+                    yield frame
+                    pos = frame.end
+
+    def _read_fd(self, number: int) -> int:
+        """A descriptor to read segment ``number`` with (kept open until the segment goes)."""
+        fd = self._read_fds.get(number)
+        if fd is None:
+            fd = self._read_fds[number] = os.open(self.directory / _segment_name(number), os.O_RDONLY)
+        return fd
+
+    def _forget_segment(self, number: int) -> None:
+        fd = self._read_fds.pop(number, None)
+        if fd is not None:
+            os.close(fd)
 
     # -- opening, closing ------------------------------------------------------------------
 
@@ -586,6 +599,8 @@ class Spool:
                     self._release()
 
     def _release(self) -> None:
+        for number in list(self._read_fds):
+            self._forget_segment(number)
         if self._cursor_fd >= 0:
             os.close(self._cursor_fd)
             self._cursor_fd = -1
