@@ -892,8 +892,15 @@ class _Loader:
             own = {k: v for k, v in sink.items() if k not in _SINK_COMMON_KEYS}
             sink_type = sink.get("type")
             if isinstance(sink_type, str) and sink_type:
-                common["options"] = self._validate_options(
+                options = common["options"] = self._validate_options(
                     ("sinks", index), sink_type, own, sink_option_models)
+                # A sink type may say how long its batches wait by default (the webhook's
+                # requests are dear); the config's own batch.max_wait always wins.
+                default_wait = getattr(type(options), "default_batch_max_wait", None)
+                batch = common.get("batch")
+                if default_wait is not None and (batch is None or (isinstance(batch, dict)
+                                                                   and "max_wait" not in batch)):
+                    common["batch"] = {**(batch or {}), "max_wait": default_wait}
             common_sinks.append(common)
         return {**data, "sinks": common_sinks}
 

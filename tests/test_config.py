@@ -730,3 +730,18 @@ def test_environment_values_of_other_types_are_still_yaml(tmp_path):
                 sink_option_models=MODELS).http.listen is None
     assert load(None, {**environ, "AMID_HTTP__LISTEN": "127.0.0.1:9"},
                 sink_option_models=MODELS).http.listen == "127.0.0.1:9"
+
+
+def test_a_webhook_batches_for_10ms_unless_the_config_says_otherwise(tmp_path):
+    path = write(tmp_path, MINIMAL + """\
+sinks:
+  - {name: hook, type: webhook, url: "http://127.0.0.1:9/x"}
+  - {name: hook0, type: webhook, url: "http://127.0.0.1:9/x", batch: {max_wait: 0s}}
+  - {name: hook_events, type: webhook, url: "http://127.0.0.1:9/x", batch: {max_events: 50}}
+  - {name: file, type: file, path: /tmp/x.jsonl}
+""")
+    sinks = {sink.name: sink for sink in load(path, {}).sinks}
+    assert sinks["hook"].batch.max_wait == 0.010
+    assert sinks["hook0"].batch.max_wait == 0.0, "the config's own setting wins"
+    assert (sinks["hook_events"].batch.max_wait, sinks["hook_events"].batch.max_events) == (0.010, 50)
+    assert sinks["file"].batch.max_wait == 0.0, "other types send at once"
