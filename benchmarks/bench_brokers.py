@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # `python benchmarks/bench_brokers.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from amid.records import Record
-from amid.sinks.delivery import SinkRunner
+from amid.sinks.delivery import RunnerSettings, SinkRunner
 
 from benchmarks.common import markdown_table, percentile, proc_cpu_seconds
 
@@ -86,12 +86,12 @@ class _Timed:
 
 
 def _runner(sink: Any, batch_max_events: int) -> SinkRunner:
-    return SinkRunner(sink, name=sink.name, max_queue_events=1_000_000, max_queue_bytes=1 << 30,
-                      overflow="drop_newest", spool_dir=None, spool_max_bytes=0,
-                      spool_fallback="drop_newest", spool_fsync_interval=1.0,
-                      batch_max_events=batch_max_events, batch_max_bytes=batch_max_events * 2048, batch_max_wait=0.0,
-                      retry_min_delay=0.05, retry_max_delay=1.0, dead_letter_path=None,
-                      attempt_timeout=60.0)
+    return SinkRunner(sink, RunnerSettings(
+        name=sink.name, max_queue_events=1_000_000, max_queue_bytes=1 << 30,
+        overflow="drop_newest", spool_dir=None, spool_max_bytes=1, spool_fallback="drop_newest",
+        spool_fsync_interval=1.0, batch_max_events=batch_max_events,
+        batch_max_bytes=batch_max_events * 2048, batch_max_wait=0.0, retry_min_delay=0.05,
+        retry_max_delay=1.0, dead_letter_path=None, attempt_timeout=60.0))
 
 
 def _broker_pid(comm: str) -> int | None:
