@@ -40,12 +40,10 @@ broker); with ``exchange_type`` set it is declared (durable) if missing. The url
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import struct
 import time
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
@@ -54,12 +52,11 @@ import pydantic
 from amid.records import Record
 from amid.sinks.base import SinkError, SinkRejected
 from amid.sinks.broker import (
-    ConfirmedIds,
+    BrokerSink,
     TopicNames,
     check_template,
     invalid,
     missing_library,
-    redact,
     redact_url,
     tls_context,
 )
@@ -217,33 +214,25 @@ class PublishEncoder:
         return b"".join(parts)
 
 
-class _State(enum.Enum):
-    NEW = "new"
-    OPEN = "open"
-    CLOSED = "closed"
-
-
-class AmqpSink:
+class AmqpSink(BrokerSink):
     """Publishes batches over one connection and one confirm-mode channel."""
 
+    kind = "amqp"
+    outcome_names = OUTCOMES
+
     def __init__(self, name: str, options: Options) -> None:
-        self.name = name
+        super().__init__(name, options.connect_timeout, [
+            urlsplit(options.url).password or "",
+            options.password.get_secret_value() if options.password else ""])
         self._options = options
         self._endpoint = redact_url(options.url)
-        self._secrets = [s for s in (urlsplit(options.url).password,
-                                     options.password.get_secret_value() if options.password
-                                     else None) if s]
         self._names = TopicNames(options.routing_key, max_bytes=_MAX_ROUTING_KEY_BYTES)
-        self._confirmed = ConfirmedIds()
-        self._refused_streak = 0
-        self.outcomes: Counter[str] = Counter(dict.fromkeys(OUTCOMES, 0))
         self._unroutable_unlogged = 0
         self._unroutable_example = ""
         self._unroutable_logged_at = -_UNROUTABLE_LOG_INTERVAL
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._encoder: PublishEncoder | None = None
-        self._state = _State.NEW
         self._ssl: Any = None
 
     def __repr__(self) -> str:
@@ -251,12 +240,9 @@ class AmqpSink:
 
     # -- connection ----------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Connect, open a confirm-mode channel, check (or declare) the exchange."""
-        if self._state is _State.OPEN:
-            return
-        if self._state is _State.CLOSED:
-            raise SinkError(f"amqp {self.name} is closed")
+    async def _prepare(self) -> None:
+        """TLS files (``amqps://``); then :meth:`_connect` opens a confirm-mode channel and
+        checks (or declares) the exchange."""
         if urlsplit(self._options.url).scheme == "amqps" and self._ssl is None:
             options = self._options
             try:
@@ -269,8 +255,6 @@ class AmqpSink:
             if not options.tls_verify:
                 log.warning("amqp sink %s: TLS certificate verification is OFF for %s",
                             self.name, self._endpoint, extra={"sink": self.name})
-        await self._connect()
-        self._state = _State.OPEN
 
     def _url(self) -> Any:
         # aio-pika's own url type (yarl: a dependency of aio-pika and of aiohttp)
@@ -321,51 +305,22 @@ class AmqpSink:
             text = f"no answer from {self._endpoint} within {self._options.connect_timeout:g}s"
         return f"amqp {self.name}: cannot connect to {self._endpoint}: {text}"
 
-    def _describe(self, exc: BaseException) -> str:
-        return redact(f"{type(exc).__name__}: {exc}".rstrip(": "), self._secrets)
-
     def _connected(self) -> bool:
         connection, channel = self._connection, self._channel
         return (connection is not None and not connection.is_closed
                 and channel is not None and not channel.is_closed)
 
-    async def _drop_connection(self) -> None:
+    def _take_connection(self) -> Any:
         connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None:
-            await self._close_quietly(connection)
-
-    async def _close_quietly(self, connection: Any) -> None:
-        try:
-            async with asyncio.timeout(self._options.connect_timeout):
-                await connection.close()
-        except Exception as exc:
-            log.debug("amqp sink %s: close: %s", self.name, self._describe(exc),
-                      extra={"sink": self.name})
+        return connection
 
     # -- publishing ----------------------------------------------------------------------
 
-    async def send(self, batch: Sequence[Record]) -> None:
-        """Publish ``batch``; return once the broker confirmed every record, else raise."""
-        if not batch:
-            return
-        if self._state is not _State.OPEN:
-            raise SinkError(f"amqp {self.name} is {self._state.value}, not open")
-        if not self._connected():
-            await self._drop_connection()
-            await self._connect()  # raises SinkError; the runner backs off and retries
-        channel = self._channel
-        assert channel is not None
-        todo = self._confirmed.pending(batch)
-        if not todo:
-            self._confirmed.clear()
-            return
-        results = await self._publish_all(channel, todo)
-        self._settle(todo, results)
-
-    async def _publish_all(self, channel: aiormq.abc.AbstractChannel,
-                           records: list[Record]) -> list[Any]:
+    async def _publish_all(self, records: list[Record]) -> list[Any]:
         """Publish ``records`` and wait for every confirm; the broker's answer per record (an
         ack, a returned message, or the exception the publish ended with)."""
+        channel = self._channel
+        assert channel is not None
         options = self._options
         try:
             async with asyncio.timeout(options.confirm_timeout):
@@ -484,16 +439,6 @@ class AmqpSink:
                         extra={"sink": self.name})
             self._unroutable_unlogged = 0
             self._unroutable_logged_at = now
-
-    def sink_counters(self) -> dict[str, int]:
-        """:class:`~amid.sinks.base.ReportsCounters`: what the broker answered besides a plain
-        confirm, exported as ``amid_sink_operations_total``."""
-        return dict(self.outcomes)
-
-    async def close(self) -> None:
-        """Close the connection. Idempotent; safe before start."""
-        self._state = _State.CLOSED
-        await self._drop_connection()
 
 
 def _answer(confirm: asyncio.Future[Any]) -> Any:

@@ -4,24 +4,32 @@
   ``ami.{server}.{event}``, each value made safe to be one word of a dotted topic name.
 * :class:`ConfirmedIds`: the ids the broker already confirmed while a batch failed part-way, so
   the runner's retry of that batch re-publishes only what was not confirmed.
+* :class:`BrokerSink`: the life of a broker sink (open, send what is not yet confirmed, close),
+  around what each broker's client does its own way (connect, publish a batch, read the answers).
 * TLS contexts, a check that the client library is installed, and redaction of credentials.
 """
 
 from __future__ import annotations
 
+import abc
+import asyncio
+import enum
 import importlib.util
 import logging
 import re
 import ssl
 import string
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic_core import PydanticCustomError
 
 from amid.records import Record
+from amid.sinks.base import SinkError
 
-__all__ = ["ConfirmedIds", "TopicNames", "check_template", "invalid",
+__all__ = ["BrokerSink", "BrokerState", "ConfirmedIds", "TopicNames", "check_template", "invalid",
            "missing_library", "redact", "redact_url", "tls_context"]
 
 log = logging.getLogger("amid.sinks.broker")
@@ -163,3 +171,106 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
         if secret:
             text = text.replace(secret, "***")
     return text
+
+
+class BrokerState(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class BrokerSink(abc.ABC):
+    """What the amqp and nats sinks do alike.
+
+    ``send`` publishes only the records of a batch the broker has not confirmed yet (a retry of
+    a batch that failed part-way), reconnecting first if the connection was lost; subclasses
+    say how to connect (:meth:`_connect`), whether the connection is up (:meth:`_connected`),
+    how to let go of it (:meth:`_take_connection`), how to publish and wait (:meth:`_publish_all`)
+    and what the answers mean (:meth:`_settle`). ``outcomes`` counts what the broker answered
+    besides a plain confirm (:class:`~amid.sinks.base.ReportsCounters`).
+    """
+
+    kind: str  # "amqp", "nats": the sink type, in messages
+    outcome_names: tuple[str, ...] = ()
+
+    def __init__(self, name: str, connect_timeout: float, secrets: list[str]) -> None:
+        self.name = name
+        self._connect_timeout = connect_timeout
+        self._secrets = [s for s in secrets if s]
+        self._confirmed = ConfirmedIds()
+        self._refused_streak = 0
+        self.outcomes: Counter[str] = Counter(dict.fromkeys(self.outcome_names, 0))
+        self._state = BrokerState.NEW
+
+    async def start(self) -> None:
+        """Prepare (TLS files, credentials) and connect."""
+        if self._state is BrokerState.OPEN:
+            return
+        if self._state is BrokerState.CLOSED:
+            raise SinkError(f"{self.kind} {self.name} is closed")
+        await self._prepare()
+        await self._connect()
+        self._state = BrokerState.OPEN
+
+    async def send(self, batch: Sequence[Record]) -> None:
+        """Publish ``batch``; return once the broker confirmed every record, else raise."""
+        if not batch:
+            return
+        if self._state is not BrokerState.OPEN:
+            raise SinkError(f"{self.kind} {self.name} is {self._state.value}, not open")
+        if not self._connected():
+            await self._drop_connection()
+            await self._connect()  # raises SinkError; the runner backs off and retries
+        todo = self._confirmed.pending(batch)
+        if not todo:
+            self._confirmed.clear()
+            return
+        answers = await self._publish_all(todo)
+        self._settle(todo, answers)
+
+    def sink_counters(self) -> dict[str, int]:
+        """:class:`~amid.sinks.base.ReportsCounters`: what the broker answered besides a plain
+        confirm, exported as ``amid_sink_operations_total``."""
+        return dict(self.outcomes)
+
+    async def close(self) -> None:
+        """Close the connection. Idempotent; safe before start."""
+        self._state = BrokerState.CLOSED
+        await self._drop_connection()
+
+    async def _drop_connection(self) -> None:
+        connection = self._take_connection()
+        if connection is not None:
+            await self._close_quietly(connection)
+
+    async def _close_quietly(self, connection: Any) -> None:
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await connection.close()
+        except Exception as exc:
+            log.debug("%s sink %s: close: %s", self.kind, self.name, self._describe(exc),
+                      extra={"sink": self.name})
+
+    def _describe(self, exc: BaseException) -> str:
+        text = str(exc) or getattr(exc, "description", None) or ""
+        return redact(f"{type(exc).__name__}: {text}".rstrip(": "), self._secrets)
+
+    @abc.abstractmethod
+    async def _prepare(self) -> None:
+        """Before the first connection: load files (TLS, credentials) off the loop."""
+
+    @abc.abstractmethod
+    async def _connect(self) -> None: ...
+
+    @abc.abstractmethod
+    def _connected(self) -> bool: ...
+
+    @abc.abstractmethod
+    def _take_connection(self) -> Any:
+        """The connection (None if there is none), forgotten by the sink from now on."""
+
+    @abc.abstractmethod
+    async def _publish_all(self, records: list[Record]) -> list[Any]: ...
+
+    @abc.abstractmethod
+    def _settle(self, records: list[Record], answers: list[Any]) -> None: ...

@@ -34,13 +34,11 @@ Passwords, tokens and the url's user info never appear in logs, errors or metric
 from __future__ import annotations
 
 import asyncio
-import enum
 import importlib.util
 import itertools
 import json
 import logging
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -50,12 +48,12 @@ import pydantic
 from amid.records import Record
 from amid.sinks.base import SinkError, SinkRejected
 from amid.sinks.broker import (
-    ConfirmedIds,
+    BrokerSink,
+    BrokerState,
     TopicNames,
     check_template,
     invalid,
     missing_library,
-    redact,
     redact_url,
     tls_context,
 )
@@ -178,33 +176,25 @@ class Options(pydantic.BaseModel):
         return self
 
 
-class _State(enum.Enum):
-    NEW = "new"
-    OPEN = "open"
-    CLOSED = "closed"
-
-
-class NatsSink:
+class NatsSink(BrokerSink):
     """Publishes batches to JetStream over one connection, one PubAck per record."""
 
+    kind = "nats"
+    outcome_names = OUTCOMES
+
     def __init__(self, name: str, options: Options) -> None:
-        self.name = name
-        self._options = options
-        self._endpoints = ", ".join(redact_url(url) for url in options.servers)
-        secrets = [urlsplit(url).password or urlsplit(url).username for url in options.servers]
+        secrets = [urlsplit(url).password or urlsplit(url).username or "" for url in options.servers]
         for secret in (options.password, options.token):
             if secret is not None:
                 secrets.append(secret.get_secret_value())
-        self._secrets = [s for s in secrets if s]
+        super().__init__(name, options.connect_timeout, secrets)
+        self._options = options
+        self._endpoints = ", ".join(redact_url(url) for url in options.servers)
         self._names = TopicNames(options.subject, max_bytes=_MAX_SUBJECT_BYTES)
-        self._confirmed = ConfirmedIds()
-        self._refused_streak = 0
-        self.outcomes: Counter[str] = Counter(dict.fromkeys(OUTCOMES, 0))
         self._nc: nats.aio.client.Client | None = None
         self._ack_prefix = ""
         self._pending: dict[str, asyncio.Future[Any]] = {}
         self._tokens = itertools.count()
-        self._state = _State.NEW
         self._ssl: Any = None
         self._token: str | None = None
         self._creds: str | None = None
@@ -216,17 +206,9 @@ class NatsSink:
 
     # -- connection ----------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Connect, and check (or create) the stream when one is named."""
-        if self._state is _State.OPEN:
-            return
-        if self._state is _State.CLOSED:
-            raise SinkError(f"nats {self.name} is closed")
-        await self._load_files()
-        await self._connect()
-        self._state = _State.OPEN
-
-    async def _load_files(self) -> None:
+    async def _prepare(self) -> None:
+        """Credentials and TLS files; then :meth:`_connect` connects and checks (or creates)
+        the stream when one is named."""
         options = self._options
         try:
             if options.creds_file is not None and self._creds is None:
@@ -345,7 +327,7 @@ class NatsSink:
 
     async def _on_disconnected(self) -> None:
         self._lost.set()
-        if self._state is _State.OPEN:
+        if self._state is BrokerState.OPEN:
             log.warning("nats sink %s: disconnected from %s", self.name, self._endpoints,
                         extra={"sink": self.name})
 
@@ -353,51 +335,21 @@ class NatsSink:
         self._lost.set()
         log.debug("nats sink %s: connection closed", self.name, extra={"sink": self.name})
 
-    def _describe(self, exc: BaseException) -> str:
-        text = str(exc) or getattr(exc, "description", None) or ""
-        return redact(f"{type(exc).__name__}: {text}".rstrip(": "), self._secrets)
-
     def _connected(self) -> bool:
         nc = self._nc
         return nc is not None and nc.is_connected
 
-    async def _drop_connection(self) -> None:
+    def _take_connection(self) -> Any:
         nc, self._nc = self._nc, None
-        if nc is not None:
-            await self._close_quietly(nc)
-
-    async def _close_quietly(self, nc: Any) -> None:
-        try:
-            async with asyncio.timeout(self._options.connect_timeout):
-                await nc.close()
-        except Exception as exc:
-            log.debug("nats sink %s: close: %s", self.name, self._describe(exc),
-                      extra={"sink": self.name})
+        return nc
 
     # -- publishing ----------------------------------------------------------------------
 
-    async def send(self, batch: Sequence[Record]) -> None:
-        """Publish ``batch``; return once the stream acknowledged every record, else raise."""
-        if not batch:
-            return
-        if self._state is not _State.OPEN:
-            raise SinkError(f"nats {self.name} is {self._state.value}, not open")
-        if not self._connected():
-            await self._drop_connection()
-            await self._connect()  # raises SinkError; the runner backs off and retries
-        nc = self._nc
-        assert nc is not None
-        todo = self._confirmed.pending(batch)
-        if not todo:
-            self._confirmed.clear()
-            return
-        acks = await self._publish_all(nc, todo)
-        self._settle(todo, acks)
-
-    async def _publish_all(self, nc: nats.aio.client.Client,
-                           records: list[Record]) -> list[asyncio.Future[Any]]:
+    async def _publish_all(self, records: list[Record]) -> list[Any]:
         """Publish ``records`` with a reply subject each and wait for every answer (or the
         timeout, or the connection's loss); the answers are in the futures, in order."""
+        nc = self._nc
+        assert nc is not None
         options = self._options
         subject = self._names.of
         publish = nc.publish
@@ -515,16 +467,6 @@ class NatsSink:
                                f"{self._options.refused_attempts} attempts in a row: {example}")
         raise SinkError(f"nats {self.name}: the stream refused {refused} records ({summary}): "
                         f"{example}")
-
-    def sink_counters(self) -> dict[str, int]:
-        """:class:`~amid.sinks.base.ReportsCounters`: what the broker answered besides a plain
-        confirm, exported as ``amid_sink_operations_total``."""
-        return dict(self.outcomes)
-
-    async def close(self) -> None:
-        """Close the connection. Idempotent; safe before start."""
-        self._state = _State.CLOSED
-        await self._drop_connection()
 
 
 def create(name: str, options: Options | Mapping[str, Any]) -> NatsSink:
