@@ -38,6 +38,7 @@ from amid.router import EventFilter, Router
 from amid.sinks.base import Reopenable, ReportsCounters
 from amid.sinks.delivery import RunnerSettings, SinkRunner, SinkStats
 from amid.sinks.registry import SinkTypes
+from amid.sinks.spool import Spool
 
 log = logging.getLogger("amid.service")
 
@@ -97,8 +98,10 @@ class Daemon:
                  types: SinkTypes | None = None, notifier: Any = None,
                  install_signals: bool = True, status_interval: float = STATUS_INTERVAL,
                  reload_drain_timeout: float = RELOAD_DRAIN_TIMEOUT,
-                 log_pinned: frozenset[str] = frozenset()) -> None:
+                 log_pinned: frozenset[str] = frozenset(),
+                 spool_factory: Callable[..., Spool] = Spool) -> None:
         self.config = config
+        self._spool_factory = spool_factory  # how sinks' spools are opened (tests inject)
         self._log_pinned = log_pinned  # log keys set on the command line: reloads keep them
         self.config_path = config_path
         self.environ = environ
@@ -145,7 +148,8 @@ class Daemon:
                         extra={"sink": cfg.name})
         factory = self.types.factory(cfg.type)
         sink = factory(cfg.name, cfg.options)
-        runner = SinkRunner(sink, RunnerSettings.of_sink(cfg, spool_dir))
+        runner = SinkRunner(sink, RunnerSettings.of_sink(cfg, spool_dir),
+                            spool_factory=self._spool_factory)
         return _SinkSlot(cfg, sink, runner, EventFilter(cfg.include, cfg.exclude, cfg.match))
 
     def _update_routes(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -52,11 +53,13 @@ def write_config(tmp_path: Path, sim: AMISimulator, sinks: list[dict], **extra) 
 
 
 async def start_daemon(path: Path, *, types: SinkTypes | None = None,
-                       reload_drain_timeout: float = 2.0) -> tuple[Daemon, asyncio.Task]:
+                       reload_drain_timeout: float = 2.0,
+                       spool_factory: Any = None) -> tuple[Daemon, asyncio.Task]:
     types = types or SinkTypes.discover()
     config = load(path, {}, sink_option_models=types.option_models)
+    extra = {} if spool_factory is None else {"spool_factory": spool_factory}
     daemon = Daemon(config, config_path=str(path), environ={}, types=types, install_signals=False,
-                    reload_drain_timeout=reload_drain_timeout)
+                    reload_drain_timeout=reload_drain_timeout, **extra)
     task = asyncio.create_task(daemon.run())
     async with asyncio.timeout(10):
         await daemon.ready.wait()
@@ -587,14 +590,23 @@ async def test_a_server_whose_new_session_cannot_be_built_keeps_its_epochs_for_t
 
 
 async def test_a_reload_waits_for_a_background_sink_start_and_its_successor_gets_the_spool(
-        tmp_path, sim, monkeypatch):
+        tmp_path, sim):
     import threading
 
-    import amid.sinks.buffer as delivery
     from amid.sinks.lifecycle import RunnerState
+    from amid.sinks.spool import Spool
     path = write_config(tmp_path, sim, [{"name": "a", "type": "file", "path": str(tmp_path / "a.jsonl")}])
-    daemon, task = await start_daemon(path)
+    gate = {"on": False}
+    entered = threading.Event()
     release = threading.Event()
+
+    def spool_factory(*args: Any, **kw: Any) -> Spool:  # injected: a start can hold the spool, then wait
+        spool = Spool(*args, **kw)
+        if gate["on"]:
+            entered.set()
+            release.wait(10)
+        return spool
+    daemon, task = await start_daemon(path, spool_factory=spool_factory)
     try:
         (tmp_path / "state" / "spool").mkdir(parents=True, exist_ok=True)
         blocker = tmp_path / "state" / "spool" / "b"
@@ -605,18 +617,10 @@ async def test_a_reload_waits_for_a_background_sink_start_and_its_successor_gets
         path.write_text(yaml.safe_dump(config))
         assert not await daemon.reload()  # b's spool cannot open: started in the background
         first_b = daemon.sinks["b"]
-        real_spool = delivery.Spool
-        entered = threading.Event()
-
-        def gated_spool(*args, **kw):  # the background start holds the spool, then waits
-            spool = real_spool(*args, **kw)
-            entered.set()
-            release.wait(10)
-            return spool
-        monkeypatch.setattr(delivery, "Spool", gated_spool)
+        gate["on"] = True  # the background start holds the spool, then waits
         blocker.unlink()
         await wait_until(entered.is_set)
-        monkeypatch.setattr(delivery, "Spool", real_spool)
+        gate["on"] = False
         config["sinks"][1]["batch"] = {"max_events": 7}
         path.write_text(yaml.safe_dump(config))
         reload = asyncio.create_task(daemon.reload())  # would detach b mid-start

@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,8 @@ def make_runner(sink: ScriptedSink, **overrides: Any) -> SinkRunner:
         "batch_max_bytes": 1 << 20, "batch_max_wait": 0.0, "retry_min_delay": 0.001,
         "retry_max_delay": 0.004, "dead_letter_path": None, "sleep": RecordedSleep()}
     params.update(overrides)
-    injected = {key: params.pop(key) for key in ("clock", "rng", "sleep", "wall_clock") if key in params}
+    injected = {key: params.pop(key) for key in ("clock", "rng", "sleep", "wall_clock", "spool_factory")
+                if key in params}
     return SinkRunner(sink, RunnerSettings(**params), **injected)
 
 
@@ -647,31 +649,6 @@ async def test_close_is_idempotent_and_cancels_every_task(tmp_path: Path) -> Non
     assert_invariant(runner.stats)
 
 
-async def test_spooled_records_reach_the_disk_without_waiting_for_close(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    loop = asyncio.get_running_loop()
-    synced = asyncio.Event()
-    real_sync = Spool.sync
-
-    def sync_and_tell(spool: Spool) -> None:
-        real_sync(spool)
-        loop.call_soon_threadsafe(synced.set)
-
-    monkeypatch.setattr(Spool, "sync", sync_and_tell)
-    sink = ScriptedSink()
-    sink.gate = asyncio.Event()
-    runner = spool_runner(sink, tmp_path, max_queue_events=1, spool_fsync_interval=0.001)
-    await runner.start()
-    records = [make_record(n) for n in range(5)]
-    for record in records:
-        runner.offer(record)
-    async with asyncio.timeout(5):
-        await synced.wait()
-    on_disk = b"".join(p.read_bytes() for p in sorted(tmp_path.glob("*.seg")))
-    assert all(r.json in on_disk for r in records), "the periodic fsync wrote the spool"
-    await runner.close(0.01)
-
-
 async def test_detach_hands_undelivered_records_to_a_replacement() -> None:
     stuck = ScriptedSink()
     stuck.gate = asyncio.Event()
@@ -729,23 +706,25 @@ async def test_a_record_bigger_than_the_queue_does_not_evict_it() -> None:
     await runner.close(1)
 
 
-async def test_records_the_spool_cannot_write_at_shutdown_are_counted_dropped(tmp_path, monkeypatch):
+async def test_records_the_spool_cannot_write_at_shutdown_are_counted_dropped(tmp_path):
     import errno
+    import functools
+    disk = {"full": False}
 
-    import amid.sinks.spool as spool_module
+    def write(fd: int, data: object) -> int:  # a disk that fills up, injected as the spool's writer
+        if disk["full"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.write(fd, data)  # type: ignore[arg-type]
+
     sink = ScriptedSink()
     sink.gate = asyncio.Event()  # the peer is down: everything waits
     runner = make_runner(sink, overflow="spool", spool_dir=tmp_path / "sp", max_queue_events=2,
-                         spool_fsync_interval=10.0)
+                         spool_fsync_interval=10.0, spool_factory=functools.partial(Spool, write=write))
     await runner.start()
+    disk["full"] = True
     for n in range(10):
         runner.offer(make_record(n))
-
-    def disk_full(fd, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(spool_module.os, "write", disk_full)
     await runner.close(0.01)
-    monkeypatch.undo()
     stats = runner.stats
     assert_invariant(stats)
     lost = stats.dropped_total["spool_io"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from amid.records import Record
@@ -57,13 +57,15 @@ class SpoolBuffer:
         self._log_extra = {"sink": name}
 
     @classmethod
-    async def open(cls, directory: Path, *, name: str, max_bytes: int,
-                   fsync_interval: float) -> SpoolBuffer:
-        """Open (and recover) the spool in ``directory``; raises OSError if it cannot."""
+    async def open(cls, directory: Path, *, name: str, max_bytes: int, fsync_interval: float,
+                   spool_factory: Callable[..., Spool] = Spool) -> SpoolBuffer:
+        """Open (and recover) the spool in ``directory``; raises OSError if it cannot.
+        ``spool_factory`` (tests) builds the :class:`Spool` with the same arguments."""
         # Confirmed records stay on disk until their segment is left behind: segments of an
         # eighth of the cap keep the disk used within 1.125 x max_bytes.
         segment = min(DEFAULT_SEGMENT_BYTES, max(64 << 10, max_bytes // 8))
-        spool = await asyncio.to_thread(Spool, directory, max_bytes=max_bytes, segment_bytes=segment)
+        spool = await asyncio.to_thread(spool_factory, directory, max_bytes=max_bytes,
+                                        segment_bytes=segment)
         return cls(spool, name=name, fsync_interval=fsync_interval)
 
     @property

@@ -50,7 +50,7 @@ from amid.sinks.base import ReportsTruncation, SendsNowait, Sink, SinkDisabled
 from amid.sinks.buffer import SpoolBuffer
 from amid.sinks.lifecycle import RunnerState, check_move
 from amid.sinks.queue import SizedQueue
-from amid.sinks.spool import SpoolPosition
+from amid.sinks.spool import Spool, SpoolPosition
 
 __all__ = ["DELIVERY_LATENCY_BUCKETS", "DROP_REASONS", "RunnerSettings", "SinkRunner", "SinkStats"]
 
@@ -206,7 +206,8 @@ class SinkRunner:
                  clock: Callable[[], float] = time.monotonic,
                  rng: Callable[[], float] = random.random,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 spool_factory: Callable[..., Spool] = Spool) -> None:
         self._sink = sink
         self._nowait = sink if isinstance(sink, SendsNowait) else None
         self._truncating = sink if isinstance(sink, ReportsTruncation) else None
@@ -214,6 +215,7 @@ class SinkRunner:
         self.settings = settings
         self.name = settings.name
         self._clock, self._rng, self._sleep, self._wall_clock = clock, rng, sleep, wall_clock
+        self._spool_factory = spool_factory
 
         self._queue = SizedQueue(settings.max_queue_events, settings.max_queue_bytes)
         self.stats = SinkStats(
@@ -407,6 +409,7 @@ class SinkRunner:
         if settings.overflow == "spool":
             assert settings.spool_dir is not None
             spool = await SpoolBuffer.open(settings.spool_dir, name=self.name,
+                                           spool_factory=self._spool_factory,
                                            max_bytes=settings.spool_max_bytes,
                                            fsync_interval=settings.spool_fsync_interval)
             if self._state is not RunnerState.NEW:  # detached while it opened: let the successor have it

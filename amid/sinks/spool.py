@@ -38,7 +38,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = ["DEFAULT_SEGMENT_BYTES", "HEADER_SIZE", "Spool", "SpoolFull", "SpoolLocked", "SpoolPosition"]
 
@@ -161,15 +161,17 @@ class Spool:
     def __init__(self, directory: Path, *, max_bytes: int,
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES,
                  opener: Callable[..., int] = os.open,
-                 pwrite: Callable[[int, bytes, int], int] = os.pwrite) -> None:
-        """``opener`` (``os.open``'s signature) opens the segments and the cursor file, and
-        ``pwrite`` rewrites the cursor; tests pass ones that fail, to make a disk-full or
-        out-of-descriptors error on demand."""
+                 pwrite: Callable[[int, bytes, int], int] = os.pwrite,
+                 write: Callable[[int, Any], int] = os.write) -> None:
+        """``opener`` (``os.open``'s signature) opens the segments and the cursor file,
+        ``write`` appends to a segment and ``pwrite`` rewrites the cursor; tests pass ones that
+        fail, to make a disk-full or out-of-descriptors error on demand."""
         if max_bytes <= 0 or segment_bytes <= 0:
             raise ValueError("max_bytes and segment_bytes must be positive")
         self.directory = Path(directory)
         self._open = opener
         self._pwrite = pwrite
+        self._write = write
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.corrupt_records_total = 0   # damaged spans skipped or truncated (each counts once)
@@ -349,7 +351,7 @@ class Spool:
         view = memoryview(chunk)
         try:
             while view:
-                view = view[os.write(self._write_fd, view):]
+                view = view[self._write(self._write_fd, view):]
         except OSError:
             try:
                 os.ftruncate(self._write_fd, committed)
