@@ -13,7 +13,6 @@ metrics and health, talks to systemd, and handles signals:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from amid import __version__
+from amid.ami.aio import cancel_and_wait
 from amid.ami.protocol import Event
 from amid.ami.session import AMIClient, ConnectionState, SessionSettings, StateChange
 from amid.ami.stats import SessionStats
@@ -394,10 +394,9 @@ class Daemon:
                 log.error("sink %s did not close cleanly: %s", slot.config.name, result,
                           extra={"sink": slot.config.name})
         for task in list(self._tasks):
-            task.cancel()
+            task.cancel()  # all asked at once, then awaited: none waits for another's cleanup
         for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait(task)  # a task's own failure was logged by itself
         if self.http is not None:
             await self.http.close()
         received = ", ".join(f"{name} {stats.events_total}" for name, stats in self.server_stats.items())

@@ -43,6 +43,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
+from amid.ami.aio import cancel_and_wait
 from amid.ami.stats import Histogram
 from amid.records import Record
 from amid.sinks.attempts import Attempts, DropReport, write_dead_letters
@@ -508,7 +509,7 @@ class SinkRunner:
             if drain:
                 await self.drain(timeout)
             if self._worker is not None:
-                await _cancel_and_wait(self._worker)
+                await cancel_and_wait(self._worker)
             self._move(RunnerState.CLOSED)
             if self._handoff is not None:
                 self._handoff = None  # its batch is the one in flight
@@ -735,15 +736,6 @@ class SinkRunner:
 
 _size_of = attrgetter("size")
 _json_of = attrgetter("json")
-
-
-async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait for it to finish; a cancellation of the caller itself still
-    propagates (only the task's own CancelledError is absorbed)."""
-    if task.done():
-        return
-    task.cancel()
-    await asyncio.wait([task])
 
 
 def _observe_latencies(histogram: Histogram, now: float, records: Sequence[Record]) -> None:

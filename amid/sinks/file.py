@@ -57,6 +57,7 @@ from typing import Any, Literal
 
 import pydantic
 
+from amid.ami.aio import cancel_and_wait
 from amid.records import Record
 from amid.sinks.base import SinkDisabled, SinkError
 from amid.units import Duration, PositiveDuration, PositiveSize
@@ -244,13 +245,8 @@ class FileSink:
         if self._closed:
             return
         self._closed = True
-        if self._fsync_task is not None:
-            self._fsync_task.cancel()
-            try:
-                await self._fsync_task
-            except asyncio.CancelledError:
-                pass
-            self._fsync_task = None
+        await cancel_and_wait(self._fsync_task)
+        self._fsync_task = None
         async with self._lock:
             await self._settle()
             if self._fd is not None:
