@@ -79,6 +79,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from amid.ami.address import split_host_port
+from amid.sinks.base import BatchDefaults
 from amid.sinks.registry import SinkTypes, SinkTypeUnavailable
 from amid.units import (
     DeprecatedKeys,
@@ -896,11 +897,10 @@ class _Loader:
                     ("sinks", index), sink_type, own, sink_option_models)
                 # A sink type may say how long its batches wait by default (the webhook's
                 # requests are dear); the config's own batch.max_wait always wins.
-                default_wait = getattr(type(options), "default_batch_max_wait", None)
                 batch = common.get("batch")
-                if default_wait is not None and (batch is None or (isinstance(batch, dict)
-                                                                   and "max_wait" not in batch)):
-                    common["batch"] = {**(batch or {}), "max_wait": default_wait}
+                if isinstance(options, BatchDefaults) and (
+                        batch is None or (isinstance(batch, dict) and "max_wait" not in batch)):
+                    common["batch"] = {**(batch or {}), "max_wait": options.default_batch_max_wait}
             common_sinks.append(common)
         return {**data, "sinks": common_sinks}
 

@@ -335,7 +335,7 @@ class AmidCollector(Collector):
 
         for sink, sink_type, stats, sink_object in sinks:
             labels = [sink, sink_type]
-            counts = Counter(getattr(stats, "carried_operations", ()))
+            counts = Counter(stats.carried_operations)
             if isinstance(sink_object, ReportsCounters):
                 counts.update(sink_object.sink_counters())
             for operation, count in counts.items():

@@ -168,14 +168,14 @@ async def test_sink_values_follow_stats(world: World, http: HealthServer) -> Non
     stats.sent_total = 56
     stats.received_bytes_total, stats.sent_bytes_total = 51200, 30000
     stats.discarded_total = 9
-    stats.queue_max_events, stats.queue_max_bytes, stats.spool_max_bytes = 1000, 1 << 20, 1 << 30
+    stats.spool_max_bytes = 1 << 30  # the queue's bounds come with its SizedQueue, below
     stats.failed_attempts_total = 3
     stats.retried_total = 2
     stats.dropped_total.update({"queue_full": 10, "spool_full": 5})
     stats.dead_lettered_total = 4
     stats.truncated_total = 6
     stats.spool_corrupt_records_total = 7
-    stats.queue = SizedQueue(100, 1 << 20)
+    stats.queue = SizedQueue(1000, 1 << 20)
     stats.queue.events, stats.queue.bytes = 15, 4096
     stats.spool = SimpleNamespace(waiting=8, bytes_used=2048)  # what the collector reads of it
     stats.in_flight_events = 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from amid.records import Record
 
@@ -65,6 +65,14 @@ class SendsNowait(Protocol):
     def send_nowait(self, batch: Sequence[Record]) -> bool:
         """Deliver ``batch`` now and return True, or do nothing and return False (the runner
         then calls :meth:`Sink.send`). May raise SinkError like ``send``; never blocks long."""
+
+
+@runtime_checkable
+class BatchDefaults(Protocol):
+    """Optional, on a sink type's ``Options``: how long its batches wait unless the config says
+    (the webhook: an HTTP request costs far more than a file write)."""
+
+    default_batch_max_wait: ClassVar[float]
 
 
 @runtime_checkable

@@ -129,9 +129,7 @@ class SinkStats:
     received_bytes_total: int = 0  # Record.size of what was offered (queue accounting size)
     sent_bytes_total: int = 0      # JSON bytes of the records confirmed by sink.send
     discarded_total: int = 0   # events the sink's filter did not accept (counted by the router)
-    queue_max_events: int = 0  # the configured bounds, for fill ratios
-    queue_max_bytes: int = 0
-    spool_max_bytes: int = 0   # 0 without a spool
+    spool_max_bytes: int = 0   # the configured cap, for fill ratios; 0 without a spool
     failed_attempts_total: int = 0
     retried_total: int = 0     # batches re-sent
     dropped_total: Counter[str] = field(default_factory=lambda: Counter({r: 0 for r in DROP_REASONS}))
@@ -158,6 +156,15 @@ class SinkStats:
     @property
     def queue_bytes(self) -> int:
         return 0 if self.queue is None else self.queue.bytes
+
+    @property
+    def queue_max_events(self) -> int:
+        """The queue's configured bounds (for fill ratios)."""
+        return 0 if self.queue is None else self.queue.max_events
+
+    @property
+    def queue_max_bytes(self) -> int:
+        return 0 if self.queue is None else self.queue.max_bytes
 
     @property
     def spool_events(self) -> int:
@@ -220,8 +227,7 @@ class SinkRunner:
 
         self._queue = SizedQueue(settings.max_queue_events, settings.max_queue_bytes)
         self.stats = SinkStats(
-            queue=self._queue, queue_max_events=settings.max_queue_events,
-            queue_max_bytes=settings.max_queue_bytes,
+            queue=self._queue,
             spool_max_bytes=settings.spool_max_bytes if settings.overflow == "spool" else 0)
         self._state = RunnerState.NEW
         self._spool: SpoolBuffer | None = None
