@@ -808,3 +808,61 @@ async def test_the_spool_is_fsynced_within_its_interval_of_an_append(tmp_path: P
                 await asyncio.sleep(0.005)
     finally:
         await spool.close()
+
+
+class NowaitSink(ScriptedSink):
+    """A sink that can deliver without awaiting (as the file sink's small appends): the runner's
+    hot path. ``nowait`` says what send_nowait does next: "take", "decline" or an exception."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nowait: list[object] = []
+        self.nowait_batches: list[list[int]] = []
+
+    def send_nowait(self, batch: Sequence[Record]) -> bool:
+        outcome = self.nowait.pop(0) if self.nowait else "take"
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if outcome == "decline":
+            return False
+        self.nowait_batches.append(seqs(batch))
+        self.batches.append(list(batch))
+        self._poke()
+        return True
+
+
+async def test_an_idle_runner_delivers_through_send_nowait_without_waking_its_worker() -> None:
+    sink = NowaitSink()
+    runner = make_runner(sink)
+    await runner.start()
+    runner.offer(make_record(0))      # the worker opens the sink and sends this one, then idles
+    await sink.until(lambda: sink.delivered() == [0])
+    assert sink.attempts == [[0]]
+    runner.offer_many([make_record(1), make_record(2)])
+    runner.offer_many([make_record(3)])   # the same turn of the loop: one batch
+    await sink.until(lambda: sink.delivered() == [0, 1, 2, 3])
+    assert sink.nowait_batches == [[1, 2, 3]], "one delivery for the turn, on the loop"
+    assert sink.attempts == [[0]], "send() was not needed again"
+    assert runner.stats.sent_total == 4 and runner.stats.in_flight_events == 0
+    assert_invariant(runner.stats)
+    await runner.close(1)
+
+
+async def test_a_batch_send_nowait_declines_or_fails_goes_to_the_worker_and_is_retried() -> None:
+    sink = NowaitSink()
+    runner = make_runner(sink)
+    await runner.start()
+    runner.offer(make_record(0))
+    await sink.until(lambda: sink.delivered() == [0])
+    sink.nowait = ["decline"]
+    runner.offer(make_record(1))
+    await sink.until(lambda: sink.delivered() == [0, 1])
+    assert sink.attempts == [[0], [1]], "declined: the worker sent it with send()"
+    sink.nowait = [SinkError("disk full")]
+    runner.offer(make_record(2))
+    await sink.until(lambda: sink.delivered() == [0, 1, 2])
+    assert sink.attempts == [[0], [1], [2]], "failed on the hot path: retried by the worker"
+    assert (runner.stats.failed_attempts_total, runner.stats.retried_total) == (1, 1)
+    assert sink.nowait_batches == []
+    assert_invariant(runner.stats)
+    await runner.close(1)

@@ -365,8 +365,10 @@ class SinkRunner:
         spool = self._spool
         if spool is not None:
             spool.write_now()
+        elif not self._queue:
+            return  # the worker took it already: waking it again would only race the hot path
         elif (self._parked and self._nowait is not None and self._handoff is None
-              and self.settings.batch_max_wait <= 0 and self._queue):
+              and self.settings.batch_max_wait <= 0):
             self._send_now()
             return
         self._wakeup.set()
