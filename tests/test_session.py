@@ -559,19 +559,19 @@ async def test_read_coalesce_lets_one_read_carry_many_one_event_writes(coalesce:
     """Asterisk writes each event on its own: with ``read_coalesce`` the session leaves the
     socket that long after a small read, so reads come at most about once per window; without
     it, reads follow the writes (the simulator writes every millisecond)."""
-    async with AMISimulator(stream_rate=2000, write_mode="per-event") as sim:
-        async with client_for(sim, read_coalesce=coalesce) as ami:
-            loop = asyncio.get_running_loop()
-            async with asyncio.timeout(10):
-                while ami.stats.events_total < 50:
-                    await asyncio.sleep(0.01)
-            reads0, events0, t0 = ami.stats.reads_total, ami.stats.events_total, loop.time()
-            async with asyncio.timeout(10):
-                while loop.time() - t0 < 0.5:
-                    await asyncio.sleep(0.05)
-            reads = ami.stats.reads_total - reads0
-            events = ami.stats.events_total - events0
-            seconds = loop.time() - t0
+    sim = AMISimulator(stream_rate=2000, write_mode="per-event")
+    async with sim, client_for(sim, read_coalesce=coalesce) as ami:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(10):
+            while ami.stats.events_total < 50:
+                await asyncio.sleep(0.01)
+        reads0, events0, t0 = ami.stats.reads_total, ami.stats.events_total, loop.time()
+        async with asyncio.timeout(10):
+            while loop.time() - t0 < 0.5:
+                await asyncio.sleep(0.05)
+        reads = ami.stats.reads_total - reads0
+        events = ami.stats.events_total - events0
+        seconds = loop.time() - t0
     assert events >= 500, "the stream kept flowing"
     windows = seconds / 0.05 + 2
     if coalesce:
