@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -362,14 +363,18 @@ async def test_run_talks_to_systemd_reloads_and_stops_without_losing_events(sim,
     assert copy and {r["id"] for r in copy} <= set(ids)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-async def test_a_second_stop_signal_exits_at_once(sim, tmp_path, sig):
+@contextlib.asynccontextmanager
+async def daemon_with_a_batch_stuck_in_flight(sim, tmp_path, events_file, **hook):
+    """A real `amid run` with a file sink and a webhook whose receiver holds the first request:
+    yields (process, receiver) once that request is in flight; the process is killed at the end
+    if it still runs."""
     from http_receiver import HttpReceiver
     async with HttpReceiver() as receiver:
-        receiver.stall()  # the drain after the first SIGTERM waits for this receiver
-        config = daemon_config(tmp_path, sim, tmp_path / "events.jsonl", shutdown_timeout="20s")
+        receiver.stall()  # the drain after the first signal waits for this receiver
+        config = daemon_config(tmp_path, sim, events_file, shutdown_timeout="20s")
         data = yaml.safe_load(config.read_text())
-        data["sinks"].append({"name": "hook", "type": "webhook", "url": receiver.url, "timeout": 60})
+        data["sinks"].append({"name": "hook", "type": "webhook", "url": receiver.url, "timeout": 60,
+                              **hook})
         config.write_text(yaml.safe_dump(data))
         notify = NotifySocket(tmp_path / "notify.sock")
         proc = await asyncio.create_subprocess_exec(
@@ -379,61 +384,49 @@ async def test_a_second_stop_signal_exits_at_once(sim, tmp_path, sig):
             await notify.wait_for("READY", "1")
             sim.originate("Local/200@test", exten="100")
             await receiver.wait_for_requests(1)      # a batch is stuck in flight
-            proc.send_signal(sig)
-            first_signal = time.monotonic()
-            await notify.wait_for("STOPPING", "1")
-            # A repeat within STOP_SIGNAL_REPEAT_WINDOW is the same request (test below).
-            await asyncio.sleep(max(0.0, first_signal + STOP_SIGNAL_REPEAT_WINDOW + 0.1 - time.monotonic()))
-            started = time.monotonic()
-            proc.send_signal(sig)
-            async with asyncio.timeout(10):
-                await proc.wait()
-            assert proc.returncode == 128 + sig
-            assert time.monotonic() - started < 10   # not the 20 s drain
+            proc.notify = notify
+            yield proc, receiver
         finally:
             receiver.release()
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_second_stop_signal_exits_at_once(sim, tmp_path, sig):
+    async with daemon_with_a_batch_stuck_in_flight(sim, tmp_path, tmp_path / "events.jsonl") as (proc, _):
+        proc.send_signal(sig)
+        first_signal = time.monotonic()
+        await proc.notify.wait_for("STOPPING", "1")
+        # A repeat within STOP_SIGNAL_REPEAT_WINDOW is the same request (test below).
+        await asyncio.sleep(max(0.0, first_signal + STOP_SIGNAL_REPEAT_WINDOW + 0.1 - time.monotonic()))
+        started = time.monotonic()
+        proc.send_signal(sig)
+        async with asyncio.timeout(10):
+            await proc.wait()
+        assert proc.returncode == 128 + sig
+        assert time.monotonic() - started < 10   # not the 20 s drain
 
 
 async def test_two_stop_signals_1ms_apart_are_one_request_and_drain(sim, tmp_path):
     """`timeout -s TERM` (and a supervisor signalling a process group) deliver two SIGTERMs at
     once: the daemon drains a slow webhook and exits 0 instead of dropping what it holds."""
-    from http_receiver import HttpReceiver
-    async with HttpReceiver() as receiver:
-        receiver.stall()
-        events_file = tmp_path / "events.jsonl"
-        config = daemon_config(tmp_path, sim, events_file, shutdown_timeout="20s")
-        data = yaml.safe_load(config.read_text())
-        data["sinks"].append({"name": "hook", "type": "webhook", "url": receiver.url, "timeout": 60,
-                              "batch": {"max_wait": "10ms"}})
-        config.write_text(yaml.safe_dump(data))
-        notify = NotifySocket(tmp_path / "notify.sock")
-        proc = await asyncio.create_subprocess_exec(
-            *AMID, "run", "--config", str(config), stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, cwd=ROOT, env=env(NOTIFY_SOCKET=str(notify.path)))
-        try:
-            await notify.wait_for("READY", "1")
-            sim.originate("Local/200@test", exten="100")
-            await receiver.wait_for_requests(1)      # a batch is stuck in flight
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.001)               # the gap `timeout -s TERM` leaves, give or take
-            proc.send_signal(signal.SIGTERM)
-            await notify.wait_for("STOPPING", "1")
-            receiver.release()                       # now the drain can finish
-            async with asyncio.timeout(20):
-                _, err = await proc.communicate()
-        finally:
-            receiver.release()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        assert proc.returncode == 0, err.decode()[-3000:]
-        assert b"still draining" in err
-        file_ids = [json.loads(line)["id"] for line in events_file.read_text().splitlines()]
-        hook_ids = [record["id"] for record in receiver.delivered_records]
-        assert file_ids and sorted(hook_ids) == sorted(file_ids)   # all drained, none dropped
+    events_file = tmp_path / "events.jsonl"
+    async with daemon_with_a_batch_stuck_in_flight(sim, tmp_path, events_file,
+                                                   batch={"max_wait": "10ms"}) as (proc, receiver):
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.001)               # the gap `timeout -s TERM` leaves, give or take
+        proc.send_signal(signal.SIGTERM)
+        await proc.notify.wait_for("STOPPING", "1")
+        receiver.release()                       # now the drain can finish
+        async with asyncio.timeout(20):
+            _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    assert b"still draining" in err
+    file_ids = [json.loads(line)["id"] for line in events_file.read_text().splitlines()]
+    hook_ids = [record["id"] for record in receiver.delivered_records]
+    assert file_ids and sorted(hook_ids) == sorted(file_ids)   # all drained, none dropped
 
 
 async def test_run_names_sink_plugins_that_failed_to_load(tmp_path):
